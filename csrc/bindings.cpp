@@ -1,0 +1,19 @@
+// Python bindings of the moefuse._C extension. Heavy kernels release the GIL.
+#include <torch/extension.h>
+
+#include "merge_cpu.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "moefuse C++ kernels";
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("count_nonfinite", &moefuse::count_nonfinite, nogil);
+  m.def("histogram_level1", &moefuse::histogram_level1, nogil);
+  m.def("histogram_level2", &moefuse::histogram_level2, nogil);
+  m.def("chunk_counts", &moefuse::chunk_counts, nogil);
+  m.def("l1_norms", &moefuse::l1_norms, nogil);
+  m.def("fused_gta", &moefuse::fused_gta, nogil);
+  m.def("weighted_sum", &moefuse::weighted_sum, nogil);
+  m.def("gram", &moefuse::gram, py::arg("tensors"), py::arg("base") = py::none(), nogil);
+}

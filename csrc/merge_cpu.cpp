@@ -1,0 +1,429 @@
+// CPU kernels of the merge engine: selection histograms, tie counts, L1 norms, the fused GTA
+// pass, weighted sums and Gram matrices. Semantics: moefuse/ops/merge_reference.py and the
+// docstrings of moefuse/ops/gta_pipeline.py and moefuse/ops/select.py.
+//
+// Work is split into tiles of TILE entries handed to at::parallel_for; per-thread scratch is a
+// few tiles (and histograms), never a tensor-sized buffer.
+
+#include "merge_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace moefuse {
+namespace {
+
+constexpr int64_t TILE = 1024;
+constexpr int64_t LEVEL1_BINS = 1 << 15;
+constexpr int64_t LEVEL2_BINS = 1 << 16;
+constexpr int64_t ALWAYS = int64_t(1) << 32;
+
+// Per-dtype conversions: the delta rounded to the input dtype, and its magnitude key (the bit
+// pattern of |delta| in that dtype).
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  static inline float value(float x) { return x; }
+  static inline float delta(float x, float b, int32_t* key) {
+    float d = x - b;
+    int32_t bits;
+    std::memcpy(&bits, &d, sizeof(bits));
+    *key = bits & 0x7FFFFFFF;
+    return d;
+  }
+};
+
+template <>
+struct Elem<c10::BFloat16> {
+  static inline float value(c10::BFloat16 x) { return static_cast<float>(x); }
+  static inline float delta(c10::BFloat16 x, c10::BFloat16 b, int32_t* key) {
+    c10::BFloat16 d(static_cast<float>(x) - static_cast<float>(b));
+    *key = d.x & 0x7FFF;
+    return static_cast<float>(d);
+  }
+};
+
+template <>
+struct Elem<c10::Half> {
+  static inline float value(c10::Half x) { return static_cast<float>(x); }
+  static inline float delta(c10::Half x, c10::Half b, int32_t* key) {
+    c10::Half d(static_cast<float>(x) - static_cast<float>(b));
+    *key = d.x & 0x7FFF;
+    return static_cast<float>(d);
+  }
+};
+
+// Philox-4x32-10, first output word, key (seed lo, seed hi), counter (j lo, j hi, stream, 0).
+inline uint32_t philox(uint64_t seed, uint64_t j, uint32_t stream) {
+  uint32_t c0 = static_cast<uint32_t>(j), c1 = static_cast<uint32_t>(j >> 32), c2 = stream, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#pragma GCC unroll 10
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t pb = uint64_t(0xCD9E8D57u) * c2;
+    const uint64_t pa = uint64_t(0xD2511F53u) * c0;
+    const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(pb);
+    c3 = static_cast<uint32_t>(pa);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+struct Rule {
+  int64_t t_hi, cut_hi, t_lo, cut_lo, random_threshold;
+
+  bool keeps_all() const { return t_hi < 0 && t_lo >= ALWAYS && random_threshold >= ALWAYS; }
+};
+
+// The rank test of one tile in 32-bit arithmetic (keys are at most 0x7FFFFFFF): `threshold`
+// clamped to [-1, INT32_MAX] keeps its meaning, and `cut` becomes an offset inside the tile.
+struct TileBound {
+  int32_t threshold, cut;
+  TileBound(int64_t t, int64_t c, int64_t start, int64_t len)
+      : threshold(static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(t, -1), INT32_MAX))),
+        cut(static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(c - start, 0), len))) {}
+  inline bool above(int32_t key, int32_t k) const { return key > threshold || (key == threshold && k < cut); }
+};
+
+// Fills d[0, len) with the deltas of x against b (rounded to the input dtype) and keys with
+// their magnitude keys.
+template <typename T>
+inline void load_deltas(const T* x, const T* b, int64_t len, float* d, int32_t* keys) {
+  for (int64_t k = 0; k < len; ++k) d[k] = Elem<T>::delta(x[k], b[k], &keys[k]);
+}
+
+// Zeroes the entries of d[0, len) (flat indices start..) that model `stream`'s rule drops.
+inline void apply_rule(const Rule& rule, int64_t start, int64_t len, uint64_t seed, uint32_t stream,
+                       const int32_t* keys, float* d) {
+  if (rule.keeps_all()) return;
+  const TileBound hi(rule.t_hi, rule.cut_hi, start, len), lo(rule.t_lo, rule.cut_lo, start, len);
+  for (int32_t k = 0; k < len; ++k) d[k] = hi.above(keys[k], k) && !lo.above(keys[k], k) ? d[k] : 0.f;
+  if (rule.random_threshold < ALWAYS) {
+    uint32_t bits[TILE];  // drawn in their own loop, which GCC vectorizes
+    for (int64_t k = 0; k < len; ++k) bits[k] = philox(seed, uint64_t(start + k), stream);
+    const uint32_t threshold = static_cast<uint32_t>(rule.random_threshold);
+    for (int64_t k = 0; k < len; ++k) d[k] = bits[k] < threshold ? d[k] : 0.f;
+  }
+}
+
+std::vector<Rule> read_rules(const at::Tensor& rules) {
+  TORCH_CHECK(rules.dtype() == at::kLong && rules.dim() == 2 && rules.size(1) == 5,
+              "rules must be an int64 [N, 5] tensor");
+  auto r = rules.contiguous();
+  const int64_t* p = r.data_ptr<int64_t>();
+  std::vector<Rule> out(r.size(0));
+  for (int64_t i = 0; i < r.size(0); ++i) {
+    out[i] = Rule{p[5 * i], p[5 * i + 1], p[5 * i + 2], p[5 * i + 3], p[5 * i + 4]};
+  }
+  return out;
+}
+
+void check_same(const at::Tensor& base, const std::vector<at::Tensor>& inputs) {
+  TORCH_CHECK(base.device().is_cpu() && base.is_contiguous(), "base must be a contiguous CPU tensor");
+  for (const auto& x : inputs) {
+    TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "inputs must be contiguous CPU tensors");
+    TORCH_CHECK(x.numel() == base.numel() && x.scalar_type() == base.scalar_type(),
+                "inputs must match the base's size and dtype");
+  }
+}
+
+template <typename T>
+std::vector<const T*> pointers(const std::vector<at::Tensor>& inputs) {
+  std::vector<const T*> out;
+  for (const auto& x : inputs) out.push_back(x.data_ptr<T>());
+  return out;
+}
+
+// Runs body(thread, tile_start, tile_stop) over the tiles of [0, n) on torch's thread pool.
+template <typename Body>
+void for_tiles(int64_t n, Body body) {
+  const int64_t tiles = (n + TILE - 1) / TILE;
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+    const int64_t thread = at::get_thread_num();
+    for (int64_t t = t0; t < t1; ++t) body(thread, t * TILE, std::min(n, (t + 1) * TILE));
+  });
+}
+
+// float32, bfloat16 and float16 only (the dtypes Elem<> knows).
+#define MOEFUSE_DISPATCH_FLOAT(TYPE, NAME, ...)                                        \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)             \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)      \
+                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+}  // namespace
+
+std::vector<int64_t> count_nonfinite(const std::vector<at::Tensor>& tensors) {
+  std::vector<int64_t> counts;
+  for (const auto& tensor : tensors) {
+    auto t = tensor.contiguous();
+    const int64_t threads = at::get_num_threads();
+    std::vector<int64_t> local(threads, 0);
+    MOEFUSE_DISPATCH_FLOAT(t.scalar_type(), "count_nonfinite", [&] {
+      const scalar_t* p = t.data_ptr<scalar_t>();
+      for_tiles(t.numel(), [&](int64_t thread, int64_t s, int64_t e) {
+        int64_t bad = 0;
+        for (int64_t j = s; j < e; ++j) bad += !std::isfinite(Elem<scalar_t>::value(p[j]));
+        local[thread] += bad;
+      });
+    });
+    int64_t total = 0;
+    for (auto c : local) total += c;
+    counts.push_back(total);
+  }
+  return counts;
+}
+
+at::Tensor histogram_level1(const at::Tensor& base, const std::vector<at::Tensor>& inputs, int64_t shift) {
+  check_same(base, inputs);
+  const int64_t m = inputs.size(), n = base.numel(), threads = at::get_num_threads();
+  std::vector<std::vector<int64_t>> local(threads, std::vector<int64_t>(m * LEVEL1_BINS, 0));
+  MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "histogram_level1", [&] {
+    const scalar_t* b = base.data_ptr<scalar_t>();
+    auto xs = pointers<scalar_t>(inputs);
+    for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
+      int64_t* hist = local[thread].data();
+      for (int64_t i = 0; i < m; ++i) {
+        int64_t* h = hist + i * LEVEL1_BINS;
+        for (int64_t j = s; j < e; ++j) {
+          int32_t key;
+          Elem<scalar_t>::delta(xs[i][j], b[j], &key);
+          ++h[key >> shift];
+        }
+      }
+    });
+  });
+  auto out = at::zeros({m, LEVEL1_BINS}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  for (const auto& h : local)
+    for (int64_t k = 0; k < m * LEVEL1_BINS; ++k) o[k] += h[k];
+  return out;
+}
+
+at::Tensor histogram_level2(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
+                            const std::vector<int64_t>& prefixes) {
+  check_same(base, inputs);
+  TORCH_CHECK(base.scalar_type() == at::kFloat, "histogram_level2 is for float32 tensors");
+  const int64_t q = inputs.size(), n = base.numel(), threads = at::get_num_threads();
+  std::vector<std::vector<int64_t>> local(threads, std::vector<int64_t>(q * LEVEL2_BINS, 0));
+  const float* b = base.data_ptr<float>();
+  auto xs = pointers<float>(inputs);
+  for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
+    int64_t* hist = local[thread].data();
+    for (int64_t r = 0; r < q; ++r) {
+      int64_t* h = hist + r * LEVEL2_BINS;
+      const uint32_t prefix = static_cast<uint32_t>(prefixes[r]);
+      for (int64_t j = s; j < e; ++j) {
+        int32_t key;
+        Elem<float>::delta(xs[r][j], b[j], &key);
+        if ((key >> 16) == prefix) ++h[key & 0xFFFFu];
+      }
+    }
+  });
+  auto out = at::zeros({q, LEVEL2_BINS}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  for (const auto& h : local)
+    for (int64_t k = 0; k < q * LEVEL2_BINS; ++k) o[k] += h[k];
+  return out;
+}
+
+at::Tensor chunk_counts(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
+                        const std::vector<int64_t>& keys, int64_t chunk) {
+  check_same(base, inputs);
+  TORCH_CHECK(chunk > 0, "chunk must be positive");
+  const int64_t q = inputs.size(), n = base.numel(), chunks = (n + chunk - 1) / chunk;
+  auto out = at::zeros({q, chunks}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "chunk_counts", [&] {
+    const scalar_t* b = base.data_ptr<scalar_t>();
+    auto xs = pointers<scalar_t>(inputs);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t s = c * chunk, e = std::min(n, s + chunk);
+        for (int64_t r = 0; r < q; ++r) {
+          int64_t count = 0;
+          for (int64_t j = s; j < e; ++j) {
+            int32_t key;
+            Elem<scalar_t>::delta(xs[r][j], b[j], &key);
+            count += int64_t(key) == keys[r];
+          }
+          o[r * chunks + c] = count;
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> l1_norms(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
+                                            const at::Tensor& rules_tensor, int64_t seed) {
+  check_same(base, inputs);
+  const auto rules = read_rules(rules_tensor);
+  const int64_t m = inputs.size(), n = base.numel(), threads = at::get_num_threads();
+  std::vector<std::vector<double>> local(threads, std::vector<double>(2 * m, 0.0));
+  MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "l1_norms", [&] {
+    const scalar_t* b = base.data_ptr<scalar_t>();
+    auto xs = pointers<scalar_t>(inputs);
+    for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
+      float d[TILE];
+      int32_t keys[TILE];
+      const int64_t len = e - s;
+      for (int64_t i = 0; i < m; ++i) {
+        load_deltas(xs[i] + s, b + s, len, d, keys);
+        float before = 0.f, after = 0.f;
+        for (int64_t k = 0; k < len; ++k) before += std::fabs(d[k]);
+        apply_rule(rules[i], s, len, uint64_t(seed), uint32_t(i), keys, d);
+        for (int64_t k = 0; k < len; ++k) after += std::fabs(d[k]);
+        local[thread][2 * i] += before;
+        local[thread][2 * i + 1] += after;
+      }
+    });
+  });
+  auto before = at::zeros({m}, at::kDouble), after = at::zeros({m}, at::kDouble);
+  for (const auto& acc : local) {
+    for (int64_t i = 0; i < m; ++i) {
+      before.data_ptr<double>()[i] += acc[2 * i];
+      after.data_ptr<double>()[i] += acc[2 * i + 1];
+    }
+  }
+  return {before, after};
+}
+
+at::Tensor fused_gta(const at::Tensor& base, const std::vector<at::Tensor>& inputs, const at::Tensor& rules_tensor,
+                     int64_t seed, const std::vector<double>& coefficients, const std::vector<double>& weights,
+                     bool consensus, bool normalize, double weight_sum, double lam, at::ScalarType out_dtype) {
+  check_same(base, inputs);
+  const auto rules = read_rules(rules_tensor);
+  const int64_t m = inputs.size(), n = base.numel();
+  TORCH_CHECK(int64_t(coefficients.size()) == m && int64_t(weights.size()) == m, "one coefficient per input");
+  std::vector<float> coeff(coefficients.begin(), coefficients.end()), w(weights.begin(), weights.end());
+  const float lam_f = static_cast<float>(lam), weight_sum_f = static_cast<float>(weight_sum);
+  auto out = at::empty(base.sizes(), base.options().dtype(out_dtype));
+  MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "fused_gta", [&] {
+    using in_t = scalar_t;
+    const in_t* b = base.data_ptr<in_t>();
+    auto xs = pointers<in_t>(inputs);
+    MOEFUSE_DISPATCH_FLOAT(out_dtype, "fused_gta_out", [&] {
+      scalar_t* __restrict__ o = out.data_ptr<scalar_t>();
+      const int64_t threads = at::get_num_threads();
+      std::vector<std::vector<float>> scratch(threads, std::vector<float>((m + 3) * TILE));
+      for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
+        const int64_t len = e - s;
+        float* __restrict__ contrib = scratch[thread].data();  // [m][TILE]: D_i = c_i * kept delta_i
+        float* __restrict__ total = contrib + m * TILE;         // S = sum_i D_i, then merged delta
+        float* __restrict__ merged = total + TILE;              // M over agreeing entries
+        float* __restrict__ agreed_weight = merged + TILE;      // W over agreeing entries
+        int32_t keys[TILE];
+        std::fill(total, total + len, 0.f);
+        for (int64_t i = 0; i < m; ++i) {
+          float* __restrict__ d = contrib + i * TILE;
+          load_deltas(xs[i] + s, b + s, len, d, keys);
+          apply_rule(rules[i], s, len, uint64_t(seed), uint32_t(i), keys, d);
+          const float c = coeff[i];
+          for (int64_t k = 0; k < len; ++k) {
+            d[k] *= c;
+            total[k] += d[k];
+          }
+        }
+        if (consensus) {
+          std::fill(merged, merged + len, 0.f);
+          std::fill(agreed_weight, agreed_weight + len, 0.f);
+          for (int64_t k = 0; k < len; ++k) total[k] = total[k] >= 0.f ? 1.f : -1.f;  // majority sign
+          for (int64_t i = 0; i < m; ++i) {
+            const float* __restrict__ d = contrib + i * TILE;
+            const float weight = w[i];
+            for (int64_t k = 0; k < len; ++k) {
+              const float agree = static_cast<float>(d[k] * total[k] > 0.f);
+              merged[k] += d[k] * agree;
+              agreed_weight[k] += weight * agree;
+            }
+          }
+          for (int64_t k = 0; k < len; ++k) {
+            const float divisor = agreed_weight[k] == 0.f ? 1.f : agreed_weight[k];
+            total[k] = normalize ? merged[k] / divisor : merged[k];
+          }
+        } else if (normalize) {
+          for (int64_t k = 0; k < len; ++k) total[k] = total[k] / weight_sum_f;
+        }
+        for (int64_t k = 0; k < len; ++k) {
+          o[s + k] = static_cast<scalar_t>(Elem<in_t>::value(b[s + k]) + total[k] * lam_f);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+at::Tensor weighted_sum(const std::vector<at::Tensor>& tensors, const std::vector<double>& coefficients,
+                        at::ScalarType out_dtype) {
+  TORCH_CHECK(!tensors.empty() && tensors.size() == coefficients.size(), "one coefficient per tensor");
+  check_same(tensors[0], tensors);
+  const int64_t n = tensors[0].numel(), m = tensors.size();
+  std::vector<float> coeff(coefficients.begin(), coefficients.end());
+  auto out = at::empty(tensors[0].sizes(), tensors[0].options().dtype(out_dtype));
+  MOEFUSE_DISPATCH_FLOAT(tensors[0].scalar_type(), "weighted_sum", [&] {
+    using in_t = scalar_t;
+    auto xs = pointers<in_t>(tensors);
+    MOEFUSE_DISPATCH_FLOAT(out_dtype, "weighted_sum_out", [&] {
+      scalar_t* o = out.data_ptr<scalar_t>();
+      for_tiles(n, [&](int64_t, int64_t s, int64_t e) {
+        float acc[TILE];
+        std::fill(acc, acc + (e - s), 0.f);
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t k = 0; k < e - s; ++k) acc[k] += Elem<in_t>::value(xs[i][s + k]) * coeff[i];
+        for (int64_t k = 0; k < e - s; ++k) o[s + k] = static_cast<scalar_t>(acc[k]);
+      });
+    });
+  });
+  return out;
+}
+
+at::Tensor gram(const std::vector<at::Tensor>& tensors, const c10::optional<at::Tensor>& base) {
+  TORCH_CHECK(!tensors.empty(), "gram needs at least one tensor");
+  const at::Tensor& first = base.has_value() ? *base : tensors[0];
+  check_same(first, tensors);
+  const int64_t n = first.numel(), m = tensors.size(), threads = at::get_num_threads();
+  std::vector<std::vector<double>> local(threads, std::vector<double>(m * m, 0.0));
+  MOEFUSE_DISPATCH_FLOAT(first.scalar_type(), "gram", [&] {
+    auto xs = pointers<scalar_t>(tensors);
+    const scalar_t* b = base.has_value() ? base->data_ptr<scalar_t>() : nullptr;
+    for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
+      std::vector<float> tile(m * TILE);
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t k = 0; k < e - s; ++k) {
+          int32_t key;
+          tile[i * TILE + k] = b ? Elem<scalar_t>::delta(xs[i][s + k], b[s + k], &key)
+                                 : Elem<scalar_t>::value(xs[i][s + k]);
+        }
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = i; j < m; ++j) {
+          float dot = 0.f;
+          for (int64_t k = 0; k < e - s; ++k) dot += tile[i * TILE + k] * tile[j * TILE + k];
+          local[thread][i * m + j] += dot;
+        }
+      }
+    });
+  });
+  auto out = at::zeros({m, m}, at::kDouble);
+  double* o = out.data_ptr<double>();
+  for (const auto& acc : local)
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = i; j < m; ++j) o[i * m + j] += acc[i * m + j];
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < i; ++j) o[i * m + j] = o[j * m + i];
+  return out;
+}
+
+}  // namespace moefuse

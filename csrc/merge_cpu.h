@@ -1,0 +1,26 @@
+// CPU merge kernels (see merge_cpu.cpp).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <tuple>
+#include <vector>
+
+namespace moefuse {
+
+std::vector<int64_t> count_nonfinite(const std::vector<at::Tensor>& tensors);
+at::Tensor histogram_level1(const at::Tensor& base, const std::vector<at::Tensor>& inputs, int64_t shift);
+at::Tensor histogram_level2(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
+                            const std::vector<int64_t>& prefixes);
+at::Tensor chunk_counts(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
+                        const std::vector<int64_t>& keys, int64_t chunk);
+std::tuple<at::Tensor, at::Tensor> l1_norms(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
+                                            const at::Tensor& rules, int64_t seed);
+at::Tensor fused_gta(const at::Tensor& base, const std::vector<at::Tensor>& inputs, const at::Tensor& rules,
+                     int64_t seed, const std::vector<double>& coefficients, const std::vector<double>& weights,
+                     bool consensus, bool normalize, double weight_sum, double lam, at::ScalarType out_dtype);
+at::Tensor weighted_sum(const std::vector<at::Tensor>& tensors, const std::vector<double>& coefficients,
+                        at::ScalarType out_dtype);
+at::Tensor gram(const std::vector<at::Tensor>& tensors, const c10::optional<at::Tensor>& base);
+
+}  // namespace moefuse

@@ -1,0 +1,20 @@
+"""moefuse: fast, memory-frugal model merging and merged mixtures of experts.
+
+Importing moefuse needs neither a GPU nor the compiled extension; the fast backends load lazily.
+"""
+
+from moefuse.errors import MergeConfigError, MergeInputError, MoefuseError
+from moefuse.methods import get_method, method_names
+from moefuse.ops.merge import merge_tensors
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MergeConfigError",
+    "MergeInputError",
+    "MoefuseError",
+    "get_method",
+    "merge_tensors",
+    "method_names",
+    "__version__",
+]

@@ -1,0 +1,14 @@
+"""Exception types. Every message names the offending input (file, tensor key, shape, option)
+and says what to do about it."""
+
+
+class MoefuseError(Exception):
+    """Base class of every error moefuse raises on purpose."""
+
+
+class MergeConfigError(MoefuseError, ValueError):
+    """A merge method name, parameter or option is unknown or out of range."""
+
+
+class MergeInputError(MoefuseError, ValueError):
+    """Input tensors do not fit together (shape, dtype, device) or hold NaN/Inf."""

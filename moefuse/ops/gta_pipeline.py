@@ -1,0 +1,71 @@
+"""The fast GTA merge as a fixed sequence of kernel calls, shared by the CPU and Triton backends.
+
+    1. selection   rank thresholds for magnitude/breadcrumbs rules (`moefuse.ops.select`)
+    2. norms       per-model L1 norms before/after the mask, only for rescale "l1"
+    3. fused pass  read base and every input once, write the output once
+
+A backend module supplies the kernels named in `moefuse.ops.select` plus
+
+    l1_norms(base, inputs, rules, seed) -> (float64 [N], float64 [N])
+    fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize,
+              weight_sum, lam, out_dtype) -> Tensor
+
+`rules` is an int64 [N, 5] tensor (see `encode_rules`); the per-entry semantics are those of
+`moefuse.ops.merge_reference.gta_reference`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from moefuse.ops.plan import KEEP_ALL, KEEP_NONE, KEEP_RANDOM, KEEP_RANKS, GtaPlan, l1_rescale
+from moefuse.ops.select import EVERYTHING, NOTHING, NOTHING_KEY, rank_thresholds
+
+# Columns of the rules tensor. An entry j of model i with magnitude key k is kept iff
+#   (k > t_hi or (k == t_hi and j < cut_hi))          -- among the top rank_hi
+#   and not (k > t_lo or (k == t_lo and j < cut_lo))  -- and not among the top rank_lo
+#   and philox(seed, i, j) < random_threshold         -- 2**32 means always
+T_HI, CUT_HI, T_LO, CUT_LO, RANDOM_THRESHOLD = range(5)
+ALWAYS = NOTHING_KEY  # 2**32: a 32-bit draw is always below it
+
+
+def encode_rules(plan: GtaPlan, thresholds) -> torch.Tensor:
+    rows = []
+    for i, rule in enumerate(plan.rules):
+        hi, lo, random_threshold = EVERYTHING, NOTHING, ALWAYS
+        if rule.kind == KEEP_NONE:
+            hi = NOTHING
+        elif rule.kind == KEEP_RANKS:
+            hi, lo = thresholds[(i, rule.rank_hi)], thresholds[(i, rule.rank_lo)]
+        elif rule.kind == KEEP_RANDOM:
+            random_threshold = rule.threshold32
+        elif rule.kind != KEEP_ALL:
+            raise AssertionError(f"the fused pass cannot apply rule {rule.kind!r}")
+        rows.append([hi.key, hi.cut, lo.key, lo.cut, random_threshold])
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 5)
+
+
+def weight_sum_divisor(plan: GtaPlan) -> float:
+    """Non-consensus normalizer: sum of weights, 1 when |sum| < 1e-8 (as mergekit)."""
+    total = float(sum(plan.weights))
+    return 1.0 if abs(total) < 1e-8 else total
+
+
+def run_gta(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: GtaPlan, out_dtype: torch.dtype) -> torch.Tensor:
+    base = base.contiguous()
+    inputs = [x.contiguous() for x in inputs]
+    rules = encode_rules(plan, rank_thresholds(backend, base, inputs, plan))
+    scales = plan.static_scales()
+    if scales is None:
+        before, after = backend.l1_norms(base, inputs, rules, plan.seed)
+        scales = [
+            l1_rescale(float(b), float(a)) if rule.sparse else 1.0
+            for b, a, rule in zip(before.tolist(), after.tolist(), plan.rules)
+        ]
+    coefficients = [w * s for w, s in zip(plan.weights, scales)]
+    return backend.fused_gta(
+        base, inputs, rules, plan.seed, coefficients, list(plan.weights), plan.consensus,
+        plan.normalize, weight_sum_divisor(plan), plan.lam, out_dtype,
+    )

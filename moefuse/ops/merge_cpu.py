@@ -1,0 +1,57 @@
+"""CPU backend of the merge engine: thin wrappers over the C++ extension `moefuse._C`.
+
+Importing this module fails with ImportError when the extension was not built; the dispatcher
+then falls back to the reference. Kernel semantics: `moefuse.ops.gta_pipeline`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from moefuse import _C
+from moefuse.ops.gta_pipeline import run_gta
+from moefuse.ops.plan import GtaPlan
+from moefuse.ops.select import level1_shift
+
+
+def count_nonfinite(tensors: Sequence[torch.Tensor]) -> List[int]:
+    return list(_C.count_nonfinite([t.contiguous() for t in tensors]))
+
+
+def histogram_level1(base: torch.Tensor, inputs: Sequence[torch.Tensor], models: Sequence[int]) -> torch.Tensor:
+    return _C.histogram_level1(base, [inputs[i] for i in models], level1_shift(base.dtype))
+
+
+def histogram_level2(base, inputs, models: Sequence[int], prefixes: Sequence[int]) -> torch.Tensor:
+    return _C.histogram_level2(base, [inputs[i] for i in models], list(prefixes))
+
+
+def chunk_counts(base, inputs, models: Sequence[int], keys: Sequence[int], chunk: int) -> torch.Tensor:
+    return _C.chunk_counts(base, [inputs[i] for i in models], list(keys), chunk)
+
+
+def l1_norms(base, inputs, rules: torch.Tensor, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _C.l1_norms(base, list(inputs), rules, seed)
+
+
+def fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize, weight_sum, lam, out_dtype):
+    return _C.fused_gta(
+        base, list(inputs), rules, seed, list(coefficients), list(weights), consensus, normalize,
+        weight_sum, lam, out_dtype,
+    )
+
+
+def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float], out_dtype: torch.dtype) -> torch.Tensor:
+    return _C.weighted_sum([t.contiguous() for t in tensors], list(coefficients), out_dtype)
+
+
+def gram(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor]) -> torch.Tensor:
+    base = base.contiguous() if base is not None else None
+    return _C.gram([t.contiguous() for t in tensors], base)
+
+
+def gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: GtaPlan, out_dtype: torch.dtype) -> torch.Tensor:
+    return run_gta(sys.modules[__name__], base, inputs, plan, out_dtype)
