@@ -4,7 +4,8 @@
     t = N cos / (1 + (N - 1) cos)   (t = 0 where |1 + (N - 1) cos| < 1e-6)
     out = t * mean_i X_i + (1 - t) * B
 
-With filter_wise, cos and t are computed per row (dim 0) instead of over the whole tensor.
+With filter_wise, cos and t are computed per filter (each vector along the last dimension)
+instead of over the whole tensor.
 Needs at least two models besides the base.
 """
 
@@ -14,7 +15,7 @@ MODEL_STOCK = register(
     MethodSpec(
         name="model_stock",
         family="model_stock",
-        params=(ParamSpec("filter_wise", GLOBAL_SCOPE, False, kind=bool, doc="one t per row"),),
+        params=(ParamSpec("filter_wise", GLOBAL_SCOPE, False, kind=bool, doc="one t per filter (last dimension)"),),
         doc=__doc__,
         min_models=2,
         reference_url="https://arxiv.org/abs/2403.19522",

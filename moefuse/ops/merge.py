@@ -79,12 +79,12 @@ def merge_tensors(
         return impl.gta(base, tensors, plan, out_dtype)
 
     if spec.family == "linear":
-        coefficients = linear_coefficients(resolved.per_model["weight"], resolved.shared["normalize"])
-        if resolved.shared["normalize"] and abs(sum(resolved.per_model["weight"])) == 0:
+        if resolved.shared["normalize"] and sum(resolved.per_model["weight"]) == 0:
             raise MergeConfigError(
                 "method 'linear': the weights sum to zero, so they cannot be normalized; "
                 "change the weights or set normalize: false"
             )
+        coefficients = linear_coefficients(resolved.per_model["weight"], resolved.shared["normalize"])
         return _weighted_sum(impl, tensors, coefficients, out_dtype)
 
     if spec.family == "slerp":

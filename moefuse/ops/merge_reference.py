@@ -173,14 +173,13 @@ def model_stock_t(gram: torch.Tensor) -> torch.Tensor:
 
 
 def model_stock_reference(base: torch.Tensor, inputs: Sequence[torch.Tensor], filter_wise: bool) -> torch.Tensor:
-    """Model Stock in fp32; with filter_wise one interpolation factor per row (dim 0)."""
+    """Model Stock in fp32; with filter_wise one interpolation factor per filter (each vector
+    along the last dimension)."""
     if not filter_wise or base.dim() == 0:
         t = model_stock_t(gram_reference(inputs, base)).item()
         return weighted_sum_reference([base, *inputs], [1 - t] + [t / len(inputs)] * len(inputs))
-    rows = base.reshape(1, -1) if base.dim() == 1 else base.reshape(base.shape[0], -1)
+    rows = base.reshape(-1, base.shape[-1])
     deltas = torch.stack([(x - base).reshape(rows.shape).double() for x in inputs], dim=1)
-    t = model_stock_t(deltas @ deltas.transpose(1, 2)).float().reshape(
-        (-1,) + (1,) * (rows.dim() - 1)
-    )
+    t = model_stock_t(deltas @ deltas.transpose(1, 2)).float().unsqueeze(-1)
     average = torch.stack([x.reshape(rows.shape).float() for x in inputs]).mean(dim=0)
     return (t * average + (1 - t) * rows.float()).reshape(base.shape)

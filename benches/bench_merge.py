@@ -1,0 +1,73 @@
+"""Tensor-level merge speed and memory: moefuse vs mergekit 0.1.5's own method code.
+
+Run: python -m pytest benches/bench_merge.py (MOEFUSE_BENCH_QUICK=1 for a short smoke run).
+Each configuration merges the same random tensors with both tools in the same run; reported:
+time (best of rounds), speedup, bandwidth (N + 1 inputs read, 1 output written) against a plain
+copy on the same device, and peak extra memory in multiples of one input tensor.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import moefuse
+from benches import common
+from tests.mergekit_peer import mergekit_merge
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+METHODS = {
+    "ties": dict(density=0.3, weight=0.5),
+    "dare_ties": dict(density=0.3, weight=0.5),
+    "task_arithmetic": dict(weight=0.5),
+}
+if common.quiet_env():
+    CONFIGS = [(m, 2, 1 << 20, torch.float32) for m in METHODS]
+else:
+    CONFIGS = [
+        (method, n, size, dtype)
+        for method in METHODS
+        for n in (2, 4, 8)
+        for size in (4 << 20, 16 << 20)
+        for dtype in (torch.float32, torch.bfloat16)
+    ] + [("ties", 4, 64 << 20, torch.float32), ("ties", 4, 64 << 20, torch.bfloat16)]
+
+
+def _inputs(n, size, dtype):
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(size, generator=generator)
+    tensors = [(base + 0.01 * torch.randn(size, generator=generator)).to(dtype).to(DEVICE) for _ in range(n)]
+    return base.to(dtype).to(DEVICE), tensors
+
+
+@pytest.mark.parametrize(
+    "method,n,size,dtype", CONFIGS,
+    ids=[f"{m}-N{n}-{s >> 20}M-{str(d)[6:]}" for m, n, s, d in CONFIGS],
+)
+def test_merge_speed(benchmark, record, method, n, size, dtype):
+    base, tensors = _inputs(n, size, dtype)
+    params = METHODS[method]
+    run_moefuse = lambda: moefuse.merge_tensors(base, tensors, method, **params)
+    run_peer = lambda: mergekit_merge(method, base, tensors, **params)
+
+    run_moefuse()  # warm up (thread pool, Triton compilation)
+    moefuse_s = common.best_seconds(run_moefuse, DEVICE, rounds=3)
+    benchmark.pedantic(run_moefuse, rounds=3, iterations=1)
+    peer_s = common.best_seconds(run_peer, DEVICE, rounds=1 if size >= 16 << 20 else 2)
+    gc.collect()
+    tensor_bytes = base.numel() * base.element_size()
+    moefuse_mem = common.peak_extra_bytes(run_moefuse, DEVICE) / tensor_bytes
+    gc.collect()
+    peer_mem = common.peak_extra_bytes(run_peer, DEVICE) / tensor_bytes
+    moved = (n + 2) * tensor_bytes
+    row = dict(
+        config=f"{method} N={n} {size >> 20}M {str(dtype)[6:]}",
+        method=method, n=n, numel=size, dtype=str(dtype), peer="mergekit 0.1.5",
+        moefuse_ms=moefuse_s * 1e3, peer_ms=peer_s * 1e3, speedup=peer_s / moefuse_s,
+        moefuse_gbps=moved / moefuse_s / 1e9, copy_gbps=common.copy_bandwidth(base),
+        moefuse_extra_mem_x=moefuse_mem, peer_extra_mem_x=peer_mem,
+    )
+    benchmark.extra_info.update(row)
+    record(f"merge_{DEVICE}", row)

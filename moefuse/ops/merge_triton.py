@@ -1,0 +1,103 @@
+"""Triton backend of the merge engine (kernels in `moefuse.kernels.merge_gta`).
+
+Works on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 is set before Triton is
+imported. Semantics are those of `moefuse.ops.merge_reference`; the GTA merge runs the shared
+pipeline of `moefuse.ops.gta_pipeline` (selection, optional L1 norms, one fused pass).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from moefuse.errors import MergeInputError
+from moefuse.kernels import merge_gta as kernels
+from moefuse.ops.gta_pipeline import run_gta
+from moefuse.ops.plan import GtaPlan
+from moefuse.ops.select import LEVEL1_BINS, LEVEL2_BINS, level1_shift
+
+
+def _prepared(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """The tensors made contiguous (no copy when they are), after checking where they live: the
+    interpreter reads host memory only, compiled kernels read device memory only."""
+    for tensor in tensors:
+        on_cpu = tensor.device.type == "cpu"
+        if kernels.interpreted() and not on_cpu:
+            raise MergeInputError(
+                f"the Triton backend runs in the interpreter (TRITON_INTERPRET=1), which needs CPU "
+                f"tensors, got {tensor.device}; unset TRITON_INTERPRET or move the tensors to the CPU"
+            )
+        if on_cpu and not kernels.interpreted():
+            raise MergeInputError(
+                "the Triton backend needs GPU tensors (CPU tensors only with TRITON_INTERPRET=1 set "
+                "before triton is imported); use backend='cpu' or 'auto' for CPU tensors"
+            )
+    return [tensor.contiguous() for tensor in tensors]
+
+
+def count_nonfinite(tensors: Sequence[torch.Tensor]) -> List[int]:
+    """Number of NaN/Inf entries of each tensor."""
+    return kernels.count_nonfinite(_prepared(tensors)).tolist()
+
+
+def histogram_level1(base: torch.Tensor, inputs: Sequence[torch.Tensor], models: Sequence[int]) -> torch.Tensor:
+    """int64 [len(models), 32768]: row q counts key >> level1_shift over model models[q]."""
+    base, *rows = _prepared([base] + [inputs[i] for i in models])
+    return kernels.histogram(base, rows, level1_shift(base.dtype), LEVEL1_BINS)
+
+
+def histogram_level2(base: torch.Tensor, inputs: Sequence[torch.Tensor], models: Sequence[int],
+                     prefixes: Sequence[int]) -> torch.Tensor:
+    """int64 [len(models), 65536] (fp32 only): row q counts key & 0xFFFF over the entries of
+    model models[q] with key >> 16 == prefixes[q]."""
+    base, *rows = _prepared([base] + [inputs[i] for i in models])
+    return kernels.histogram(base, rows, 16, LEVEL2_BINS, prefixes)
+
+
+def chunk_counts(base: torch.Tensor, inputs: Sequence[torch.Tensor], models: Sequence[int],
+                 keys: Sequence[int], chunk: int) -> torch.Tensor:
+    """int64 [len(models), ceil(n / chunk)]: [q, c] counts the j in [c chunk, (c + 1) chunk) of
+    model models[q] with key_j == keys[q]."""
+    base, *rows = _prepared([base] + [inputs[i] for i in models])
+    return kernels.chunk_counts(base, rows, keys, chunk)
+
+
+def l1_norms(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor,
+             seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float64 [N] pair (CPU): sum_j |d_ij| and sum_j keep_ij |d_ij|."""
+    base, *inputs = _prepared([base, *inputs])
+    totals = kernels.l1_norm_partials(base, inputs, rules, seed).sum(dim=0).cpu()
+    return totals[:, 0].contiguous(), totals[:, 1].contiguous()
+
+
+def fused_gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor, seed: int,
+              coefficients: Sequence[float], weights: Sequence[float], consensus: bool, normalize: bool,
+              weight_sum: float, lam: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """out = base + lam * M (/ W if normalize), M and W as in `moefuse.methods.gta`, with
+    D_i = keep_i * coefficients[i] * d_i."""
+    base, *inputs = _prepared([base, *inputs])
+    return kernels.fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize,
+                             weight_sum, lam, out_dtype)
+
+
+def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float],
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """sum_k c_k T_k accumulated in fp32 from 0 in input order, cast to out_dtype."""
+    return kernels.weighted_sum(_prepared(tensors), coefficients, out_dtype)
+
+
+def gram(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """float64 CPU [K, K]: G[a, b] = <T_a - base, T_b - base> (<T_a, T_b> without base)."""
+    if not tensors:
+        return torch.zeros(0, 0, dtype=torch.float64)
+    tensors = _prepared(tensors)
+    base = _prepared([base])[0] if base is not None else None
+    upper = kernels.gram_partials(tensors, base).sum(dim=0).cpu()
+    return upper + upper.triu(1).T
+
+
+def gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: GtaPlan, out_dtype: torch.dtype) -> torch.Tensor:
+    """Generalized task arithmetic with this module's kernels."""
+    return run_gta(sys.modules[__name__], base, inputs, plan, out_dtype)

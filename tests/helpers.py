@@ -1,0 +1,79 @@
+"""Shared test helpers: devices, peers, and dtype-aware comparisons."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+
+
+def require_peer(module: str):
+    """Import a peer package (mergekit, scipy). The README's setup installs them, so a missing
+    peer is an error, unless MOEFUSE_ALLOW_MISSING_PEERS=1 turns it into a skip."""
+    if os.environ.get("MOEFUSE_ALLOW_MISSING_PEERS") == "1":
+        return pytest.importorskip(module)
+    return importlib.import_module(module)
+
+
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of `dtype` at each |value| (smallest normal's ulp near 0)."""
+    tiny = torch.finfo(dtype).tiny
+    _, exponent = torch.frexp(values.double().abs().clamp(min=tiny))
+    return torch.ldexp(torch.ones_like(values, dtype=torch.float64), exponent - 1 - MANTISSA_BITS[dtype])
+
+
+def operand_scale(*tensors: torch.Tensor) -> torch.Tensor:
+    """Entrywise max |value| over the operands of a merge (base and inputs)."""
+    return torch.stack([t.double().abs() for t in tensors]).amax(dim=0)
+
+
+def assert_close_ulp(actual: torch.Tensor, expected: torch.Tensor, ulps: float, exclude=None, scale=None) -> None:
+    """|actual - expected| <= ulps * ulp(s) entrywise in the dtype of `expected`, where s is the
+    larger of |actual|, |expected| and `scale` (the operands' magnitude: a difference of nearly
+    equal operands carries their rounding error). Entries where `exclude` is True are skipped."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    a, e = actual.double().reshape(-1), expected.double().reshape(-1)
+    magnitude = torch.maximum(a.abs(), e.abs())
+    if scale is not None:
+        magnitude = torch.maximum(magnitude, scale.double().reshape(-1))
+    bound = ulps * ulp(magnitude, expected.dtype)
+    bad = ((a - e).abs() > bound) & ~(torch.isnan(a) & torch.isnan(e))
+    if exclude is not None:
+        bad &= ~exclude.reshape(-1)
+    if bad.any():
+        index = torch.nonzero(bad).reshape(-1)[:5]
+        raise AssertionError(
+            f"{int(bad.sum())} of {a.numel()} entries differ by more than {ulps} ulp; "
+            f"first at {index.tolist()}: actual {a[index].tolist()} expected {e[index].tolist()}"
+        )
+
+
+def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-6, exclude=None) -> None:
+    """|actual - expected| <= rel * (|expected| + max|expected|): 1e-6 relative to the entry,
+    with the tensor's scale as the floor for entries near zero."""
+    a, e = actual.double().reshape(-1), expected.double().reshape(-1)
+    scale = e.abs().max().item() if e.numel() else 0.0
+    bad = (a - e).abs() > rel * (e.abs() + scale)
+    if exclude is not None:
+        bad &= ~exclude.reshape(-1)
+    if bad.any():
+        index = torch.nonzero(bad).reshape(-1)[:5]
+        raise AssertionError(
+            f"{int(bad.sum())} of {a.numel()} entries differ beyond {rel} relative; first at "
+            f"{index.tolist()}: actual {a[index].tolist()} expected {e[index].tolist()}"
+        )
+
+
+def assert_merge_close(actual: torch.Tensor, expected: torch.Tensor, exclude=None, ulps: float = 1, scale=None) -> None:
+    """fp32: 1e-6 relative; bf16/fp16: within `ulps` ulp of the output dtype (see
+    `assert_close_ulp` for `scale`)."""
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    if expected.dtype == torch.float32:
+        assert_close_fp32(actual, expected, exclude=exclude)
+    else:
+        assert_close_ulp(actual, expected, ulps, exclude=exclude, scale=scale)

@@ -1,0 +1,156 @@
+"""The fast backends (C++ CPU, Triton) against the plain PyTorch reference, method by method.
+
+fp32 within 1e-6 relative, bf16/fp16 within 1 ulp of the output (the backends round the same
+fp32 value; only the order of fp32 sums of L1 norms and Gram entries may differ). Triton runs
+natively on a GPU and interpreted on CPU (TRITON_INTERPRET=1, small sizes).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moefuse
+from moefuse.ops import backends, select
+from tests.helpers import DEVICE, assert_merge_close, operand_scale
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FAST_BACKENDS = ["cpu", "triton"]
+METHOD_PARAMS = {
+    "task_arithmetic": dict(weight=[1.0, -0.5, 0.7], **{"lambda": 0.6}),
+    "ties": dict(weight=[1.0, 0.6, 0.8], density=[0.3, 0.5, 0.9]),
+    "dare_ties": dict(weight=[1.0, 0.5, 0.7], density=[0.4, 0.6, 0.2], seed=3),
+    "dare_linear": dict(weight=[0.3, 0.3, 0.4], density=0.5, seed=11, rescale_mode="inverse_density"),
+    "breadcrumbs": dict(weight=[1.0, 0.5, 0.7], density=0.6, gamma=0.1),
+    "breadcrumbs_ties": dict(weight=[1.0, 0.5, 0.7], density=0.5, gamma=0.05, rescale=True),
+    "linear": dict(weight=[1.0, 2.0, 0.5]),
+    "slerp": dict(t=0.4),
+    "model_stock": {},
+}
+
+
+def _device_for(backend: str) -> str:
+    if backend == "cpu":
+        if not backends.available("cpu"):
+            pytest.fail(f"C++ extension missing: {backends.cpu_unavailable_reason()}")
+        return "cpu"
+    if not backends.available("triton"):
+        pytest.skip("Triton backend unavailable")
+    return DEVICE
+
+
+def _inputs(shape, dtype, device, n=3, seed=0, spread=0.05):
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=generator)
+    tensors = [base + spread * torch.randn(shape, generator=generator) for _ in range(n)]
+    return base.to(dtype).to(device), [t.to(dtype).to(device) for t in tensors]
+
+
+def _merge_both(backend, base, tensors, method, **params):
+    if method == "linear":
+        base = None
+    if method == "slerp":
+        tensors = tensors[:1]
+    expected = moefuse.merge_tensors(base, tensors, method, backend="reference", **params)
+    actual = moefuse.merge_tensors(base, tensors, method, backend=backend, **params)
+    scale = operand_scale(*(t.cpu() for t in ([base] if base is not None else []) + tensors))
+    assert_merge_close(actual.cpu(), expected.cpu(), scale=scale)
+    return actual
+
+
+def _shapes(backend):
+    small = [(), (1,), (0,), (7, 13), (3, 5, 17)]
+    return small + ([(300, 70)] if backend == "cpu" or DEVICE == "cuda" else [(40, 33)])
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", sorted(METHOD_PARAMS))
+def test_backend_matches_reference(backend, dtype, method):
+    device = _device_for(backend)
+    for shape in _shapes(backend):
+        if method == "model_stock" and len(shape) == 0:
+            continue
+        base, tensors = _inputs(shape, dtype, device)
+        _merge_both(backend, base, tensors, method, **METHOD_PARAMS[method])
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_magnitude_ties_at_threshold(backend, dtype, method, monkeypatch):
+    """Quantized deltas make many equal magnitudes straddle the cut; a small tie chunk makes
+    the cut search cross chunk boundaries."""
+    device = _device_for(backend)
+    monkeypatch.setattr(select, "TIE_CHUNK", 64)
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(37, 29, generator=generator)
+    tensors = [base + 0.01 * torch.randint(-3, 4, base.shape, generator=generator) for _ in range(3)]
+    base, tensors = base.to(dtype).to(device), [t.to(dtype).to(device) for t in tensors]
+    params = dict(density=[0.3, 0.5, 0.71])
+    if method == "breadcrumbs_ties":
+        params["gamma"] = 0.13
+    _merge_both(backend, base, tensors, method, **params)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(density=0.0),
+        dict(density=1.0),
+        dict(density=[0.0, 1.0, 0.5]),
+        dict(weight=[1.0, -1.0, 0.0]),  # weights summing to zero
+        dict(weight=0.0),
+        dict(**{"lambda": 0.0}),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "dare_ties", "breadcrumbs"])
+def test_parameter_edges(backend, params, method):
+    device = _device_for(backend)
+    base, tensors = _inputs((11, 23), torch.float32, device)
+    if method == "task_arithmetic":
+        params = {k: v for k, v in params.items() if k != "density"}
+    _merge_both(backend, base, tensors, method, **params)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic", "breadcrumbs_ties"])
+def test_degenerate_inputs(backend, method):
+    device = _device_for(backend)
+    base, tensors = _inputs((9, 31), torch.bfloat16, device)
+    params = {} if method == "task_arithmetic" else dict(density=0.4)
+    zero_deltas = _merge_both(backend, base, [base.clone(), base.clone()], method, **params)
+    assert torch.equal(zero_deltas, base), "all-zero deltas must return the base"
+    _merge_both(backend, base, [tensors[0]] * 3, method, **params)  # identical inputs
+    _merge_both(backend, base, tensors[:1], method, **params)  # one model
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+def test_out_dtype(backend, out_dtype):
+    device = _device_for(backend)
+    base, tensors = _inputs((5, 40), torch.bfloat16, device)
+    actual = moefuse.merge_tensors(base, tensors, "ties", density=0.5, backend=backend, out_dtype=out_dtype)
+    expected = moefuse.merge_tensors(base, tensors, "ties", density=0.5, backend="reference", out_dtype=out_dtype)
+    assert actual.dtype == out_dtype
+    assert_merge_close(actual.cpu(), expected.cpu())
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    device = _device_for(backend)
+    base, tensors = _inputs((30, 20), torch.float32, device)
+    transposed = [t.T for t in tensors]
+    _merge_both(backend, base.T, transposed, "ties", density=0.5)
+
+
+def test_huge_1d_tensor_on_cpu():
+    """2^24 + 3 entries: past any tile or chunk boundary, fp32 with ties at the cut."""
+    _device_for("cpu")
+    n = (1 << 24) + 3
+    generator = torch.Generator().manual_seed(2)
+    base = torch.randn(n, generator=generator)
+    tensors = [base + 0.01 * torch.randint(-50, 51, (n,), generator=generator) for _ in range(2)]
+    _merge_both("cpu", base, tensors, "ties", density=[0.2, 0.35])

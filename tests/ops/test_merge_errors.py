@@ -1,0 +1,117 @@
+"""Bad inputs get clear errors that name the input, shape, dtype or option."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moefuse
+from moefuse import MergeConfigError, MergeInputError
+
+
+def _pair(shape=(4, 5), dtype=torch.float32):
+    base = torch.randn(shape, dtype=dtype)
+    return base, [base + 0.1, base - 0.1]
+
+
+def test_unknown_method_lists_valid_ones():
+    base, tensors = _pair()
+    with pytest.raises(MergeConfigError, match="unknown merge method 'tie'.*valid methods:.*ties"):
+        moefuse.merge_tensors(base, tensors, "tie")
+
+
+def test_unknown_parameter_lists_valid_ones():
+    base, tensors = _pair()
+    with pytest.raises(MergeConfigError, match="no parameter 'densty'.*valid parameters:.*density"):
+        moefuse.merge_tensors(base, tensors, "ties", densty=0.5)
+
+
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        (dict(density=1.5), "'density' must be <= 1.0"),
+        (dict(density=-0.1), "'density' must be >= 0.0"),
+        (dict(density=[0.5]), "'density' has 1 values but there are 2 models"),
+        (dict(weight="heavy"), "'weight' must be a number"),
+        (dict(normalize="yes"), "'normalize' must be true or false"),
+        (dict(rescale_mode="l2"), "'rescale_mode' must be one of"),
+        (dict(weight=float("nan")), "'weight' must be finite"),
+    ],
+)
+def test_bad_parameter_values(params, message):
+    base, tensors = _pair()
+    with pytest.raises(MergeConfigError, match=message):
+        moefuse.merge_tensors(base, tensors, "ties", **params)
+
+
+def test_slerp_requires_t_and_one_model():
+    base, tensors = _pair()
+    with pytest.raises(MergeConfigError, match="parameter 't' is required"):
+        moefuse.merge_tensors(base, tensors[:1], "slerp")
+    with pytest.raises(MergeInputError, match="at most 1 model"):
+        moefuse.merge_tensors(base, tensors, "slerp", t=0.5)
+
+
+def test_della_epsilon_range():
+    base, tensors = _pair()
+    with pytest.raises(MergeConfigError, match="density 0.9 \\+/- epsilon 0.2 must stay inside"):
+        moefuse.merge_tensors(base, tensors, "della", density=0.9, epsilon=0.2)
+
+
+def test_shape_mismatch_names_the_tensor():
+    base, tensors = _pair()
+    with pytest.raises(MergeInputError, match=r"tensors\[1\] has shape \(5, 4\) but base has \(4, 5\)"):
+        moefuse.merge_tensors(base, [tensors[0], tensors[1].T.contiguous()], "ties")
+
+
+def test_dtype_mismatch_names_the_tensor():
+    base, tensors = _pair()
+    with pytest.raises(MergeInputError, match=r"tensors\[0\] has dtype torch.float16 but base has torch.float32"):
+        moefuse.merge_tensors(base, [tensors[0].half(), tensors[1]], "ties")
+
+
+def test_unsupported_dtype():
+    base = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(MergeInputError, match="dtype torch.float64; supported: float32, bfloat16, float16"):
+        moefuse.merge_tensors(base, [base], "ties")
+
+
+def test_base_rules():
+    base, tensors = _pair()
+    with pytest.raises(MergeInputError, match="needs a base tensor"):
+        moefuse.merge_tensors(None, tensors, "ties")
+    with pytest.raises(MergeInputError, match="uses no base"):
+        moefuse.merge_tensors(base, tensors, "linear")
+    with pytest.raises(MergeInputError, match="is a list, not a torch.Tensor"):
+        moefuse.merge_tensors(base, [[1.0, 2.0]], "ties")
+
+
+def test_linear_weights_summing_to_zero():
+    _, tensors = _pair()
+    with pytest.raises(MergeConfigError, match="weights sum to zero"):
+        moefuse.merge_tensors(None, tensors, "linear", weight=[1.0, -1.0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["base", "model"])
+def test_nonfinite_inputs_raise_unless_allowed(backend, bad, where):
+    base, tensors = _pair()
+    if where == "base":
+        base[1, 2] = bad
+        name = "base"
+    else:
+        tensors[1][0, 0] = bad
+        name = r"tensors\[1\]"
+    with pytest.raises(MergeInputError, match=f"{name} holds 1 NaN/Inf value"):
+        moefuse.merge_tensors(base, tensors, "ties", density=0.5, backend=backend)
+    out = moefuse.merge_tensors(base, tensors, "ties", density=0.5, backend=backend, allow_nonfinite=True)
+    assert not torch.isfinite(out).all()
+
+
+def test_bad_backend_and_out_dtype():
+    base, tensors = _pair()
+    with pytest.raises(MergeConfigError, match="unknown backend 'gpu'"):
+        moefuse.merge_tensors(base, tensors, "ties", backend="gpu")
+    with pytest.raises(MergeConfigError, match="out_dtype torch.int8 is not supported"):
+        moefuse.merge_tensors(base, tensors, "ties", out_dtype=torch.int8)
