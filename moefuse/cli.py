@@ -1,0 +1,64 @@
+"""The `moefuse` command line; every command is a thin call into the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from moefuse.errors import MoefuseError
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from moefuse.merge import merge_checkpoints
+
+    result = merge_checkpoints(
+        args.config, args.out_dir, device=args.device, backend=args.backend, max_shard_size=args.max_shard_size,
+        progress=not args.quiet, overwrite=args.overwrite, dry_run=args.dry_run,
+    )
+    if args.dry_run:
+        print(result)
+    elif not args.quiet:
+        print(f"wrote {result}")
+
+
+def _methods(args: argparse.Namespace) -> None:
+    from moefuse.methods import all_methods
+
+    for spec in all_methods():
+        params = ", ".join(f"{p.name}={p.default!r}" for p in spec.params)
+        print(f"{spec.name:18s} {params}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moefuse", description="Fast, memory-frugal model merging.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    merge = commands.add_parser("merge", help="merge checkpoints described by a mergekit-style YAML file")
+    merge.add_argument("config", help="merge configuration (YAML)")
+    merge.add_argument("out_dir", help="output folder (written atomically)")
+    merge.add_argument("--device", default="cpu", help="cpu or cuda (Triton kernels)")
+    merge.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"])
+    merge.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    merge.add_argument("--dry-run", action="store_true", help="print the plan and expected memory, write nothing")
+    merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.set_defaults(run=_merge)
+
+    methods = commands.add_parser("methods", help="list merge methods and their parameters")
+    methods.set_defaults(run=_methods)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except MoefuseError as error:
+        print(f"moefuse: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Atomic output folders and the non-weight files of a Hugging Face checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from moefuse.errors import MoefuseError
+
+PARTIAL_MARKER = ".moefuse-partial-"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class OutputExistsError(MoefuseError, FileExistsError):
+    """The output folder exists and overwriting was not asked for."""
+
+
+@contextmanager
+def atomic_output_dir(out_dir: os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to `out_dir`; on success it is renamed to `out_dir`
+    (replacing an old one only if `overwrite`), on failure it is deleted. A process killed
+    midway leaves only a hidden `.NAME.moefuse-partial-*` folder, never one named `out_dir`."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output folder {out} already exists; choose another or pass --overwrite (overwrite=True)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARKER}", dir=out.parent))
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.moefuse-old-", dir=out.parent))
+        out.rename(retired / out.name)
+        partial.rename(out)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        partial.rename(out)
+
+
+def copy_model_files(config_source: Path, tokenizer_source: Path, dest: Path, dtype: Optional[torch.dtype]) -> None:
+    """Copy config.json (with the output dtype) and generation_config.json from
+    `config_source`, and the tokenizer files found in `tokenizer_source`."""
+    config_path = Path(config_source) / "config.json"
+    if config_path.exists():
+        config = json.loads(config_path.read_text())
+        config.pop("quantization_config", None)
+        if dtype in DTYPE_CONFIG_NAMES:
+            for key in ("torch_dtype", "dtype"):
+                if key in config or key == "dtype":
+                    config[key] = DTYPE_CONFIG_NAMES[dtype]
+        (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = Path(config_source) / "generation_config.json"
+    if generation.exists():
+        shutil.copy2(generation, dest / generation.name)
+    for name in TOKENIZER_FILES:
+        path = Path(tokenizer_source) / name
+        if path.exists():
+            shutil.copy2(path, dest / name)

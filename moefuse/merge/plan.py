@@ -1,0 +1,194 @@
+"""Plan a checkpoint merge: which tensors, from which files, with which method and parameters.
+
+Planning reads only headers and config files, so every mismatch (missing tensor, shape, dtype,
+unknown parameter) is reported before any data is read or written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from moefuse.errors import MergeConfigError, MergeInputError
+from moefuse.io.safetensors_reader import CheckpointReader
+from moefuse.io.safetensors_writer import OutputTensor
+from moefuse.merge.config import MergeConfig, evaluate_setting
+from moefuse.methods import get_method, resolve_params
+from moefuse.methods.base import GLOBAL_SCOPE
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input of a tensor: a checkpoint and the key to read there."""
+
+    reader: CheckpointReader
+    key: str
+
+
+@dataclass
+class TensorTask:
+    key: str
+    shape: Tuple[int, ...]
+    out_dtype: torch.dtype
+    base: Optional[Source]
+    inputs: List[Source]
+    params: Dict[str, Any] = field(default_factory=dict)
+    merge: bool = True  # False: copy the base (non-float tensors)
+
+    @property
+    def sources(self) -> List[Source]:
+        return ([self.base] if self.base is not None else []) + self.inputs
+
+    @property
+    def output(self) -> OutputTensor:
+        return OutputTensor(self.key, self.shape, self.out_dtype)
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    base: Optional[CheckpointReader]
+    models: List[CheckpointReader]
+    tasks: List[TensorTask]
+    compute_dtype: Optional[torch.dtype]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(task.output.nbytes for task in self.tasks)
+
+    def peak_bytes_estimate(self) -> int:
+        """Inputs of the largest tensor, its output and a fixed allowance for the runtime."""
+        largest = max((t.output.nbytes for t in self.tasks), default=0)
+        return (len(self.models) + 2) * largest
+
+    def close(self) -> None:
+        for reader in ([self.base] if self.base else []) + self.models:
+            reader.close()
+
+
+def layer_position(key: str, num_layers: int) -> float:
+    """mergekit's gradient position t: layer / (layers - 1) inside the stack, 0 outside."""
+    match = LAYER_PATTERN.search(key)
+    if not match:
+        return 0.0
+    return int(match.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def _num_layers(reader: CheckpointReader) -> int:
+    configured = reader.config().get("num_hidden_layers")
+    if isinstance(configured, int):
+        return configured
+    found = [int(m.group(1)) for k in reader.keys() for m in [LAYER_PATTERN.search(k)] if m]
+    return max(found) + 1 if found else 1
+
+
+def _find(reader: CheckpointReader, key: str) -> Source:
+    """The source for `key` in `reader`, resolving a tied LM head the way transformers does."""
+    if key in reader.tensors:
+        return Source(reader, key)
+    if key == TIED_HEAD and TIED_EMBEDDING in reader.tensors and reader.config().get("tie_word_embeddings", True):
+        return Source(reader, TIED_EMBEDDING)
+    raise MergeInputError(f"tensor '{key}' of the base is missing from {reader.folder}; the models must share an architecture")
+
+
+def _resolve_task_params(config: MergeConfig, key: str, t: float, model_params: List[Dict[str, Any]]) -> Dict[str, Any]:
+    spec = get_method(config.merge_method)
+    params: Dict[str, Any] = {}
+    for pspec in spec.params:
+        if pspec.scope == GLOBAL_SCOPE:
+            value = evaluate_setting(config.parameters.get(pspec.name), key, t)
+            if value is not None:
+                params[pspec.name] = value
+            continue
+        shared = evaluate_setting(config.parameters.get(pspec.name), key, t)
+        values = []
+        for own in model_params:
+            value = evaluate_setting(own.get(pspec.name), key, t)
+            values.append(shared if value is None else value)
+        if any(v is not None for v in values):
+            if any(v is None for v in values):
+                missing = [i for i, v in enumerate(values) if v is None]
+                if pspec.default is None:
+                    raise MergeConfigError(f"tensor '{key}': parameter '{pspec.name}' is not set for model(s) {missing}")
+                values = [pspec.default if v is None else v for v in values]
+            params[pspec.name] = values
+    known = set(spec.param_names)
+    for source in [config.parameters, *model_params]:
+        unknown = sorted(set(source) - known)
+        if unknown:
+            raise MergeConfigError(
+                f"merge_method '{spec.name}' has no parameter {', '.join(map(repr, unknown))}; "
+                f"valid parameters: {', '.join(spec.param_names)}"
+            )
+    resolve_params(spec, len(model_params), params)  # validate ranges now, before any IO
+    return params
+
+
+def build_plan(config: MergeConfig, out_dtype_default: Optional[torch.dtype] = None) -> MergePlan:
+    """Open every checkpoint's headers and plan each output tensor."""
+    spec = get_method(config.merge_method)
+    base = CheckpointReader(config.base_model) if config.base_model is not None else None
+    entries = [e for e in config.models if not (spec.needs_base and base is not None and _same(e.path, base.folder))]
+    if len(entries) < spec.min_models or (spec.max_models is not None and len(entries) > spec.max_models):
+        bound = f"exactly {spec.min_models}" if spec.min_models == spec.max_models else f"at least {spec.min_models}"
+        raise MergeConfigError(
+            f"merge_method '{spec.name}' needs {bound} model(s) besides the base, got {len(entries)}"
+        )
+    models = [CheckpointReader(e.path) for e in entries]
+    reference = base if base is not None else models[0]
+    num_layers = _num_layers(reference)
+    tasks: List[TensorTask] = []
+    for key in reference.keys():
+        info = reference.info(key)
+        inputs = [_find(m, key) for m in models]
+        for source in inputs:
+            other = source.reader.info(source.key)
+            if other.shape != info.shape or other.dtype != info.dtype:
+                raise MergeInputError(
+                    f"tensor '{key}': {source.reader.folder} has shape {list(other.shape)} {other.dtype}, "
+                    f"but {reference.folder} has {list(info.shape)} {info.dtype}; the models must share an architecture"
+                )
+        mergeable = info.dtype in FLOAT_DTYPES
+        out_dtype = (config.out_dtype or config.dtype or out_dtype_default or info.dtype) if mergeable else info.dtype
+        params = _resolve_task_params(config, key, layer_position(key, num_layers), [e.parameters for e in entries]) if mergeable else {}
+        task_base = Source(base, key) if base is not None and spec.needs_base else None
+        tasks.append(TensorTask(key, info.shape, out_dtype, task_base, inputs, params, mergeable))
+    if not tasks:
+        raise MergeInputError(f"{reference.folder} holds no tensors")
+    return MergePlan(config, base, models, tasks, config.dtype)
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def describe(plan: MergePlan) -> str:
+    """A human-readable summary of the plan (for --dry-run)."""
+    lines = [
+        f"method: {plan.config.merge_method}",
+        f"base: {plan.base.folder if plan.base else '(none)'}",
+        *[f"model {i}: {m.folder}" for i, m in enumerate(plan.models)],
+        f"tensors: {len(plan.tasks)} ({sum(not t.merge for t in plan.tasks)} copied from the base), "
+        f"output {plan.output_bytes / 1e9:.3f} GB",
+        f"expected peak memory: about {plan.peak_bytes_estimate() / 1e9:.3f} GB "
+        "((models + 2) x the largest tensor) plus runtime overhead",
+        "parameters:",
+    ]
+    seen = set()
+    for task in plan.tasks:
+        signature = repr(sorted(task.params.items()))
+        if task.merge and signature not in seen:
+            seen.add(signature)
+            lines.append(f"  from {task.key}: {task.params or '(defaults)'}")
+    return "\n".join(lines)

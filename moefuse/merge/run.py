@@ -1,0 +1,127 @@
+"""Execute a merge plan: stream tensors from memory-mapped inputs, merge, write shards.
+
+While tensor i is merged, the kernel reads tensor i + 1 ahead (madvise WILLNEED) on CPU, or a
+worker thread stages it through pinned host memory onto the GPU on a side stream; after
+tensor i is written its input pages are dropped. Resident memory therefore stays near
+(models + 2) x the largest tensor, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import torch
+from tqdm import tqdm
+
+from moefuse.errors import MoefuseError
+from moefuse.io.output import atomic_output_dir, copy_model_files
+from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
+from moefuse.merge.config import MergeConfig, parse_config
+from moefuse.merge.plan import MergePlan, TensorTask, build_plan, describe
+from moefuse.ops.merge import merge_tensors
+
+
+class _Loader:
+    """Produces a task's input tensors on the target device, one task ahead."""
+
+    def __init__(self, device: torch.device, compute_dtype: Optional[torch.dtype]):
+        self.device = device
+        self.compute_dtype = compute_dtype
+        self._pool = ThreadPoolExecutor(max_workers=1) if device.type == "cuda" else None
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _load(self, task: TensorTask) -> List[torch.Tensor]:
+        tensors = [source.reader.tensor(source.key) for source in task.sources]
+        if task.merge and self.compute_dtype is not None:
+            tensors = [t.to(self.compute_dtype) for t in tensors]
+        if self._stream is None:
+            return tensors
+        with torch.cuda.stream(self._stream):
+            staged = [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
+        self._stream.synchronize()
+        return staged
+
+    def start(self, task: TensorTask) -> Union[Future, TensorTask]:
+        for source in task.sources:
+            source.reader.prefetch([source.key])
+        return self._pool.submit(self._load, task) if self._pool else task
+
+    def result(self, started: Union[Future, TensorTask]) -> List[torch.Tensor]:
+        return started.result() if isinstance(started, Future) else self._load(started)
+
+    def close(self) -> None:
+        if self._pool:
+            self._pool.shutdown(wait=True)
+
+
+def _merge_task(plan: MergePlan, task: TensorTask, tensors: List[torch.Tensor], backend: str) -> torch.Tensor:
+    if not task.merge:
+        return tensors[0]
+    base = tensors[0] if task.base is not None else None
+    inputs = tensors[1:] if task.base is not None else tensors
+    try:
+        return merge_tensors(base, inputs, plan.config.merge_method, out_dtype=task.out_dtype, backend=backend, **task.params)
+    except MoefuseError as error:
+        raise type(error)(f"tensor '{task.key}': {error}") from None
+
+
+def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str = "auto",
+            max_shard_size=DEFAULT_MAX_SHARD_SIZE, progress: bool = True, overwrite: bool = False) -> Path:
+    """Run `plan`, writing a Hugging Face checkpoint folder at `out_dir` atomically."""
+    target = torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise MoefuseError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    config_source = plan.base.folder if plan.base is not None else plan.models[0].folder
+    tokenizer_source = plan.config.tokenizer_source or config_source
+    if not Path(tokenizer_source).is_dir():
+        raise MoefuseError(f"tokenizer_source {tokenizer_source} is not a folder")
+    out_dtypes = {t.out_dtype for t in plan.tasks if t.merge}
+    loader = _Loader(target, plan.compute_dtype)
+    bar = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress)
+    started = time.perf_counter()
+    try:
+        with atomic_output_dir(out_dir, overwrite) as partial:
+            writer = ShardedWriter(partial, [t.output for t in plan.tasks], max_shard_size,
+                                   metadata={"producer": "moefuse"})
+            pending = loader.start(plan.tasks[0])
+            for index, task in enumerate(plan.tasks):
+                tensors = loader.result(pending)
+                if index + 1 < len(plan.tasks):
+                    pending = loader.start(plan.tasks[index + 1])
+                merged = _merge_task(plan, task, tensors, backend)
+                writer.write(task.key, merged.to(task.out_dtype))
+                del tensors, merged
+                for source in task.sources:
+                    source.reader.release([source.key])
+                bar.update(task.output.nbytes)
+                bar.set_postfix(tensors_per_s=f"{(index + 1) / (time.perf_counter() - started):.1f}")
+            writer.finish()
+            copy_model_files(config_source, Path(tokenizer_source), partial,
+                             out_dtypes.pop() if len(out_dtypes) == 1 else None)
+    finally:
+        bar.close()
+        loader.close()
+        plan.close()
+    return Path(out_dir)
+
+
+def merge_checkpoints(config: Union[str, os.PathLike, Dict, MergeConfig], out_dir: Union[str, os.PathLike], *,
+                      device: str = "cpu", backend: str = "auto", max_shard_size=DEFAULT_MAX_SHARD_SIZE,
+                      progress: bool = True, overwrite: bool = False, dry_run: bool = False) -> Union[Path, str]:
+    """Merge the checkpoints described by `config` (a mergekit-style YAML path, a dict or a
+    `MergeConfig`) into a Hugging Face checkpoint folder `out_dir`.
+
+    With `dry_run`, nothing is read beyond headers or written; the plan's description is returned.
+    """
+    parsed = config if isinstance(config, MergeConfig) else parse_config(config)
+    plan = build_plan(parsed)
+    if dry_run:
+        text = describe(plan)
+        plan.close()
+        return text
+    return execute(plan, Path(out_dir), device=device, backend=backend, max_shard_size=max_shard_size,
+                   progress=progress, overwrite=overwrite)

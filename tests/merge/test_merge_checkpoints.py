@@ -1,0 +1,146 @@
+"""`moefuse merge` on tiny checkpoints: parity with mergekit, loading with transformers, the
+written layout, the CLI and dry runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from moefuse.cli import main as cli_main
+from moefuse.merge import merge_checkpoints
+from tests.checkpoints import save_variants
+from tests.helpers import assert_merge_close, require_peer
+
+DETERMINISTIC = {
+    "task_arithmetic": {"models": {"weight": [0.7, 0.4]}, "parameters": {"lambda": 0.9}},
+    "ties": {"models": {"weight": [1.0, 0.5], "density": [0.4, 0.6]}, "parameters": {"normalize": True}},
+    "breadcrumbs_ties": {"models": {"weight": [1.0, 0.5], "density": 0.7, "gamma": 0.05}, "parameters": {}},
+    "linear": {"models": {"weight": [0.2, 0.3, 0.5]}, "parameters": {}},
+    "slerp": {"models": {}, "parameters": {"t": [0.0, 0.5, 1.0]}},
+    "model_stock": {"models": {}, "parameters": {}},
+}
+
+
+def _config(folders, method, dtype="float32"):
+    base, *others = folders
+    case = DETERMINISTIC[method]
+    listed = folders if method == "linear" else ([base, others[0]] if method == "slerp" else others)
+    models = []
+    for i, folder in enumerate(listed):
+        parameters = {k: (v[i] if isinstance(v, list) else v) for k, v in case["models"].items()}
+        models.append({"model": str(folder), **({"parameters": parameters} if parameters else {})})
+    config = {"merge_method": method, "models": models, "dtype": dtype, "parameters": dict(case["parameters"])}
+    if method != "linear":
+        config["base_model"] = str(base)
+    return config
+
+
+def _run_mergekit(config: dict, out: Path) -> None:
+    require_peer("mergekit")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    run_merge(MergeConfiguration.model_validate(config), str(out),
+              MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+
+
+def _state(folder: Path) -> dict:
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """fp32 base + 2 variants per architecture (sharded; llama-tied ties its LM head)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        name: save_variants(root / name, architecture, 3, tied=tied)
+        for name, architecture, tied in [
+            ("llama", "llama", False), ("llama-tied", "llama", True), ("mistral", "mistral", False), ("qwen2", "qwen2", False)
+        ]
+    }
+
+
+@pytest.fixture(scope="module")
+def llama_models(checkpoints):
+    return checkpoints["llama"]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "llama-tied", "mistral", "qwen2"])
+@pytest.mark.parametrize("method", sorted(DETERMINISTIC))
+def test_matches_mergekit(tmp_path, checkpoints, architecture, method):
+    config = _config(checkpoints[architecture], method)
+    merge_checkpoints(config, tmp_path / "moefuse", progress=False)
+    _run_mergekit(config, tmp_path / "mergekit")
+    ours, theirs = _state(tmp_path / "moefuse"), _state(tmp_path / "mergekit")
+    assert set(ours) == set(theirs)
+    for key in ours:
+        assert_merge_close(ours[key], theirs[key])
+
+
+def test_bf16_checkpoints_with_out_dtype(tmp_path):
+    folders = save_variants(tmp_path / "in", "llama", 3, tied=True, dtype=torch.bfloat16)
+    config = {**_config(folders, "task_arithmetic"), "out_dtype": "bfloat16"}
+    merge_checkpoints(config, tmp_path / "moefuse", progress=False)
+    _run_mergekit(config, tmp_path / "mergekit")
+    ours, theirs = _state(tmp_path / "moefuse"), _state(tmp_path / "mergekit")
+    for key in ours:
+        assert ours[key].dtype == torch.bfloat16
+        assert_merge_close(ours[key], theirs[key], ulps=1)
+    assert json.loads((tmp_path / "moefuse" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_filters_and_gradients_follow_mergekit(tmp_path, llama_models):
+    config = _config(llama_models, "ties")
+    config["models"][0]["parameters"]["density"] = [{"filter": "self_attn", "value": 0.3}, {"value": [0.2, 0.9]}]
+    config["parameters"]["weight"] = 0.8
+    merge_checkpoints(config, tmp_path / "moefuse", progress=False)
+    _run_mergekit(config, tmp_path / "mergekit")
+    ours, theirs = _state(tmp_path / "moefuse"), _state(tmp_path / "mergekit")
+    for key in ours:
+        assert_merge_close(ours[key], theirs[key])
+
+
+def test_identical_models_reproduce_the_base(tmp_path, llama_models):
+    base = llama_models[0]
+    copies = [shutil.copytree(base, tmp_path / f"copy-{i}") for i in range(2)]
+    config = {"merge_method": "ties", "base_model": str(base), "models": [{"model": str(c)} for c in copies],
+              "parameters": {"density": 0.5, "weight": 0.5}}
+    merge_checkpoints(config, tmp_path / "out", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    reference = AutoModelForCausalLM.from_pretrained(base)
+    ids = torch.tensor([[1, 5, 9, 17, 33]])
+    assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_output_layout_sharding_and_generation(tmp_path, llama_models):
+    merge_checkpoints(_config(llama_models, "ties"), tmp_path / "out", progress=False, max_shard_size="50KB")
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all(name in files for name in shards)
+    assert "config.json" in files and "generation_config.json" in files
+    for shard in shards:
+        load_file(tmp_path / "out" / shard)  # valid safetensors
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    generated = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 8)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "temporary folders left behind"
+
+
+def test_cli_merge_dry_run_and_quiet(tmp_path, llama_models, capsys):
+    config_path = tmp_path / "merge.yml"
+    config_path.write_text(yaml.safe_dump(_config(llama_models, "ties")))
+    assert cli_main(["merge", str(config_path), str(tmp_path / "plan"), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "method: ties" in plan and "tensors: 21" in plan and "expected peak memory" in plan
+    assert not (tmp_path / "plan").exists()
+    assert cli_main(["merge", str(config_path), str(tmp_path / "out"), "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    assert (tmp_path / "out" / "model.safetensors").exists() or (tmp_path / "out" / "model.safetensors.index.json").exists()
