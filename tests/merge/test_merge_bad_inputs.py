@@ -1,0 +1,204 @@
+"""The catalogue of bad inputs for `moefuse merge`: each gets a clear error naming the file,
+tensor, shape or option, and nothing that looks like a finished output is left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from moefuse import MergeConfigError, MergeInputError, MoefuseError
+from moefuse.cli import main as cli_main
+from moefuse.io.output import OutputExistsError
+from moefuse.io.safetensors_reader import CheckpointError
+from moefuse.merge import merge_checkpoints
+from moefuse.merge import run as merge_run
+from tests.checkpoints import save_variants
+
+
+@pytest.fixture
+def models(tmp_path):
+    return save_variants(tmp_path / "in", "llama", 3, shard_size="1GB")
+
+
+def _ties(models, **extra):
+    return {"merge_method": "ties", "base_model": str(models[0]),
+            "models": [{"model": str(m), "parameters": {"density": 0.5}} for m in models[1:]], **extra}
+
+
+def _rewrite(folder: Path, edit) -> None:
+    """Load the single-file checkpoint in `folder`, apply `edit(state)`, save it back."""
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    edit(state)
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def _leftovers(root: Path):
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(".") or p.name == "out")
+
+
+def test_missing_model_folder(tmp_path, models):
+    config = _ties(models)
+    config["models"][0]["model"] = str(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match=f"model folder {tmp_path / 'nowhere'} does not exist"):
+        merge_checkpoints(config, tmp_path / "out", progress=False)
+
+
+def test_truncated_safetensors(tmp_path, models):
+    path = models[1] / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"{path} is truncated: tensor '.*' ends at byte"):
+        merge_checkpoints(_ties(models), tmp_path / "out", progress=False)
+
+
+def test_corrupt_safetensors_header(tmp_path, models):
+    path = models[2] / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:20] = b"{not json!!!"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{path} has a corrupt safetensors header"):
+        merge_checkpoints(_ties(models), tmp_path / "out", progress=False)
+
+
+def test_pickled_checkpoint_is_refused(tmp_path, models):
+    (models[1] / "model.safetensors").unlink()
+    (models[1] / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(CheckpointError, match="pickled PyTorch weights \\(pytorch_model.bin\\); moefuse never unpickles"):
+        merge_checkpoints(_ties(models), tmp_path / "out", progress=False)
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path, models):
+    key = "model.layers.1.mlp.up_proj.weight"
+    _rewrite(models[2], lambda s: s.__setitem__(key, s[key][:-1].contiguous()))
+    with pytest.raises(MergeInputError, match=f"tensor '{key}': .*has shape \\[95, 64\\].*has \\[96, 64\\]"):
+        merge_checkpoints(_ties(models), tmp_path / "out", progress=False)
+
+
+def test_dtype_mismatch_names_the_tensor(tmp_path, models):
+    key = "model.norm.weight"
+    _rewrite(models[1], lambda s: s.__setitem__(key, s[key].half()))
+    with pytest.raises(MergeInputError, match=f"tensor '{key}': .*torch.float16.*torch.float32"):
+        merge_checkpoints(_ties(models), tmp_path / "out", progress=False)
+
+
+def test_missing_tensor(tmp_path, models):
+    key = "model.layers.0.self_attn.k_proj.weight"
+    _rewrite(models[1], lambda s: s.pop(key))
+    with pytest.raises(MergeInputError, match=f"tensor '{key}' of the base is missing from {models[1]}"):
+        merge_checkpoints(_ties(models), tmp_path / "out", progress=False)
+
+
+def test_nan_in_a_model_names_the_tensor_and_leaves_nothing(tmp_path, models):
+    key = "model.layers.1.self_attn.o_proj.weight"
+
+    def poison(state):
+        state[key][3, 4] = float("nan")
+
+    _rewrite(models[2], poison)
+    with pytest.raises(MergeInputError, match=f"tensor '{key}': tensors\\[1\\] holds 1 NaN/Inf"):
+        merge_checkpoints(_ties(models), tmp_path / "out", progress=False)
+    assert _leftovers(tmp_path) == []
+
+
+def test_unknown_method_and_parameter(tmp_path, models):
+    with pytest.raises(MergeConfigError, match="unknown merge method 'tiez'; valid methods: .*ties"):
+        merge_checkpoints({**_ties(models), "merge_method": "tiez"}, tmp_path / "out", progress=False)
+    config = _ties(models)
+    config["models"][0]["parameters"]["densty"] = 0.5
+    with pytest.raises(MergeConfigError, match="no parameter 'densty'; valid parameters: .*density"):
+        merge_checkpoints(config, tmp_path / "out", progress=False)
+    with pytest.raises(MergeConfigError, match="'normalize' must be true or false"):
+        merge_checkpoints(_ties(models, parameters={"normalize": "maybe"}), tmp_path / "out", progress=False)
+    config["models"][0]["parameters"] = {"density": 2}
+    with pytest.raises(MergeConfigError, match="model 0: 'density' must be <= 1.0"):
+        merge_checkpoints(config, tmp_path / "out", progress=False)
+
+
+def test_bad_yaml_and_unsupported_keys(tmp_path, models):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("merge_method: ties\nmodels: [unclosed\n")
+    with pytest.raises(MergeConfigError, match=f"config file {bad} is not valid YAML"):
+        merge_checkpoints(bad, tmp_path / "out", progress=False)
+    with pytest.raises(MergeConfigError, match="'slices': layer slices"):
+        merge_checkpoints({**_ties(models), "slices": [{"sources": []}]}, tmp_path / "out", progress=False)
+    with pytest.raises(MergeConfigError, match="unknown key\\(s\\) merge_mthod"):
+        merge_checkpoints({"merge_mthod": "ties"}, tmp_path / "out", progress=False)
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path, models):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("old")
+    with pytest.raises(OutputExistsError, match="already exists; choose another or pass --overwrite"):
+        merge_checkpoints(_ties(models), tmp_path / "out", progress=False)
+    merge_checkpoints(_ties(models), tmp_path / "out", progress=False, overwrite=True)
+    assert not (tmp_path / "out" / "keep.txt").exists()
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert _leftovers(tmp_path) == ["out"]
+
+
+def test_failure_midway_leaves_nothing_that_looks_complete(tmp_path, models, monkeypatch):
+    calls = {"n": 0}
+    real = merge_run.merge_tensors
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise MoefuseError("disk on fire")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merge_run, "merge_tensors", failing)
+    with pytest.raises(MoefuseError, match="disk on fire"):
+        merge_checkpoints(_ties(models), tmp_path / "out", progress=False)
+    assert _leftovers(tmp_path) == []
+
+
+def test_process_killed_midway_leaves_nothing_that_looks_complete(tmp_path, models):
+    config_path = tmp_path / "merge.yml"
+    config_path.write_text(yaml.safe_dump(_ties(models)))
+    script = (
+        "import time, sys\n"
+        "from moefuse.merge import run\n"
+        "real = run.merge_tensors\n"
+        "def slow(*a, **k):\n"
+        "    print('tensor', flush=True); time.sleep(0.2); return real(*a, **k)\n"
+        "run.merge_tensors = slow\n"
+        f"run.merge_checkpoints({str(config_path)!r}, {str(tmp_path / 'out')!r}, progress=False)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).resolve().parents[2])
+    for _ in range(4):  # a few tensors in
+        assert process.stdout.readline().startswith("tensor")
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "out").exists()
+    partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.moefuse-partial-")]
+    assert len(partial) == 1, "the killed run's work stays in a hidden partial folder"
+    shutil.rmtree(partial[0])
+
+
+def test_cli_reports_errors_with_exit_code_2(tmp_path, models, capsys):
+    config_path = tmp_path / "merge.yml"
+    config_path.write_text(yaml.safe_dump({**_ties(models), "merge_method": "nope"}))
+    assert cli_main(["merge", str(config_path), str(tmp_path / "out")]) == 2
+    assert "moefuse: error: unknown merge method 'nope'" in capsys.readouterr().err
+
+
+def test_nonfinite_check_covers_every_model_and_the_base(tmp_path, models):
+    def poison(state):
+        state["model.embed_tokens.weight"][0, 0] = float("inf")
+
+    _rewrite(models[0], poison)
+    with pytest.raises(MergeInputError, match="tensor 'model.embed_tokens.weight': base holds 1 NaN/Inf"):
+        merge_checkpoints(_ties(models), tmp_path / "out", progress=False)
+    assert torch.isinf(load_file(models[0] / "model.safetensors")["model.embed_tokens.weight"]).any()
