@@ -19,6 +19,9 @@ def plot(name: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     data = _load(path)
+    if data["rows"] and "tool" in data["rows"][0]:
+        _plot_tools(name, data, Path(path), plt)
+        return
     rows = [r for r in data["rows"] if r.get("speedup") is not None]
     if not rows:
         return
@@ -42,8 +45,25 @@ def plot(name: str, path: Path) -> None:
     plt.close(figure)
 
 
+def _plot_tools(name: str, data: dict, path: Path, plt) -> None:
+    """Wall time and peak RSS per tool (end-to-end benchmarks)."""
+    rows = data["rows"]
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [r["tool"] for r in rows]
+    time_axis.barh(labels, [r["seconds"] for r in rows], color="tab:blue")
+    time_axis.set_xlabel("wall time (s)")
+    memory_axis.barh(labels, [r["peak_rss_gb"] for r in rows], color="tab:orange")
+    memory_axis.set_xlabel("peak RSS (GB)")
+    figure.suptitle(f"{name}: {rows[0]['config'].split(':')[0]} on {data['machine']['device']}")
+    figure.tight_layout()
+    figure.savefig(path.with_suffix(".png"), dpi=110)
+    plt.close(figure)
+
+
 def markdown_table(path: Path) -> str:
     data = _load(path)
+    if data["rows"] and "tool" in data["rows"][0]:
+        return _tools_table(data)
     lines = [
         f"Measured on {data['machine']['device']}, torch {data['machine']['torch']}, "
         f"commit {data['machine']['commit']}, {data['machine']['date']}.",
@@ -59,6 +79,20 @@ def markdown_table(path: Path) -> str:
             f"{r['moefuse_gbps']:.1f} ({r['copy_gbps']:.1f}) | "
             f"{r['moefuse_extra_mem_x']:.2f} / {r['peer_extra_mem_x']:.2f} |"
         )
+    return "\n".join(lines)
+
+
+def _tools_table(data: dict) -> str:
+    lines = [
+        f"Measured on {data['machine']['device']}, torch {data['machine']['torch']}, "
+        f"commit {data['machine']['commit']}, {data['machine']['date']}.",
+        "",
+        "| run | wall s | peak RSS GB | time vs moefuse |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        rss = f"{r['peak_rss_gb']:.2f}" if r["peak_rss_gb"] else "-"
+        lines.append(f"| {r['config']} | {r['seconds']:.1f} | {rss} | {r['moefuse_vs_tool']:.2f}x |")
     return "\n".join(lines)
 
 
