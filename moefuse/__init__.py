@@ -4,6 +4,7 @@ Importing moefuse needs neither a GPU nor the compiled extension; the fast backe
 """
 
 from moefuse.errors import MergeConfigError, MergeInputError, MoefuseError
+from moefuse.merge import merge_checkpoints
 from moefuse.methods import get_method, method_names
 from moefuse.ops.merge import merge_tensors
 
@@ -14,6 +15,7 @@ __all__ = [
     "MergeInputError",
     "MoefuseError",
     "get_method",
+    "merge_checkpoints",
     "merge_tensors",
     "method_names",
     "__version__",
