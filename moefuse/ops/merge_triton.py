@@ -7,8 +7,9 @@ pipeline of `moefuse.ops.gta_pipeline` (selection, optional L1 norms, one fused 
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import ContextManager, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,15 +38,25 @@ def _prepared(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     return [tensor.contiguous() for tensor in tensors]
 
 
+def _device_of(tensor: torch.Tensor) -> ContextManager:
+    """Make the tensor's GPU current: Triton launches on the current CUDA device."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+
+
 def count_nonfinite(tensors: Sequence[torch.Tensor]) -> List[int]:
     """Number of NaN/Inf entries of each tensor."""
-    return kernels.count_nonfinite(_prepared(tensors)).tolist()
+    tensors = _prepared(tensors)
+    if not tensors:
+        return []
+    with _device_of(tensors[0]):
+        return kernels.count_nonfinite(tensors).tolist()
 
 
 def histogram_level1(base: torch.Tensor, inputs: Sequence[torch.Tensor], models: Sequence[int]) -> torch.Tensor:
     """int64 [len(models), 32768]: row q counts key >> level1_shift over model models[q]."""
     base, *rows = _prepared([base] + [inputs[i] for i in models])
-    return kernels.histogram(base, rows, level1_shift(base.dtype), LEVEL1_BINS)
+    with _device_of(base):
+        return kernels.histogram(base, rows, level1_shift(base.dtype), LEVEL1_BINS)
 
 
 def histogram_level2(base: torch.Tensor, inputs: Sequence[torch.Tensor], models: Sequence[int],
@@ -53,7 +64,8 @@ def histogram_level2(base: torch.Tensor, inputs: Sequence[torch.Tensor], models:
     """int64 [len(models), 65536] (fp32 only): row q counts key & 0xFFFF over the entries of
     model models[q] with key >> 16 == prefixes[q]."""
     base, *rows = _prepared([base] + [inputs[i] for i in models])
-    return kernels.histogram(base, rows, 16, LEVEL2_BINS, prefixes)
+    with _device_of(base):
+        return kernels.histogram(base, rows, 16, LEVEL2_BINS, prefixes)
 
 
 def chunk_counts(base: torch.Tensor, inputs: Sequence[torch.Tensor], models: Sequence[int],
@@ -61,14 +73,16 @@ def chunk_counts(base: torch.Tensor, inputs: Sequence[torch.Tensor], models: Seq
     """int64 [len(models), ceil(n / chunk)]: [q, c] counts the j in [c chunk, (c + 1) chunk) of
     model models[q] with key_j == keys[q]."""
     base, *rows = _prepared([base] + [inputs[i] for i in models])
-    return kernels.chunk_counts(base, rows, keys, chunk)
+    with _device_of(base):
+        return kernels.chunk_counts(base, rows, keys, chunk)
 
 
 def l1_norms(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor,
              seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """float64 [N] pair (CPU): sum_j |d_ij| and sum_j keep_ij |d_ij|."""
     base, *inputs = _prepared([base, *inputs])
-    totals = kernels.l1_norm_partials(base, inputs, rules, seed).sum(dim=0).cpu()
+    with _device_of(base):
+        totals = kernels.l1_norm_partials(base, inputs, rules, seed).sum(dim=0).cpu()
     return totals[:, 0].contiguous(), totals[:, 1].contiguous()
 
 
@@ -78,14 +92,17 @@ def fused_gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.T
     """out = base + lam * M (/ W if normalize), M and W as in `moefuse.methods.gta`, with
     D_i = keep_i * coefficients[i] * d_i."""
     base, *inputs = _prepared([base, *inputs])
-    return kernels.fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize,
-                             weight_sum, lam, out_dtype)
+    with _device_of(base):
+        return kernels.fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize,
+                                 weight_sum, lam, out_dtype)
 
 
 def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float],
                  out_dtype: torch.dtype) -> torch.Tensor:
     """sum_k c_k T_k accumulated in fp32 from 0 in input order, cast to out_dtype."""
-    return kernels.weighted_sum(_prepared(tensors), coefficients, out_dtype)
+    tensors = _prepared(tensors)
+    with _device_of(tensors[0]):
+        return kernels.weighted_sum(tensors, coefficients, out_dtype)
 
 
 def gram(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -94,7 +111,8 @@ def gram(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = None) -
         return torch.zeros(0, 0, dtype=torch.float64)
     tensors = _prepared(tensors)
     base = _prepared([base])[0] if base is not None else None
-    upper = kernels.gram_partials(tensors, base).sum(dim=0).cpu()
+    with _device_of(tensors[0]):
+        upper = kernels.gram_partials(tensors, base).sum(dim=0).cpu()
     return upper + upper.triu(1).T
 
 

@@ -1,0 +1,1 @@
+"""Triton kernels of moefuse, installed as the subpackage `moefuse.kernels`."""

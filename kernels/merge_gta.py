@@ -1,0 +1,390 @@
+"""Triton kernels of the merge engine, each with the launcher that sizes its grid.
+
+All kernels read flat, contiguous tensors with 64-bit offsets. A variable number of same-shaped
+inputs is passed as a *pointer table*: an int64 device tensor of their `data_ptr()`s, loaded and
+cast back to a typed pointer inside the kernel, so no input is ever copied or stacked.
+
+Per-entry definitions shared by every kernel (see `moefuse.ops.merge_reference`):
+
+    d    = round_to_input_dtype(fp32(x) - fp32(base))       the task-vector entry
+    key  = IEEE bit pattern of |d| in the input dtype       orders like |d|
+    keep = (key, j) among ranks [lo, hi) and philox(seed, i, j) < random threshold
+
+Rounding is done with integer arithmetic for bfloat16, because Triton's interpreter truncates
+fp32 -> bf16 and mishandles bf16 subnormals; on the GPU both forms give the same bits.
+
+The launchers do no model or file logic: they allocate outputs, pick BLOCK/num_warps and launch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 2048  # elements per program: 8 per thread with 8 warps (16-byte loads of 16-bit dtypes)
+# No fma contraction: every product and sum rounds separately, exactly as the PyTorch reference.
+_LAUNCH = dict(num_warps=8, enable_fp_fusion=False)
+
+_ALWAYS = tl.constexpr(1 << 32)  # random threshold meaning "no random draw"
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile(BLOCK: tl.constexpr):
+    """This program's 64-bit flat offsets along grid axis 0."""
+    return tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _to_f32(x):
+    """Exact widening to fp32 (bf16 by shifting its bits into the high half)."""
+    if x.dtype == tl.bfloat16:
+        wide = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        wide = x.to(tl.float32)
+    return wide
+
+
+@triton.jit
+def _round_to(v, DTYPE: tl.constexpr):
+    """fp32 -> DTYPE, round to nearest even (bf16 as torch does: NaN becomes 0x7FC0)."""
+    if DTYPE == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        high = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        high = tl.where(v != v, 0x7FC0, high)
+        rounded = high.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        rounded = v.to(DTYPE)
+    return rounded
+
+
+@triton.jit
+def _load_f32(ptr, offs, mask):
+    """Tile `offs` of a tensor, widened to fp32 (0 where masked)."""
+    return _to_f32(tl.load(ptr + offs, mask=mask, other=0.0))
+
+
+@triton.jit
+def _load_tile(table_ptr, index, offs, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tile `offs` of the DTYPE tensor whose data pointer is entry `index` of the pointer table
+    (ALIGNED: every pointer of the table is 16-byte aligned, allowing vector loads)."""
+    ptr = tl.load(table_ptr + index).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _delta(x, base_f32):
+    """x - base computed in fp32 and rounded to x's dtype (what torch's `x - base` gives)."""
+    return _round_to(_to_f32(x) - base_f32, x.dtype)
+
+
+@triton.jit
+def _delta_and_key(x, base_f32):
+    """(d as fp32, int64 magnitude key of d in x's dtype)."""
+    d = _delta(x, base_f32)
+    if x.dtype == tl.float32:
+        key = d.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    else:
+        key = d.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+    return _to_f32(d), key.to(tl.int64)
+
+
+@triton.jit
+def _draw(seed, model, offs):
+    """First word of Philox-4x32-10 with key `seed` and counter (j lo, j hi, model, 0)."""
+    low = offs.to(tl.uint32)
+    zero = low * 0
+    bits, _, _, _ = tl.random.philox(seed, low, (offs >> 32).to(tl.uint32), zero + model, zero)
+    return bits
+
+
+@triton.jit
+def _keep(key, offs, rules_ptr, model, seed):
+    """Keep mask of model `model` from its rules row (t_hi, cut_hi, t_lo, cut_lo, threshold)."""
+    row = rules_ptr + model * 5
+    t_hi = tl.load(row)
+    cut_hi = tl.load(row + 1)
+    t_lo = tl.load(row + 2)
+    cut_lo = tl.load(row + 3)
+    threshold = tl.load(row + 4)
+    in_hi = (key > t_hi) | ((key == t_hi) & (offs < cut_hi))
+    in_lo = (key > t_lo) | ((key == t_lo) & (offs < cut_lo))
+    keep = in_hi & ~in_lo
+    if threshold < _ALWAYS:
+        keep = keep & (_draw(seed, model, offs).to(tl.int64) < threshold)
+    return keep
+
+
+@triton.jit
+def _contribution(table_ptr, rules_ptr, coef_ptr, model, base_f32, offs, mask, seed, DTYPE: tl.constexpr,
+                  ALIGNED: tl.constexpr):
+    """D_i = keep_i ? c_i * d_i : 0 in fp32."""
+    x = _load_tile(table_ptr, model, offs, mask, DTYPE, ALIGNED)
+    d, key = _delta_and_key(x, base_f32)
+    keep = _keep(key, offs, rules_ptr, model, seed)
+    return tl.where(keep, d * tl.load(coef_ptr + model), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _nonfinite_kernel(x_ptr, count_ptr, n, BLOCK: tl.constexpr):
+    """count += number of NaN/Inf entries (all-ones exponent) in this tile."""
+    offs = _tile(BLOCK)
+    x = _load_f32(x_ptr, offs, offs < n)
+    exponent = x.to(tl.int32, bitcast=True) & 0x7F800000
+    tl.atomic_add(count_ptr, tl.sum((exponent == 0x7F800000).to(tl.int64)), sem="relaxed")
+
+
+@triton.jit
+def _histogram_kernel(base_ptr, table_ptr, prefix_ptr, hist_ptr, n, SHIFT: tl.constexpr, LEVEL2: tl.constexpr,
+                      NUM_BINS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Row q (grid axis 1): level 1 counts key >> SHIFT; level 2 counts key & 0xFFFF among
+    keys whose key >> 16 equals prefix[q]."""
+    row = tl.program_id(1)
+    offs = _tile(BLOCK)
+    mask = offs < n
+    base = _load_f32(base_ptr, offs, mask)
+    x = _load_tile(table_ptr, row, offs, mask, base_ptr.dtype.element_ty, ALIGNED)
+    _, key = _delta_and_key(x, base)
+    if LEVEL2:
+        mask = mask & ((key >> 16) == tl.load(prefix_ptr + row))
+        bins = key & 0xFFFF
+    else:
+        bins = key >> SHIFT
+    ones = tl.full([BLOCK], 1, tl.int64)
+    tl.atomic_add(hist_ptr + row * NUM_BINS + bins, ones, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _chunk_count_kernel(base_ptr, table_ptr, key_ptr, count_ptr, n, chunk, num_chunks, ALIGNED: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """count[q, c] = #{j in chunk c : key_j of row q's model == key[q]} (grid: chunks x rows)."""
+    row = tl.program_id(1)
+    start = tl.program_id(0).to(tl.int64) * chunk
+    target = tl.load(key_ptr + row)
+    hits = tl.zeros([BLOCK], tl.int64)
+    for step in range(0, chunk, BLOCK):
+        local = step + tl.arange(0, BLOCK)
+        offs = start + local
+        mask = (offs < n) & (local < chunk)
+        base = _load_f32(base_ptr, offs, mask)
+        x = _load_tile(table_ptr, row, offs, mask, base_ptr.dtype.element_ty, ALIGNED)
+        _, key = _delta_and_key(x, base)
+        hits += (mask & (key == target)).to(tl.int64)
+    tl.store(count_ptr + row * num_chunks + tl.program_id(0), tl.sum(hits))
+
+
+@triton.jit
+def _l1_norm_kernel(base_ptr, table_ptr, rules_ptr, partial_ptr, n, num_models, seed, ALIGNED: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """partial[tile, i] = (sum_j |d_ij|, sum_j keep_ij |d_ij|) over this tile, in fp64."""
+    offs = _tile(BLOCK)
+    mask = offs < n
+    base = _load_f32(base_ptr, offs, mask)
+    out = partial_ptr + tl.program_id(0).to(tl.int64) * num_models * 2
+    for i in range(num_models):
+        x = _load_tile(table_ptr, i, offs, mask, base_ptr.dtype.element_ty, ALIGNED)
+        d, key = _delta_and_key(x, base)
+        magnitude = tl.abs(d).to(tl.float64)
+        keep = _keep(key, offs, rules_ptr, i, seed)
+        tl.store(out + 2 * i, tl.sum(magnitude))
+        tl.store(out + 2 * i + 1, tl.sum(tl.where(keep, magnitude, 0.0)))
+
+
+@triton.jit
+def _fused_gta_kernel(base_ptr, table_ptr, rules_ptr, coef_ptr, weight_ptr, out_ptr, n, num_models, seed,
+                      weight_sum, lam, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, ALIGNED: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """out = base + lam * M / W with M, W from the kept, weighted deltas (module docstring)."""
+    offs = _tile(BLOCK)
+    mask = offs < n
+    DTYPE: tl.constexpr = base_ptr.dtype.element_ty
+    base = _load_f32(base_ptr, offs, mask)
+    total = tl.zeros([BLOCK], tl.float32)
+    for i in range(num_models):
+        total += _contribution(table_ptr, rules_ptr, coef_ptr, i, base, offs, mask, seed, DTYPE, ALIGNED)
+    if CONSENSUS:
+        positive = total >= 0
+        mixed = tl.zeros([BLOCK], tl.float32)
+        divisor = tl.zeros([BLOCK], tl.float32)
+        for i in range(num_models):
+            D = _contribution(table_ptr, rules_ptr, coef_ptr, i, base, offs, mask, seed, DTYPE, ALIGNED)
+            agree = ((D > 0) & positive) | ((D < 0) & ~positive)
+            mixed += tl.where(agree, D, 0.0)
+            divisor += tl.where(agree, tl.load(weight_ptr + i), 0.0)
+        divisor = tl.where(divisor == 0, 1.0, divisor)
+    else:
+        mixed = total
+        divisor = weight_sum
+    if NORMALIZE:
+        mixed = tl.math.div_rn(mixed, divisor)  # IEEE division, not the approximate one
+    merged = base + mixed * lam
+    tl.store(out_ptr + offs, _round_to(merged, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _weighted_sum_kernel(table_ptr, coef_ptr, out_ptr, n, count, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """out = sum_k c_k T_k, accumulated in fp32 from 0 in table order."""
+    offs = _tile(BLOCK)
+    mask = offs < n
+    acc = tl.zeros([BLOCK], tl.float32)
+    for k in range(count):
+        acc += _to_f32(_load_tile(table_ptr, k, offs, mask, DTYPE, ALIGNED)) * tl.load(coef_ptr + k)
+    tl.store(out_ptr + offs, _round_to(acc, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gram_kernel(base_ptr, table_ptr, partial_ptr, n, count, HAS_BASE: tl.constexpr, DTYPE: tl.constexpr,
+                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """partial[tile, a, b] = <T_a - base, T_b - base> over this tile for a <= b, from exact fp64
+    products summed in fp64 (base 0 without HAS_BASE: x - 0 rounds to x)."""
+    offs = _tile(BLOCK)
+    mask = offs < n
+    out = partial_ptr + tl.program_id(0).to(tl.int64) * count * count
+    if HAS_BASE:
+        base = _load_f32(base_ptr, offs, mask)
+    else:
+        base = tl.zeros([BLOCK], tl.float32)
+    for a in range(count):
+        left = _to_f32(_delta(_load_tile(table_ptr, a, offs, mask, DTYPE, ALIGNED), base)).to(tl.float64)
+        for b in range(a, count):
+            right = _to_f32(_delta(_load_tile(table_ptr, b, offs, mask, DTYPE, ALIGNED), base)).to(tl.float64)
+            tl.store(out + a * count + b, tl.sum(left * right))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def interpreted() -> bool:
+    """True when these kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return not isinstance(_fused_gta_kernel, triton.JITFunction)
+
+
+def _pointer_table(tensors: Sequence[torch.Tensor], device: torch.device) -> Tuple[torch.Tensor, bool]:
+    """(int64 tensor of the tensors' data pointers, whether all are 16-byte aligned). The tensors
+    must be contiguous and stay alive until the kernel has run."""
+    pointers = [t.data_ptr() for t in tensors]
+    return torch.tensor(pointers, dtype=torch.int64, device=device), all(p % 16 == 0 for p in pointers)
+
+
+def _blocks(n: int) -> int:
+    return triton.cdiv(n, BLOCK)
+
+
+def count_nonfinite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """int64 [K] on the tensors' device: NaN/Inf entries of each (contiguous, non-empty list) tensor."""
+    counts = torch.zeros(len(tensors), dtype=torch.int64, device=tensors[0].device)
+    for k, tensor in enumerate(tensors):
+        if tensor.numel():
+            _nonfinite_kernel[(_blocks(tensor.numel()),)](tensor, counts[k:], tensor.numel(), BLOCK=BLOCK, **_LAUNCH)
+    return counts
+
+
+def histogram(base: torch.Tensor, rows: Sequence[torch.Tensor], shift: int, num_bins: int,
+              prefixes: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """int64 [len(rows), num_bins]: per row, histogram of key >> shift, or (with `prefixes`) of
+    key & 0xFFFF over the keys with key >> 16 == prefixes[row]."""
+    hist = torch.zeros(len(rows), num_bins, dtype=torch.int64, device=base.device)
+    n = base.numel()
+    if n and rows:
+        level2 = prefixes is not None
+        prefix = torch.tensor(list(prefixes) if level2 else [0], dtype=torch.int64, device=base.device)
+        table, aligned = _pointer_table(rows, base.device)
+        _histogram_kernel[(_blocks(n), len(rows))](
+            base, table, prefix, hist, n, SHIFT=shift, LEVEL2=level2, NUM_BINS=num_bins, ALIGNED=aligned,
+            BLOCK=BLOCK, **_LAUNCH,
+        )
+    return hist
+
+
+def chunk_counts(base: torch.Tensor, rows: Sequence[torch.Tensor], keys: Sequence[int], chunk: int) -> torch.Tensor:
+    """int64 [len(rows), ceil(n / chunk)]: per row and chunk, entries whose key equals keys[row]."""
+    n = base.numel()
+    num_chunks = triton.cdiv(n, chunk)
+    counts = torch.zeros(len(rows), num_chunks, dtype=torch.int64, device=base.device)
+    if num_chunks and rows:
+        table, aligned = _pointer_table(rows, base.device)
+        targets = torch.tensor(list(keys), dtype=torch.int64, device=base.device)
+        _chunk_count_kernel[(num_chunks, len(rows))](
+            base, table, targets, counts, n, chunk, num_chunks, ALIGNED=aligned,
+            BLOCK=min(BLOCK, triton.next_power_of_2(chunk)), **_LAUNCH,
+        )
+    return counts
+
+
+def l1_norm_partials(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor,
+                     seed: int) -> torch.Tensor:
+    """float64 [tiles, N, 2]: per-tile sums of |d_i| and of keep_i |d_i|."""
+    n = base.numel()
+    partials = torch.zeros(_blocks(n), len(inputs), 2, dtype=torch.float64, device=base.device)
+    if n and inputs:
+        table, aligned = _pointer_table(inputs, base.device)
+        _l1_norm_kernel[(_blocks(n),)](
+            base, table, rules.to(base.device), partials, n, len(inputs), seed, ALIGNED=aligned, BLOCK=BLOCK,
+            **_LAUNCH,
+        )
+    return partials
+
+
+def fused_gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor, seed: int,
+              coefficients: Sequence[float], weights: Sequence[float], consensus: bool, normalize: bool,
+              weight_sum: float, lam: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """The fused GTA pass: reads base and each input once, writes the merged tensor once."""
+    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    n = base.numel()
+    if n:
+        device = base.device
+        table, aligned = _pointer_table(inputs, device)
+        _fused_gta_kernel[(_blocks(n),)](
+            base, table, rules.to(device), torch.tensor(list(coefficients), dtype=torch.float32, device=device),
+            torch.tensor(list(weights), dtype=torch.float32, device=device), out, n, len(inputs), seed,
+            float(weight_sum), float(lam), CONSENSUS=consensus, NORMALIZE=normalize, ALIGNED=aligned, BLOCK=BLOCK,
+            **_LAUNCH,
+        )
+    return out
+
+
+def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float],
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """sum_k c_k T_k in fp32, cast to out_dtype."""
+    first = tensors[0]
+    out = torch.empty(first.shape, dtype=out_dtype, device=first.device)
+    n = first.numel()
+    if n:
+        table, aligned = _pointer_table(tensors, first.device)
+        _weighted_sum_kernel[(_blocks(n),)](
+            table, torch.tensor(list(coefficients), dtype=torch.float32, device=first.device), out, n, len(tensors),
+            DTYPE=_TL_DTYPES[first.dtype], ALIGNED=aligned, BLOCK=BLOCK, **_LAUNCH,
+        )
+    return out
+
+
+def gram_partials(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor]) -> torch.Tensor:
+    """float64 [tiles, K, K], upper triangle filled: per-tile <T_a - base, T_b - base>."""
+    first = tensors[0]
+    n, count = first.numel(), len(tensors)
+    partials = torch.zeros(_blocks(n), count, count, dtype=torch.float64, device=first.device)
+    if n:
+        table, aligned = _pointer_table(tensors, first.device)
+        _gram_kernel[(_blocks(n),)](
+            base if base is not None else first, table, partials, n, count, HAS_BASE=base is not None,
+            DTYPE=_TL_DTYPES[first.dtype], ALIGNED=aligned, BLOCK=BLOCK, **_LAUNCH,
+        )
+    return partials
