@@ -104,6 +104,14 @@ inline void load_deltas(const T* x, const T* b, int64_t len, float* d, int32_t* 
   for (int64_t k = 0; k < len; ++k) d[k] = Elem<T>::delta(x[k], b[k], &keys[k]);
 }
 
+// Number of NaN/Inf entries among x[0, len).
+template <typename T>
+inline int64_t count_bad(const T* x, int64_t len) {
+  int64_t bad = 0;
+  for (int64_t k = 0; k < len; ++k) bad += !std::isfinite(Elem<T>::value(x[k]));
+  return bad;
+}
+
 // Zeroes the entries of d[0, len) (flat indices start..) that model `stream`'s rule drops.
 inline void apply_rule(const Rule& rule, int64_t start, int64_t len, uint64_t seed, uint32_t stream,
                        const int32_t* keys, float* d) {
@@ -157,6 +165,13 @@ void for_tiles(int64_t n, Body body) {
 }
 
 // float32, bfloat16 and float16 only (the dtypes Elem<> knows).
+std::vector<int64_t> sum_per_thread(const std::vector<std::vector<int64_t>>& local) {
+  std::vector<int64_t> total(local.empty() ? 0 : local[0].size(), 0);
+  for (const auto& counts : local)
+    for (size_t i = 0; i < counts.size(); ++i) total[i] += counts[i];
+  return total;
+}
+
 #define MOEFUSE_DISPATCH_FLOAT(TYPE, NAME, ...)                                        \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)             \
                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)      \
@@ -173,9 +188,7 @@ std::vector<int64_t> count_nonfinite(const std::vector<at::Tensor>& tensors) {
     MOEFUSE_DISPATCH_FLOAT(t.scalar_type(), "count_nonfinite", [&] {
       const scalar_t* p = t.data_ptr<scalar_t>();
       for_tiles(t.numel(), [&](int64_t thread, int64_t s, int64_t e) {
-        int64_t bad = 0;
-        for (int64_t j = s; j < e; ++j) bad += !std::isfinite(Elem<scalar_t>::value(p[j]));
-        local[thread] += bad;
+        local[thread] += count_bad(p + s, e - s);
       });
     });
     int64_t total = 0;
@@ -300,9 +313,10 @@ std::tuple<at::Tensor, at::Tensor> l1_norms(const at::Tensor& base, const std::v
   return {before, after};
 }
 
-at::Tensor fused_gta(const at::Tensor& base, const std::vector<at::Tensor>& inputs, const at::Tensor& rules_tensor,
-                     int64_t seed, const std::vector<double>& coefficients, const std::vector<double>& weights,
-                     bool consensus, bool normalize, double weight_sum, double lam, at::ScalarType out_dtype) {
+std::tuple<at::Tensor, std::vector<int64_t>> fused_gta(
+    const at::Tensor& base, const std::vector<at::Tensor>& inputs, const at::Tensor& rules_tensor, int64_t seed,
+    const std::vector<double>& coefficients, const std::vector<double>& weights, bool consensus, bool normalize,
+    double weight_sum, double lam, at::ScalarType out_dtype) {
   check_same(base, inputs);
   const auto rules = read_rules(rules_tensor);
   const int64_t m = inputs.size(), n = base.numel();
@@ -310,13 +324,14 @@ at::Tensor fused_gta(const at::Tensor& base, const std::vector<at::Tensor>& inpu
   std::vector<float> coeff(coefficients.begin(), coefficients.end()), w(weights.begin(), weights.end());
   const float lam_f = static_cast<float>(lam), weight_sum_f = static_cast<float>(weight_sum);
   auto out = at::empty(base.sizes(), base.options().dtype(out_dtype));
+  const int64_t threads = at::get_num_threads();
+  std::vector<std::vector<int64_t>> bad(threads, std::vector<int64_t>(m + 1, 0));  // base, then inputs
   MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "fused_gta", [&] {
     using in_t = scalar_t;
     const in_t* b = base.data_ptr<in_t>();
     auto xs = pointers<in_t>(inputs);
     MOEFUSE_DISPATCH_FLOAT(out_dtype, "fused_gta_out", [&] {
       scalar_t* __restrict__ o = out.data_ptr<scalar_t>();
-      const int64_t threads = at::get_num_threads();
       std::vector<std::vector<float>> scratch(threads, std::vector<float>((m + 3) * TILE));
       for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
         const int64_t len = e - s;
@@ -326,8 +341,10 @@ at::Tensor fused_gta(const at::Tensor& base, const std::vector<at::Tensor>& inpu
         float* __restrict__ agreed_weight = merged + TILE;      // W over agreeing entries
         int32_t keys[TILE];
         std::fill(total, total + len, 0.f);
+        bad[thread][0] += count_bad(b + s, len);
         for (int64_t i = 0; i < m; ++i) {
           float* __restrict__ d = contrib + i * TILE;
+          bad[thread][i + 1] += count_bad(xs[i] + s, len);
           load_deltas(xs[i] + s, b + s, len, d, keys);
           apply_rule(rules[i], s, len, uint64_t(seed), uint32_t(i), keys, d);
           const float c = coeff[i];
@@ -362,31 +379,35 @@ at::Tensor fused_gta(const at::Tensor& base, const std::vector<at::Tensor>& inpu
       });
     });
   });
-  return out;
+  return {out, sum_per_thread(bad)};
 }
 
-at::Tensor weighted_sum(const std::vector<at::Tensor>& tensors, const std::vector<double>& coefficients,
-                        at::ScalarType out_dtype) {
+std::tuple<at::Tensor, std::vector<int64_t>> weighted_sum(const std::vector<at::Tensor>& tensors,
+                                                          const std::vector<double>& coefficients,
+                                                          at::ScalarType out_dtype) {
   TORCH_CHECK(!tensors.empty() && tensors.size() == coefficients.size(), "one coefficient per tensor");
   check_same(tensors[0], tensors);
   const int64_t n = tensors[0].numel(), m = tensors.size();
   std::vector<float> coeff(coefficients.begin(), coefficients.end());
   auto out = at::empty(tensors[0].sizes(), tensors[0].options().dtype(out_dtype));
+  std::vector<std::vector<int64_t>> bad(at::get_num_threads(), std::vector<int64_t>(m, 0));
   MOEFUSE_DISPATCH_FLOAT(tensors[0].scalar_type(), "weighted_sum", [&] {
     using in_t = scalar_t;
     auto xs = pointers<in_t>(tensors);
     MOEFUSE_DISPATCH_FLOAT(out_dtype, "weighted_sum_out", [&] {
       scalar_t* o = out.data_ptr<scalar_t>();
-      for_tiles(n, [&](int64_t, int64_t s, int64_t e) {
+      for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
         float acc[TILE];
         std::fill(acc, acc + (e - s), 0.f);
-        for (int64_t i = 0; i < m; ++i)
+        for (int64_t i = 0; i < m; ++i) {
+          bad[thread][i] += count_bad(xs[i] + s, e - s);
           for (int64_t k = 0; k < e - s; ++k) acc[k] += Elem<in_t>::value(xs[i][s + k]) * coeff[i];
+        }
         for (int64_t k = 0; k < e - s; ++k) o[s + k] = static_cast<scalar_t>(acc[k]);
       });
     });
   });
-  return out;
+  return {out, sum_per_thread(bad)};
 }
 
 at::Tensor gram(const std::vector<at::Tensor>& tensors, const c10::optional<at::Tensor>& base) {

@@ -16,11 +16,15 @@ at::Tensor chunk_counts(const at::Tensor& base, const std::vector<at::Tensor>& i
                         const std::vector<int64_t>& keys, int64_t chunk);
 std::tuple<at::Tensor, at::Tensor> l1_norms(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
                                             const at::Tensor& rules, int64_t seed);
-at::Tensor fused_gta(const at::Tensor& base, const std::vector<at::Tensor>& inputs, const at::Tensor& rules,
-                     int64_t seed, const std::vector<double>& coefficients, const std::vector<double>& weights,
-                     bool consensus, bool normalize, double weight_sum, double lam, at::ScalarType out_dtype);
-at::Tensor weighted_sum(const std::vector<at::Tensor>& tensors, const std::vector<double>& coefficients,
-                        at::ScalarType out_dtype);
+// The fused pass and the weighted sum also return the NaN/Inf count of each input read
+// (fused_gta: the base first, then the inputs).
+std::tuple<at::Tensor, std::vector<int64_t>> fused_gta(
+    const at::Tensor& base, const std::vector<at::Tensor>& inputs, const at::Tensor& rules, int64_t seed,
+    const std::vector<double>& coefficients, const std::vector<double>& weights, bool consensus, bool normalize,
+    double weight_sum, double lam, at::ScalarType out_dtype);
+std::tuple<at::Tensor, std::vector<int64_t>> weighted_sum(const std::vector<at::Tensor>& tensors,
+                                                          const std::vector<double>& coefficients,
+                                                          at::ScalarType out_dtype);
 at::Tensor gram(const std::vector<at::Tensor>& tensors, const c10::optional<at::Tensor>& base);
 
 }  // namespace moefuse

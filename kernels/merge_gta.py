@@ -126,10 +126,19 @@ def _keep(key, offs, rules_ptr, model, seed):
 
 
 @triton.jit
+def _count_nonfinite(x, count_ptr):
+    """count += number of NaN/Inf entries (all-ones exponent) of the tile x."""
+    exponent = _to_f32(x).to(tl.int32, bitcast=True) & 0x7F800000
+    tl.atomic_add(count_ptr, tl.sum((exponent == 0x7F800000).to(tl.int64)), sem="relaxed")
+
+
+@triton.jit
 def _contribution(table_ptr, rules_ptr, coef_ptr, model, base_f32, offs, mask, seed, DTYPE: tl.constexpr,
-                  ALIGNED: tl.constexpr):
-    """D_i = keep_i ? c_i * d_i : 0 in fp32."""
+                  ALIGNED: tl.constexpr, count_ptr, COUNT: tl.constexpr):
+    """D_i = keep_i ? c_i * d_i : 0 in fp32 (with COUNT, also count x_i's NaN/Inf at count_ptr)."""
     x = _load_tile(table_ptr, model, offs, mask, DTYPE, ALIGNED)
+    if COUNT:
+        _count_nonfinite(x, count_ptr)
     d, key = _delta_and_key(x, base_f32)
     keep = _keep(key, offs, rules_ptr, model, seed)
     return tl.where(keep, d * tl.load(coef_ptr + model), 0.0)
@@ -142,11 +151,9 @@ def _contribution(table_ptr, rules_ptr, coef_ptr, model, base_f32, offs, mask, s
 
 @triton.jit
 def _nonfinite_kernel(x_ptr, count_ptr, n, BLOCK: tl.constexpr):
-    """count += number of NaN/Inf entries (all-ones exponent) in this tile."""
+    """count += number of NaN/Inf entries in this tile."""
     offs = _tile(BLOCK)
-    x = _load_f32(x_ptr, offs, offs < n)
-    exponent = x.to(tl.int32, bitcast=True) & 0x7F800000
-    tl.atomic_add(count_ptr, tl.sum((exponent == 0x7F800000).to(tl.int64)), sem="relaxed")
+    _count_nonfinite(tl.load(x_ptr + offs, mask=offs < n, other=0.0), count_ptr)
 
 
 @triton.jit
@@ -206,25 +213,30 @@ def _l1_norm_kernel(base_ptr, table_ptr, rules_ptr, partial_ptr, n, num_models, 
 
 
 @triton.jit
-def _fused_gta_kernel(base_ptr, table_ptr, rules_ptr, coef_ptr, weight_ptr, out_ptr, n, num_models, seed,
+def _fused_gta_kernel(base_ptr, table_ptr, rules_ptr, coef_ptr, weight_ptr, out_ptr, count_ptr, n, num_models, seed,
                       weight_sum, lam, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, ALIGNED: tl.constexpr,
                       BLOCK: tl.constexpr):
-    """out = base + lam * M / W with M, W from the kept, weighted deltas (module docstring)."""
+    """out = base + lam * M / W with M, W from the kept, weighted deltas (module docstring);
+    count[0] += NaN/Inf entries of the base, count[1 + i] those of input i."""
     offs = _tile(BLOCK)
     mask = offs < n
     DTYPE: tl.constexpr = base_ptr.dtype.element_ty
-    base = _load_f32(base_ptr, offs, mask)
+    raw_base = tl.load(base_ptr + offs, mask=mask, other=0.0)
+    _count_nonfinite(raw_base, count_ptr)
+    base = _to_f32(raw_base)
     total = tl.zeros([BLOCK], tl.float32)
     for i in range(num_models):
-        total += _contribution(table_ptr, rules_ptr, coef_ptr, i, base, offs, mask, seed, DTYPE, ALIGNED)
+        total += _contribution(table_ptr, rules_ptr, coef_ptr, i, base, offs, mask, seed, DTYPE, ALIGNED,
+                               count_ptr + 1 + i, True)
     if CONSENSUS:
         positive = total >= 0
         mixed = tl.zeros([BLOCK], tl.float32)
         divisor = tl.zeros([BLOCK], tl.float32)
         for i in range(num_models):
-            D = _contribution(table_ptr, rules_ptr, coef_ptr, i, base, offs, mask, seed, DTYPE, ALIGNED)
+            D = _contribution(table_ptr, rules_ptr, coef_ptr, i, base, offs, mask, seed, DTYPE, ALIGNED,
+                              count_ptr, False)
             agree = ((D > 0) & positive) | ((D < 0) & ~positive)
-            mixed += tl.where(agree, D, 0.0)
+            mixed += D * agree.to(tl.float32)  # NaN propagates, as in the reference
             divisor += tl.where(agree, tl.load(weight_ptr + i), 0.0)
         divisor = tl.where(divisor == 0, 1.0, divisor)
     else:
@@ -237,14 +249,16 @@ def _fused_gta_kernel(base_ptr, table_ptr, rules_ptr, coef_ptr, weight_ptr, out_
 
 
 @triton.jit
-def _weighted_sum_kernel(table_ptr, coef_ptr, out_ptr, n, count, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    """out = sum_k c_k T_k, accumulated in fp32 from 0 in table order."""
+def _weighted_sum_kernel(table_ptr, coef_ptr, out_ptr, count_ptr, n, count, DTYPE: tl.constexpr,
+                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """out = sum_k c_k T_k, accumulated in fp32 from 0 in table order; count[k] += NaN/Inf of T_k."""
     offs = _tile(BLOCK)
     mask = offs < n
     acc = tl.zeros([BLOCK], tl.float32)
     for k in range(count):
-        acc += _to_f32(_load_tile(table_ptr, k, offs, mask, DTYPE, ALIGNED)) * tl.load(coef_ptr + k)
+        x = _load_tile(table_ptr, k, offs, mask, DTYPE, ALIGNED)
+        _count_nonfinite(x, count_ptr + k)
+        acc += _to_f32(x) * tl.load(coef_ptr + k)
     tl.store(out_ptr + offs, _round_to(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -345,35 +359,38 @@ def l1_norm_partials(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: 
 
 def fused_gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor, seed: int,
               coefficients: Sequence[float], weights: Sequence[float], consensus: bool, normalize: bool,
-              weight_sum: float, lam: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """The fused GTA pass: reads base and each input once, writes the merged tensor once."""
+              weight_sum: float, lam: float, out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The fused GTA pass: reads base and each input once, writes the merged tensor once.
+    Also returns int64 [1 + N] NaN/Inf counts (base first)."""
     out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    counts = torch.zeros(1 + len(inputs), dtype=torch.int64, device=base.device)
     n = base.numel()
     if n:
         device = base.device
         table, aligned = _pointer_table(inputs, device)
         _fused_gta_kernel[(_blocks(n),)](
             base, table, rules.to(device), torch.tensor(list(coefficients), dtype=torch.float32, device=device),
-            torch.tensor(list(weights), dtype=torch.float32, device=device), out, n, len(inputs), seed,
+            torch.tensor(list(weights), dtype=torch.float32, device=device), out, counts, n, len(inputs), seed,
             float(weight_sum), float(lam), CONSENSUS=consensus, NORMALIZE=normalize, ALIGNED=aligned, BLOCK=BLOCK,
             **_LAUNCH,
         )
-    return out
+    return out, counts
 
 
 def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float],
-                 out_dtype: torch.dtype) -> torch.Tensor:
-    """sum_k c_k T_k in fp32, cast to out_dtype."""
+                 out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """sum_k c_k T_k in fp32, cast to out_dtype; also int64 [K] NaN/Inf counts of the T_k."""
     first = tensors[0]
     out = torch.empty(first.shape, dtype=out_dtype, device=first.device)
+    counts = torch.zeros(len(tensors), dtype=torch.int64, device=first.device)
     n = first.numel()
     if n:
         table, aligned = _pointer_table(tensors, first.device)
         _weighted_sum_kernel[(_blocks(n),)](
-            table, torch.tensor(list(coefficients), dtype=torch.float32, device=first.device), out, n, len(tensors),
-            DTYPE=_TL_DTYPES[first.dtype], ALIGNED=aligned, BLOCK=BLOCK, **_LAUNCH,
+            table, torch.tensor(list(coefficients), dtype=torch.float32, device=first.device), out, counts, n,
+            len(tensors), DTYPE=_TL_DTYPES[first.dtype], ALIGNED=aligned, BLOCK=BLOCK, **_LAUNCH,
         )
-    return out
+    return out, counts
 
 
 def gram_partials(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor]) -> torch.Tensor:

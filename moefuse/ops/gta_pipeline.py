@@ -8,7 +8,7 @@ A backend module supplies the kernels named in `moefuse.ops.select` plus
 
     l1_norms(base, inputs, rules, seed) -> (float64 [N], float64 [N])
     fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize,
-              weight_sum, lam, out_dtype) -> Tensor
+              weight_sum, lam, out_dtype) -> (Tensor, [NaN/Inf count of base, input 0, ...])
 
 `rules` is an int64 [N, 5] tensor (see `encode_rules`); the per-entry semantics are those of
 `moefuse.ops.merge_reference.gta_reference`.
@@ -16,7 +16,7 @@ A backend module supplies the kernels named in `moefuse.ops.select` plus
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -53,7 +53,10 @@ def weight_sum_divisor(plan: GtaPlan) -> float:
     return 1.0 if abs(total) < 1e-8 else total
 
 
-def run_gta(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: GtaPlan, out_dtype: torch.dtype) -> torch.Tensor:
+def run_gta(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: GtaPlan,
+            out_dtype: torch.dtype) -> Tuple[torch.Tensor, List[int]]:
+    """The merged tensor and the NaN/Inf count of the base and of each input (counted by the
+    fused pass itself, so checking inputs costs no extra read)."""
     base = base.contiguous()
     inputs = [x.contiguous() for x in inputs]
     rules = encode_rules(plan, rank_thresholds(backend, base, inputs, plan))

@@ -66,17 +66,24 @@ def merge_tensors(
     resolved = resolve_params(spec, len(tensors), params)
     out_dtype = _check_out_dtype(out_dtype or reference_input.dtype)
     impl = _pick_backend(backend, reference_input.device)
-    all_inputs = ([base] if base is not None else []) + tensors
-    if not allow_nonfinite:
-        _check_finite(all_inputs, impl, base is not None)
+    names = (["base"] if base is not None else []) + [f"tensors[{i}]" for i in range(len(tensors))]
+    # The fast backends count NaN/Inf while they read (no extra pass); the reference checks first.
+    check = (lambda counts, labels: None) if allow_nonfinite else _raise_if_nonfinite
+    if impl is None:
+        check([int((~torch.isfinite(t)).sum()) for t in ([base] if base is not None else []) + tensors], names)
 
     if spec.family == "gta":
         if not tensors:
             return base.to(out_dtype, copy=True)
         plan = gta_plan(spec, resolved, base.numel())
-        if impl is None or any(rule.kind == KEEP_DELLA for rule in plan.rules):
+        if impl is not None and any(rule.kind == KEEP_DELLA for rule in plan.rules):
+            check(impl.count_nonfinite([base, *tensors]), names)
+            impl = None
+        if impl is None:
             return gta_reference(base, tensors, plan).to(out_dtype)
-        return impl.gta(base, tensors, plan, out_dtype)
+        out, counts = impl.gta(base, tensors, plan, out_dtype)
+        check(counts, names)
+        return out
 
     if spec.family == "linear":
         if resolved.shared["normalize"] and sum(resolved.per_model["weight"]) == 0:
@@ -85,28 +92,44 @@ def merge_tensors(
                 "change the weights or set normalize: false"
             )
         coefficients = linear_coefficients(resolved.per_model["weight"], resolved.shared["normalize"])
-        return _weighted_sum(impl, tensors, coefficients, out_dtype)
+        return _weighted_sum(impl, tensors, coefficients, out_dtype, check, names)
 
     if spec.family == "slerp":
         pair = [base, tensors[0]]
-        gram = impl.gram(pair, None) if impl is not None else gram_reference(pair)
+        gram = _gram(impl, pair, None, check, names)
         coefficients = slerp_coefficients(gram, resolved.shared["t"])
-        return _weighted_sum(impl, pair, coefficients, out_dtype)
+        return _weighted_sum(impl, pair, coefficients, out_dtype, check, names)
 
     if spec.family == "model_stock":
-        if resolved.shared["filter_wise"] or impl is None:
+        if impl is not None and resolved.shared["filter_wise"]:
+            check(impl.count_nonfinite([base, *tensors]), names)
+            impl = None
+        if impl is None:
             return model_stock_reference(base, tensors, resolved.shared["filter_wise"]).to(out_dtype)
-        t = model_stock_t(impl.gram(tensors, base)).item()
+        t = model_stock_t(_gram(impl, tensors, base, check, names)).item()
         coefficients = [1 - t] + [t / len(tensors)] * len(tensors)
-        return _weighted_sum(impl, [base, *tensors], coefficients, out_dtype)
+        return _weighted_sum(impl, [base, *tensors], coefficients, out_dtype, check, names)
 
     raise AssertionError(f"unhandled method family {spec.family!r}")
 
 
-def _weighted_sum(impl, tensors: List[torch.Tensor], coefficients: List[float], out_dtype) -> torch.Tensor:
+def _weighted_sum(impl, tensors: List[torch.Tensor], coefficients: List[float], out_dtype, check, names) -> torch.Tensor:
     if impl is None:
         return weighted_sum_reference(tensors, coefficients).to(out_dtype)
-    return impl.weighted_sum(tensors, coefficients, out_dtype)
+    out, counts = impl.weighted_sum(tensors, coefficients, out_dtype)
+    check(counts, names)
+    return out
+
+
+def _gram(impl, tensors: List[torch.Tensor], base, check, names) -> torch.Tensor:
+    """Gram matrix; a non-finite one means non-finite inputs, which are then counted and named."""
+    if impl is None:
+        return gram_reference(tensors, base)
+    gram = impl.gram(tensors, base)
+    if not torch.isfinite(gram).all():
+        everything = ([base] if base is not None else []) + list(tensors)
+        check(impl.count_nonfinite(everything), names[-len(everything):])
+    return gram
 
 
 def _pick_backend(name: str, device: torch.device):
@@ -176,13 +199,9 @@ def _check_out_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def _check_finite(inputs: List[torch.Tensor], impl, has_base: bool) -> None:
-    counts = impl.count_nonfinite(inputs) if impl is not None else [
-        int((~torch.isfinite(t)).sum()) for t in inputs
-    ]
-    for index, count in enumerate(counts):
+def _raise_if_nonfinite(counts: Sequence[int], names: Sequence[str]) -> None:
+    for name, count in zip(names, counts):
         if count:
-            name = "base" if has_base and index == 0 else f"tensors[{index - int(has_base)}]"
             raise MergeInputError(
                 f"{name} holds {count} NaN/Inf value(s); fix the checkpoint or pass allow_nonfinite=True"
             )

@@ -37,15 +37,19 @@ def l1_norms(base, inputs, rules: torch.Tensor, seed: int) -> Tuple[torch.Tensor
     return _C.l1_norms(base, list(inputs), rules, seed)
 
 
-def fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize, weight_sum, lam, out_dtype):
-    return _C.fused_gta(
+def fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize, weight_sum, lam,
+              out_dtype) -> Tuple[torch.Tensor, List[int]]:
+    out, nonfinite = _C.fused_gta(
         base, list(inputs), rules, seed, list(coefficients), list(weights), consensus, normalize,
         weight_sum, lam, out_dtype,
     )
+    return out, list(nonfinite)
 
 
-def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float], out_dtype: torch.dtype) -> torch.Tensor:
-    return _C.weighted_sum([t.contiguous() for t in tensors], list(coefficients), out_dtype)
+def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float],
+                 out_dtype: torch.dtype) -> Tuple[torch.Tensor, List[int]]:
+    out, nonfinite = _C.weighted_sum([t.contiguous() for t in tensors], list(coefficients), out_dtype)
+    return out, list(nonfinite)
 
 
 def gram(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor]) -> torch.Tensor:
@@ -53,5 +57,6 @@ def gram(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor]) -> torch
     return _C.gram([t.contiguous() for t in tensors], base)
 
 
-def gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: GtaPlan, out_dtype: torch.dtype) -> torch.Tensor:
+def gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: GtaPlan,
+        out_dtype: torch.dtype) -> Tuple[torch.Tensor, List[int]]:
     return run_gta(sys.modules[__name__], base, inputs, plan, out_dtype)

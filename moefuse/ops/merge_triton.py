@@ -88,21 +88,24 @@ def l1_norms(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Te
 
 def fused_gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor, seed: int,
               coefficients: Sequence[float], weights: Sequence[float], consensus: bool, normalize: bool,
-              weight_sum: float, lam: float, out_dtype: torch.dtype) -> torch.Tensor:
+              weight_sum: float, lam: float, out_dtype: torch.dtype) -> Tuple[torch.Tensor, List[int]]:
     """out = base + lam * M (/ W if normalize), M and W as in `moefuse.methods.gta`, with
-    D_i = keep_i * coefficients[i] * d_i."""
+    D_i = keep_i * coefficients[i] * d_i; and the NaN/Inf counts of the base and each input."""
     base, *inputs = _prepared([base, *inputs])
     with _device_of(base):
-        return kernels.fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize,
-                                 weight_sum, lam, out_dtype)
+        out, counts = kernels.fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize,
+                                        weight_sum, lam, out_dtype)
+    return out, counts.tolist()
 
 
 def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float],
-                 out_dtype: torch.dtype) -> torch.Tensor:
-    """sum_k c_k T_k accumulated in fp32 from 0 in input order, cast to out_dtype."""
+                 out_dtype: torch.dtype) -> Tuple[torch.Tensor, List[int]]:
+    """sum_k c_k T_k accumulated in fp32 from 0 in input order, cast to out_dtype; and the
+    NaN/Inf count of each T_k."""
     tensors = _prepared(tensors)
     with _device_of(tensors[0]):
-        return kernels.weighted_sum(tensors, coefficients, out_dtype)
+        out, counts = kernels.weighted_sum(tensors, coefficients, out_dtype)
+    return out, counts.tolist()
 
 
 def gram(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -116,6 +119,7 @@ def gram(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = None) -
     return upper + upper.triu(1).T
 
 
-def gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: GtaPlan, out_dtype: torch.dtype) -> torch.Tensor:
-    """Generalized task arithmetic with this module's kernels."""
+def gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: GtaPlan,
+        out_dtype: torch.dtype) -> Tuple[torch.Tensor, List[int]]:
+    """Generalized task arithmetic with this module's kernels (and NaN/Inf counts)."""
     return run_gta(sys.modules[__name__], base, inputs, plan, out_dtype)

@@ -7,6 +7,7 @@ import torch
 
 import moefuse
 from moefuse import MergeConfigError, MergeInputError
+from tests.helpers import DEVICE
 
 
 def _pair(shape=(4, 5), dtype=torch.float32):
@@ -92,10 +93,12 @@ def test_linear_weights_summing_to_zero():
         moefuse.merge_tensors(None, tensors, "linear", weight=[1.0, -1.0])
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "dare_linear", "della", "slerp", "model_stock", "linear"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", ["base", "model"])
-def test_nonfinite_inputs_raise_unless_allowed(backend, bad, where):
+def test_nonfinite_inputs_raise_unless_allowed(backend, method, bad, where):
+    device = DEVICE if backend == "triton" else "cpu"
     base, tensors = _pair()
     if where == "base":
         base[1, 2] = bad
@@ -103,9 +106,17 @@ def test_nonfinite_inputs_raise_unless_allowed(backend, bad, where):
     else:
         tensors[1][0, 0] = bad
         name = r"tensors\[1\]"
+    params = {"slerp": dict(t=0.3)}.get(method, {})
+    if method == "linear":
+        base, tensors, name = None, [base, *tensors], ("tensors\\[0\\]" if where == "base" else "tensors\\[2\\]")
+    if method == "slerp":
+        tensors = tensors[1:] if where == "model" else tensors[:1]
+        name = "base" if where == "base" else r"tensors\[0\]"
+    base = base.to(device) if base is not None else None
+    tensors = [t.to(device) for t in tensors]
     with pytest.raises(MergeInputError, match=f"{name} holds 1 NaN/Inf value"):
-        moefuse.merge_tensors(base, tensors, "ties", density=0.5, backend=backend)
-    out = moefuse.merge_tensors(base, tensors, "ties", density=0.5, backend=backend, allow_nonfinite=True)
+        moefuse.merge_tensors(base, tensors, method, backend=backend, **params)
+    out = moefuse.merge_tensors(base, tensors, method, backend=backend, allow_nonfinite=True, **params)
     assert not torch.isfinite(out).all()
 
 

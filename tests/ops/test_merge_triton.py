@@ -314,7 +314,8 @@ def test_gram(dtype, with_base):
 def test_weighted_sum(dtype, out_dtype):
     _, tensors = make_case("random", (3, 1000), 3, dtype, seed=8)
     coefficients = [0.25, -1.5, 3.0]
-    result = merge_triton.weighted_sum(tensors, coefficients, out_dtype)
+    result, nonfinite = merge_triton.weighted_sum(tensors, coefficients, out_dtype)
+    assert nonfinite == [0, 0, 0]
     expected = weighted_sum_reference(tensors, coefficients).to(out_dtype)
     assert result.shape == expected.shape
     assert_merge_close(result.cpu(), expected.cpu())
