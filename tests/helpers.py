@@ -13,11 +13,19 @@ MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 
 
 def require_peer(module: str):
-    """Import a peer package (mergekit, scipy). The README's setup installs them, so a missing
-    peer is an error, unless MOEFUSE_ALLOW_MISSING_PEERS=1 turns it into a skip."""
+    """Import a peer package (mergekit, gguf, scipy). The README's setup installs them, so a
+    missing peer is an error, unless MOEFUSE_ALLOW_MISSING_PEERS=1 turns it into a skip."""
     if os.environ.get("MOEFUSE_ALLOW_MISSING_PEERS") == "1":
         return pytest.importorskip(module)
     return importlib.import_module(module)
+
+
+def missing_peer(what: str) -> None:
+    """Fail (or, with MOEFUSE_ALLOW_MISSING_PEERS=1, skip) because `what` is not installed."""
+    message = f"{what} is not installed; run the README's setup command (bash scripts/setup.sh)"
+    if os.environ.get("MOEFUSE_ALLOW_MISSING_PEERS") == "1":
+        pytest.skip(message)
+    pytest.fail(message)
 
 
 def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

