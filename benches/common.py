@@ -26,8 +26,12 @@ _GLIBC_MAX_MMAP_THRESHOLD = 32 * 1024 * 1024
 
 
 def _set_mmap_threshold(nbytes: int) -> None:
+    """Set glibc's mmap threshold and hand free heap memory back to the OS (malloc_trim), so
+    that later allocations fault fresh pages in and show up in the resident set."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, nbytes)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, nbytes)
+        libc.malloc_trim(0)
     except OSError:
         pass
 

@@ -7,6 +7,7 @@ unknown parameter) is reported before any data is read or written.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -163,6 +164,15 @@ def build_plan(config: MergeConfig, out_dtype_default: Optional[torch.dtype] = N
         tasks.append(TensorTask(key, info.shape, out_dtype, task_base, inputs, params, mergeable))
     if not tasks:
         raise MergeInputError(f"{reference.folder} holds no tensors")
+    for model in models:
+        extra = sorted(set(model.keys()) - set(reference.keys()))
+        if extra:
+            warnings.warn(
+                f"{model.folder} has {len(extra)} tensor(s) that {reference.folder} lacks, which the merged "
+                f"model (with {reference.folder}'s architecture) would not load, so they are left out: "
+                f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}",
+                stacklevel=2,
+            )
     return MergePlan(config, base, models, tasks, config.dtype)
 
 

@@ -1,9 +1,10 @@
 """Execute a merge plan: stream tensors from memory-mapped inputs, merge, write shards.
 
-While tensor i is merged, the kernel reads tensor i + 1 ahead (madvise WILLNEED) on CPU, or a
-worker thread stages it through pinned host memory onto the GPU on a side stream; after
-tensor i is written its input pages are dropped. Resident memory therefore stays near
-(models + 2) x the largest tensor, whatever the model size.
+While tensor i is merged, a worker thread prepares tensor i + 1: it asks the kernel to read its
+pages ahead (madvise WILLNEED, which costs no resident memory until the pages are used) and, on
+CUDA, stages it through pinned host memory onto the GPU on a side stream. After tensor i is
+written its input pages are dropped. Resident memory therefore stays near (models + 2) x the
+largest tensor, whatever the model size.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ class _Loader:
     def __init__(self, device: torch.device, compute_dtype: Optional[torch.dtype]):
         self.device = device
         self.compute_dtype = compute_dtype
-        self._pool = ThreadPoolExecutor(max_workers=1) if device.type == "cuda" else None
+        self._pool = ThreadPoolExecutor(max_workers=1)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def _load(self, task: TensorTask) -> List[torch.Tensor]:
+        for source in task.sources:
+            source.reader.prefetch([source.key])
         tensors = [source.reader.tensor(source.key) for source in task.sources]
         if task.merge and self.compute_dtype is not None:
             tensors = [t.to(self.compute_dtype) for t in tensors]
@@ -45,17 +48,11 @@ class _Loader:
         self._stream.synchronize()
         return staged
 
-    def start(self, task: TensorTask) -> Union[Future, TensorTask]:
-        for source in task.sources:
-            source.reader.prefetch([source.key])
-        return self._pool.submit(self._load, task) if self._pool else task
-
-    def result(self, started: Union[Future, TensorTask]) -> List[torch.Tensor]:
-        return started.result() if isinstance(started, Future) else self._load(started)
+    def start(self, task: TensorTask) -> Future:
+        return self._pool.submit(self._load, task)
 
     def close(self) -> None:
-        if self._pool:
-            self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
 
 
 def _merge_task(plan: MergePlan, task: TensorTask, tensors: List[torch.Tensor], backend: str) -> torch.Tensor:
@@ -89,7 +86,7 @@ def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str
                                    metadata={"producer": "moefuse"})
             pending = loader.start(plan.tasks[0])
             for index, task in enumerate(plan.tasks):
-                tensors = loader.result(pending)
+                tensors = pending.result()
                 if index + 1 < len(plan.tasks):
                     pending = loader.start(plan.tasks[index + 1])
                 merged = _merge_task(plan, task, tensors, backend)

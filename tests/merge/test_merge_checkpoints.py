@@ -21,6 +21,7 @@ from tests.helpers import assert_merge_close, require_peer
 DETERMINISTIC = {
     "task_arithmetic": {"models": {"weight": [0.7, 0.4]}, "parameters": {"lambda": 0.9}},
     "ties": {"models": {"weight": [1.0, 0.5], "density": [0.4, 0.6]}, "parameters": {"normalize": True}},
+    "breadcrumbs": {"models": {"weight": [1.0, 0.5], "density": 0.6, "gamma": 0.1}, "parameters": {}},
     "breadcrumbs_ties": {"models": {"weight": [1.0, 0.5], "density": 0.7, "gamma": 0.05}, "parameters": {}},
     "linear": {"models": {"weight": [0.2, 0.3, 0.5]}, "parameters": {}},
     "slerp": {"models": {}, "parameters": {"t": [0.0, 0.5, 1.0]}},
