@@ -64,15 +64,25 @@ def write_synthetic(folder: Path, layers: int, seed: int) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
+# A forked child's peak RSS (ru_maxrss) includes the pages it shared with its parent before exec,
+# so every tool is started from this small launcher process rather than from pytest itself.
+LAUNCHER = (
+    "import os, subprocess, sys\n"
+    "child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+    "_, status, usage = os.wait4(child.pid, 0)\n"
+    "print(usage.ru_maxrss * 1024)\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def run_measured(command) -> tuple:
-    """(seconds, peak RSS bytes) of one child process."""
+    """(seconds, peak RSS bytes) of one tool run."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
+    result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    if status != 0:
-        raise RuntimeError(f"{command[0]} failed: {process.stderr.read().decode()[-2000:]}")
-    return seconds, usage.ru_maxrss * 1024
+    if result.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed: {result.stderr[-2000:]}")
+    return seconds, int(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ def plot(name: str, path: Path) -> None:
     memory.bar([p - width / 2 for p in positions], [r["moefuse_extra_mem_x"] for r in rows], width, label="moefuse")
     memory.bar([p + width / 2 for p in positions], [r["peer_extra_mem_x"] for r in rows], width, label=rows[0]["peer"])
     memory.set_ylabel("peak extra memory (x one tensor)")
-    memory.set_xticks(list(positions))
+    memory.set_xticks(list(positions), labels)
     memory.legend()
     for axis in (speed, memory):
         axis.tick_params(axis="x", rotation=70, labelsize=7)
@@ -97,4 +97,8 @@ def _tools_table(data: dict) -> str:
 
 
 if __name__ == "__main__":
-    print(markdown_table(Path(sys.argv[1])))
+    # python benches/plots.py RESULT.json [--plot]: print the Markdown table (and redraw the PNG)
+    result = Path(sys.argv[1])
+    if "--plot" in sys.argv:
+        plot(result.stem, result)
+    print(markdown_table(result))

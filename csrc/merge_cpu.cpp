@@ -198,29 +198,41 @@ std::vector<int64_t> count_nonfinite(const std::vector<at::Tensor>& tensors) {
   return counts;
 }
 
-at::Tensor histogram_level1(const at::Tensor& base, const std::vector<at::Tensor>& inputs, int64_t shift) {
-  check_same(base, inputs);
-  const int64_t m = inputs.size(), n = base.numel(), threads = at::get_num_threads();
-  std::vector<std::vector<int64_t>> local(threads, std::vector<int64_t>(m * LEVEL1_BINS, 0));
-  MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "histogram_level1", [&] {
-    const scalar_t* b = base.data_ptr<scalar_t>();
-    auto xs = pointers<scalar_t>(inputs);
-    for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
-      int64_t* hist = local[thread].data();
-      for (int64_t i = 0; i < m; ++i) {
-        int64_t* h = hist + i * LEVEL1_BINS;
-        for (int64_t j = s; j < e; ++j) {
-          int32_t key;
-          Elem<scalar_t>::delta(xs[i][j], b[j], &key);
-          ++h[key >> shift];
-        }
+// Per-row histograms over the inputs' magnitude keys: row r counts bin_of(r, key) over input r
+// (a negative bin skips the entry). Threads fill private histograms that are summed at the end.
+template <typename T, typename BinOf>
+at::Tensor histogram_rows(const at::Tensor& base, const std::vector<at::Tensor>& inputs, int64_t bins,
+                          BinOf bin_of) {
+  const int64_t rows = inputs.size(), n = base.numel();
+  std::vector<std::vector<int64_t>> local(at::get_num_threads(), std::vector<int64_t>(rows * bins, 0));
+  const T* b = base.data_ptr<T>();
+  auto xs = pointers<T>(inputs);
+  for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t* h = local[thread].data() + r * bins;
+      for (int64_t j = s; j < e; ++j) {
+        int32_t key;
+        Elem<T>::delta(xs[r][j], b[j], &key);
+        const int64_t bin = bin_of(r, key);
+        if (bin >= 0) ++h[bin];
       }
-    });
+    }
   });
-  auto out = at::zeros({m, LEVEL1_BINS}, at::kLong);
+  auto out = at::zeros({rows, bins}, at::kLong);
   int64_t* o = out.data_ptr<int64_t>();
   for (const auto& h : local)
-    for (int64_t k = 0; k < m * LEVEL1_BINS; ++k) o[k] += h[k];
+    for (int64_t k = 0; k < rows * bins; ++k) o[k] += h[k];
+  return out;
+}
+
+at::Tensor histogram_level1(const at::Tensor& base, const std::vector<at::Tensor>& inputs, int64_t shift) {
+  check_same(base, inputs);
+  at::Tensor out;
+  MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "histogram_level1", [&] {
+    out = histogram_rows<scalar_t>(base, inputs, LEVEL1_BINS, [shift](int64_t, int32_t key) -> int64_t {
+      return key >> shift;
+    });
+  });
   return out;
 }
 
@@ -228,27 +240,9 @@ at::Tensor histogram_level2(const at::Tensor& base, const std::vector<at::Tensor
                             const std::vector<int64_t>& prefixes) {
   check_same(base, inputs);
   TORCH_CHECK(base.scalar_type() == at::kFloat, "histogram_level2 is for float32 tensors");
-  const int64_t q = inputs.size(), n = base.numel(), threads = at::get_num_threads();
-  std::vector<std::vector<int64_t>> local(threads, std::vector<int64_t>(q * LEVEL2_BINS, 0));
-  const float* b = base.data_ptr<float>();
-  auto xs = pointers<float>(inputs);
-  for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
-    int64_t* hist = local[thread].data();
-    for (int64_t r = 0; r < q; ++r) {
-      int64_t* h = hist + r * LEVEL2_BINS;
-      const uint32_t prefix = static_cast<uint32_t>(prefixes[r]);
-      for (int64_t j = s; j < e; ++j) {
-        int32_t key;
-        Elem<float>::delta(xs[r][j], b[j], &key);
-        if ((key >> 16) == prefix) ++h[key & 0xFFFFu];
-      }
-    }
+  return histogram_rows<float>(base, inputs, LEVEL2_BINS, [&prefixes](int64_t r, int32_t key) -> int64_t {
+    return (key >> 16) == prefixes[r] ? (key & 0xFFFF) : -1;
   });
-  auto out = at::zeros({q, LEVEL2_BINS}, at::kLong);
-  int64_t* o = out.data_ptr<int64_t>();
-  for (const auto& h : local)
-    for (int64_t k = 0; k < q * LEVEL2_BINS; ++k) o[k] += h[k];
-  return out;
 }
 
 at::Tensor chunk_counts(const at::Tensor& base, const std::vector<at::Tensor>& inputs,

@@ -40,6 +40,18 @@ def operand_scale(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.stack([t.double().abs() for t in tensors]).amax(dim=0)
 
 
+def _report(bad: torch.Tensor, actual: torch.Tensor, expected: torch.Tensor, exclude, how: str) -> None:
+    """Raise naming how many entries (outside `exclude`) are bad, and the first few of them."""
+    if exclude is not None:
+        bad = bad & ~exclude.reshape(-1)
+    if bad.any():
+        index = torch.nonzero(bad).reshape(-1)[:5]
+        raise AssertionError(
+            f"{int(bad.sum())} of {actual.numel()} entries differ {how}; first at {index.tolist()}: "
+            f"actual {actual[index].tolist()} expected {expected[index].tolist()}"
+        )
+
+
 def assert_close_ulp(actual: torch.Tensor, expected: torch.Tensor, ulps: float, exclude=None, scale=None) -> None:
     """|actual - expected| <= ulps * ulp(s) entrywise in the dtype of `expected`, where s is the
     larger of |actual|, |expected| and `scale` (the operands' magnitude: a difference of nearly
@@ -51,14 +63,7 @@ def assert_close_ulp(actual: torch.Tensor, expected: torch.Tensor, ulps: float, 
         magnitude = torch.maximum(magnitude, scale.double().reshape(-1))
     bound = ulps * ulp(magnitude, expected.dtype)
     bad = ((a - e).abs() > bound) & ~(torch.isnan(a) & torch.isnan(e))
-    if exclude is not None:
-        bad &= ~exclude.reshape(-1)
-    if bad.any():
-        index = torch.nonzero(bad).reshape(-1)[:5]
-        raise AssertionError(
-            f"{int(bad.sum())} of {a.numel()} entries differ by more than {ulps} ulp; "
-            f"first at {index.tolist()}: actual {a[index].tolist()} expected {e[index].tolist()}"
-        )
+    _report(bad, a, e, exclude, f"by more than {ulps} ulp")
 
 
 def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-6, exclude=None) -> None:
@@ -67,14 +72,7 @@ def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, rel: float =
     a, e = actual.double().reshape(-1), expected.double().reshape(-1)
     scale = e.abs().max().item() if e.numel() else 0.0
     bad = (a - e).abs() > rel * (e.abs() + scale)
-    if exclude is not None:
-        bad &= ~exclude.reshape(-1)
-    if bad.any():
-        index = torch.nonzero(bad).reshape(-1)[:5]
-        raise AssertionError(
-            f"{int(bad.sum())} of {a.numel()} entries differ beyond {rel} relative; first at "
-            f"{index.tolist()}: actual {a[index].tolist()} expected {e[index].tolist()}"
-        )
+    _report(bad, a, e, exclude, f"beyond {rel} relative")
 
 
 def assert_merge_close(actual: torch.Tensor, expected: torch.Tensor, exclude=None, ulps: float = 1, scale=None) -> None:
