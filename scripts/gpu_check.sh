@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One-call GPU check for a lent CUDA machine: native Triton tests, the CUDA checkpoint path, and
+# the tensor-level benchmark on the GPU. Results land in ${OUT:-gpu-results}/ (copy them into
+# benches/results/ and the README, naming the GPU).
+# Usage on the GPU machine, from the repository root: bash scripts/gpu_check.sh
+set -uo pipefail
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -1
+python3 -m pip install -q "mergekit==0.1.5" pytest hypothesis pytest-benchmark matplotlib 2>&1 | tail -1
+export PYTHONUNBUFFERED=1 MOEFUSE_ALLOW_MISSING_PEERS=1
+python3 -m pytest -q -x tests/ops/test_merge_triton.py tests/ops/test_merge_backends.py tests/ops/test_merge_random.py \
+  tests/merge/test_merge_cuda.py 2>&1 | tee "$OUT/tests.log"
+python3 -m pytest -q -p no:cacheprovider benches/bench_merge.py 2>&1 | tail -5 | tee "$OUT/bench.log"
+cp benches/results/merge_cuda.json benches/results/merge_cuda.png "$OUT/" 2>/dev/null
+python3 benches/plots.py "$OUT/merge_cuda.json" | tee "$OUT/merge_cuda.md"
