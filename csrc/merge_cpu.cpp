@@ -41,25 +41,22 @@ struct Elem<float> {
   }
 };
 
-template <>
-struct Elem<c10::BFloat16> {
-  static inline float value(c10::BFloat16 x) { return static_cast<float>(x); }
-  static inline float delta(c10::BFloat16 x, c10::BFloat16 b, int32_t* key) {
-    c10::BFloat16 d(static_cast<float>(x) - static_cast<float>(b));
+// bfloat16 and float16: round the fp32 difference to the 16-bit type; the key is its bit pattern.
+template <typename Half16>
+struct Elem16 {
+  static inline float value(Half16 x) { return static_cast<float>(x); }
+  static inline float delta(Half16 x, Half16 b, int32_t* key) {
+    Half16 d(static_cast<float>(x) - static_cast<float>(b));
     *key = d.x & 0x7FFF;
     return static_cast<float>(d);
   }
 };
 
 template <>
-struct Elem<c10::Half> {
-  static inline float value(c10::Half x) { return static_cast<float>(x); }
-  static inline float delta(c10::Half x, c10::Half b, int32_t* key) {
-    c10::Half d(static_cast<float>(x) - static_cast<float>(b));
-    *key = d.x & 0x7FFF;
-    return static_cast<float>(d);
-  }
-};
+struct Elem<c10::BFloat16> : Elem16<c10::BFloat16> {};
+
+template <>
+struct Elem<c10::Half> : Elem16<c10::Half> {};
 
 // Philox-4x32-10, first output word, key (seed lo, seed hi), counter (j lo, j hi, stream, 0).
 inline uint32_t philox(uint64_t seed, uint64_t j, uint32_t stream) {
