@@ -95,9 +95,11 @@ def rank_thresholds(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor],
             refined.append((i, rank, (b << shift) | low, left - above))
         located = refined
 
-    tied = [(i, rank, key, left) for i, rank, key, left in located if left > 0]
+    # Ties need a cut index, except at magnitude 0: zero entries contribute nothing and never
+    # win a sign election, so which of them count as kept cannot change the result.
+    tied = [(i, rank, key, left) for i, rank, key, left in located if left > 0 and key != 0]
     for i, rank, key, left in located:
-        if left == 0:
+        if left == 0 or key == 0:
             wanted[(i, rank)] = Threshold(key, 0)
     if tied:
         counts = backend.chunk_counts(

@@ -154,3 +154,23 @@ def test_huge_1d_tensor_on_cpu():
     base = torch.randn(n, generator=generator)
     tensors = [base + 0.01 * torch.randint(-50, 51, (n,), generator=generator) for _ in range(2)]
     _merge_both("cpu", base, tensors, "ties", density=[0.2, 0.35])
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_sparse_task_vectors(backend, dtype, method):
+    """Most deltas exactly zero (frozen weights) and a density above the changed fraction: the
+    trim threshold falls on magnitude 0."""
+    device = _device_for(backend)
+    generator = torch.Generator().manual_seed(4)
+    base = torch.randn(41, 37, generator=generator)
+    tensors = []
+    for _ in range(3):
+        changed = torch.rand(base.shape, generator=generator) < 0.2
+        tensors.append(base + changed * 0.05 * torch.randn(base.shape, generator=generator))
+    base, tensors = base.to(dtype).to(device), [t.to(dtype).to(device) for t in tensors]
+    params = dict(density=[0.5, 0.3, 0.9], rescale=True)
+    if method == "breadcrumbs_ties":
+        params["gamma"] = 0.05
+    _merge_both(backend, base, tensors, method, **params)
