@@ -66,9 +66,9 @@ class MergePlan:
         return sum(task.output.nbytes for task in self.tasks)
 
     def peak_bytes_estimate(self) -> int:
-        """Inputs of the largest tensor, its output and a fixed allowance for the runtime."""
+        """Inputs of the largest tensor, its output and the previous output being written."""
         largest = max((t.output.nbytes for t in self.tasks), default=0)
-        return (len(self.models) + 2) * largest
+        return (len(self.models) + 3) * largest
 
     def close(self) -> None:
         for reader in ([self.base] if self.base else []) + self.models:
@@ -192,7 +192,7 @@ def describe(plan: MergePlan) -> str:
         f"tensors: {len(plan.tasks)} ({sum(not t.merge for t in plan.tasks)} copied from the base), "
         f"output {plan.output_bytes / 1e9:.3f} GB",
         f"expected peak memory: about {plan.peak_bytes_estimate() / 1e9:.3f} GB "
-        "((models + 2) x the largest tensor) plus runtime overhead",
+        "((models + 3) x the largest tensor) plus runtime overhead",
         "parameters:",
     ]
     seen = set()

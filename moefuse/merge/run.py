@@ -2,18 +2,19 @@
 
 While tensor i is merged, a worker thread prepares tensor i + 1: it asks the kernel to read its
 pages ahead (madvise WILLNEED, which costs no resident memory until the pages are used) and, on
-CUDA, stages it through pinned host memory onto the GPU on a side stream. After tensor i is
-written its input pages are dropped. Resident memory therefore stays near (models + 2) x the
-largest tensor, whatever the model size.
+CUDA, stages it through pinned host memory onto the GPU on a side stream. Once tensor i is
+merged its input pages are dropped, and a writer thread writes it while tensor i + 1 is merged.
+Resident memory therefore stays near (models + 3) x the largest tensor (inputs, the output being
+computed and the one being written), whatever the model size.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from tqdm import tqdm
@@ -55,6 +56,12 @@ class _Loader:
         self._pool.shutdown(wait=True)
 
 
+def _release(task: TensorTask) -> None:
+    """Drop the task's input pages from this process."""
+    for source in task.sources:
+        source.reader.release([source.key])
+
+
 def _merge_task(plan: MergePlan, task: TensorTask, tensors: List[torch.Tensor], backend: str) -> torch.Tensor:
     if not task.merge:
         return tensors[0]
@@ -78,29 +85,48 @@ def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str
         raise MoefuseError(f"tokenizer_source {tokenizer_source} is not a folder")
     out_dtypes = {t.out_dtype for t in plan.tasks if t.merge}
     loader = _Loader(target, plan.compute_dtype)
+    write_pool = ThreadPoolExecutor(max_workers=1)  # writes overlap the next tensor's merge
     bar = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress)
     started = time.perf_counter()
+    writing: Optional[Tuple[Future, TensorTask]] = None
+
+    def finish_write(done: int) -> None:
+        future, task = writing
+        future.result()
+        if not task.merge:  # a copied tensor is written straight from its input pages
+            _release(task)
+        bar.update(task.output.nbytes)
+        bar.set_postfix(tensors_per_s=f"{done / (time.perf_counter() - started):.1f}")
+
     try:
         with atomic_output_dir(out_dir, overwrite) as partial:
             writer = ShardedWriter(partial, [t.output for t in plan.tasks], max_shard_size,
                                    metadata={"producer": "moefuse"})
             pending = loader.start(plan.tasks[0])
-            for index, task in enumerate(plan.tasks):
-                tensors = pending.result()
-                if index + 1 < len(plan.tasks):
-                    pending = loader.start(plan.tasks[index + 1])
-                merged = _merge_task(plan, task, tensors, backend)
-                writer.write(task.key, merged.to(task.out_dtype))
-                del tensors, merged
-                for source in task.sources:
-                    source.reader.release([source.key])
-                bar.update(task.output.nbytes)
-                bar.set_postfix(tensors_per_s=f"{(index + 1) / (time.perf_counter() - started):.1f}")
+            try:
+                for index, task in enumerate(plan.tasks):
+                    tensors = pending.result()
+                    if index + 1 < len(plan.tasks):
+                        pending = loader.start(plan.tasks[index + 1])
+                    merged = _merge_task(plan, task, tensors, backend).to(task.out_dtype)
+                    del tensors
+                    if task.merge:
+                        _release(task)
+                    if writing is not None:
+                        finish_write(index)
+                    writing = (write_pool.submit(writer.write, task.key, merged), task)
+                    del merged
+                finish_write(len(plan.tasks))
+            except BaseException:
+                wait([writing[0]] if writing else [])  # let the folder be removed with no write in flight
+                writer.abort()
+                raise
             writer.finish()
             copy_model_files(config_source, Path(tokenizer_source), partial,
                              out_dtypes.pop() if len(out_dtypes) == 1 else None)
     finally:
         bar.close()
+        write_pool.shutdown(wait=True)
         loader.close()
         plan.close()
     return Path(out_dir)
