@@ -222,12 +222,29 @@ at::Tensor histogram_rows(const at::Tensor& base, const std::vector<at::Tensor>&
   return out;
 }
 
-at::Tensor histogram_level1(const at::Tensor& base, const std::vector<at::Tensor>& inputs, int64_t shift) {
+at::Tensor histogram_level1(const at::Tensor& base, const std::vector<at::Tensor>& inputs, int64_t shift,
+                            int64_t ranges) {
   check_same(base, inputs);
-  at::Tensor out;
+  TORCH_CHECK(ranges > 0, "ranges must be positive");
+  const int64_t rows = inputs.size(), n = base.numel(), size = (n + ranges - 1) / ranges;
+  auto out = at::zeros({rows, ranges, LEVEL1_BINS}, at::kInt);
+  int32_t* o = out.data_ptr<int32_t>();
   MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "histogram_level1", [&] {
-    out = histogram_rows<scalar_t>(base, inputs, LEVEL1_BINS, [shift](int64_t, int32_t key) -> int64_t {
-      return key >> shift;
+    const scalar_t* b = base.data_ptr<scalar_t>();
+    auto xs = pointers<scalar_t>(inputs);
+    // Each range owns its histograms, so threads never share a counter.
+    at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t start = std::min(n, r * size), stop = std::min(n, start + size);
+        for (int64_t i = 0; i < rows; ++i) {
+          int32_t* h = o + (i * ranges + r) * LEVEL1_BINS;
+          for (int64_t j = start; j < stop; ++j) {
+            int32_t key;
+            Elem<scalar_t>::delta(xs[i][j], b[j], &key);
+            ++h[key >> shift];
+          }
+        }
+      }
     });
   });
   return out;

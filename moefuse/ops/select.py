@@ -11,7 +11,9 @@ order like |d|. The entry of descending rank r (ties by increasing flat index) i
 The result is a `Threshold(key, cut)`: an entry is among the top r iff
 `key_e > key or (key_e == key and index_e < cut)`. Backends supply three kernels:
 
-    histogram_level1(base, inputs, models) -> int64 [len(models), 32768]
+    histogram_level1(base, inputs, models) -> int64 [len(models), 32768], or counts per range
+        [len(models), LEVEL1_RANGES, 32768] (range r: flat entries [r size, (r + 1) size),
+        size = ceil(n / LEVEL1_RANGES)), which also locate ties for 16-bit dtypes
     histogram_level2(base, inputs, models, prefixes) -> int64 [len(models), 65536]
         (low 16 bits of keys whose high bits equal the prefix; fp32 only)
     chunk_counts(base, inputs, models, keys, chunk) -> int64 [len(models), ceil(n / chunk)]
@@ -32,6 +34,7 @@ from moefuse.ops.plan import KEEP_RANKS, GtaPlan
 LEVEL1_BINS = 1 << 15
 LEVEL2_BINS = 1 << 16
 TIE_CHUNK = 1 << 16
+LEVEL1_RANGES = 32
 NOTHING_KEY = 1 << 32  # larger than every key: no entry is inside
 EVERYTHING_KEY = -1  # smaller than every key: every entry is inside
 
@@ -78,7 +81,10 @@ def rank_thresholds(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor],
         return wanted
 
     models = sorted({i for i, _ in queries})
-    hist1 = backend.histogram_level1(base, inputs, models).cpu()
+    hist1 = backend.histogram_level1(base, inputs, models).cpu().to(torch.int64)
+    per_range = hist1 if hist1.dim() == 3 else None
+    if per_range is not None:
+        hist1 = per_range.sum(dim=1)
     located = []  # (model, rank, key prefix, rank left inside the prefix)
     for i, rank in queries:
         b, above = _locate(hist1[models.index(i)], rank)
@@ -101,22 +107,28 @@ def rank_thresholds(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor],
     for i, rank, key, left in located:
         if left == 0 or key == 0:
             wanted[(i, rank)] = Threshold(key, 0)
-    if tied:
+    if tied and per_range is not None and not shift:  # exact 16-bit keys: counts per range exist
+        size = -(-n // LEVEL1_RANGES)
+        for i, rank, key, left in tied:
+            counts = per_range[models.index(i), :, key]
+            wanted[(i, rank)] = Threshold(key, _cut_index(base, inputs[i], key, left, counts, size))
+    elif tied:
         counts = backend.chunk_counts(
             base, inputs, [q[0] for q in tied], [q[2] for q in tied], TIE_CHUNK
         ).cpu()
         for row, (i, rank, key, left) in enumerate(tied):
-            wanted[(i, rank)] = Threshold(key, _cut_index(base, inputs[i], key, left, counts[row]))
+            wanted[(i, rank)] = Threshold(key, _cut_index(base, inputs[i], key, left, counts[row], TIE_CHUNK))
     return wanted
 
 
-def _cut_index(base: torch.Tensor, x: torch.Tensor, key: int, left: int, counts: torch.Tensor) -> int:
-    """Flat index of the `left`-th (0-based) entry whose key equals `key`."""
+def _cut_index(base: torch.Tensor, x: torch.Tensor, key: int, left: int, counts: torch.Tensor, chunk: int) -> int:
+    """Flat index of the `left`-th (0-based) entry whose key equals `key`, given the number of
+    such entries in each chunk of `chunk` flat entries."""
     cumulative = torch.cumsum(counts, 0)
-    chunk = int(torch.searchsorted(cumulative, left, right=True))
-    before = int(cumulative[chunk - 1]) if chunk else 0
-    start = chunk * TIE_CHUNK
-    stop = min(start + TIE_CHUNK, base.numel())
+    index = int(torch.searchsorted(cumulative, left, right=True))
+    before = int(cumulative[index - 1]) if index else 0
+    start = index * chunk
+    stop = min(start + chunk, base.numel())
     delta = x.reshape(-1)[start:stop] - base.reshape(-1)[start:stop]
     positions = torch.nonzero(magnitude_keys(delta) == key).reshape(-1)
     return start + int(positions[left - before])
