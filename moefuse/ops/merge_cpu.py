@@ -14,7 +14,7 @@ import torch
 from moefuse import _C
 from moefuse.ops.gta_pipeline import run_gta
 from moefuse.ops.plan import GtaPlan
-from moefuse.ops.select import LEVEL1_RANGES, level1_shift
+from moefuse.ops.select import level1_ranges, level1_shift
 
 
 def count_nonfinite(tensors: Sequence[torch.Tensor]) -> List[int]:
@@ -22,9 +22,10 @@ def count_nonfinite(tensors: Sequence[torch.Tensor]) -> List[int]:
 
 
 def histogram_level1(base: torch.Tensor, inputs: Sequence[torch.Tensor], models: Sequence[int]) -> torch.Tensor:
-    """Per-range level-1 histograms (int32 [models, LEVEL1_RANGES, bins]): they also locate
+    """Per-range level-1 histograms (int32 [models, level1_ranges(n), bins]): they also locate
     threshold ties, which spares the tie-count pass for 16-bit dtypes."""
-    return _C.histogram_level1(base, [inputs[i] for i in models], level1_shift(base.dtype), LEVEL1_RANGES)
+    return _C.histogram_level1(base, [inputs[i] for i in models], level1_shift(base.dtype),
+                               level1_ranges(base.numel()))
 
 
 def histogram_level2(base, inputs, models: Sequence[int], prefixes: Sequence[int]) -> torch.Tensor:

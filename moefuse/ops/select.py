@@ -12,8 +12,8 @@ The result is a `Threshold(key, cut)`: an entry is among the top r iff
 `key_e > key or (key_e == key and index_e < cut)`. Backends supply three kernels:
 
     histogram_level1(base, inputs, models) -> int64 [len(models), 32768], or counts per range
-        [len(models), LEVEL1_RANGES, 32768] (range r: flat entries [r size, (r + 1) size),
-        size = ceil(n / LEVEL1_RANGES)), which also locate ties for 16-bit dtypes
+        [len(models), R, 32768] with R = level1_ranges(n) (range r: flat entries
+        [r size, (r + 1) size), size = ceil(n / R)), which also locate ties for 16-bit dtypes
     histogram_level2(base, inputs, models, prefixes) -> int64 [len(models), 65536]
         (low 16 bits of keys whose high bits equal the prefix; fp32 only)
     chunk_counts(base, inputs, models, keys, chunk) -> int64 [len(models), ceil(n / chunk)]
@@ -34,7 +34,8 @@ from moefuse.ops.plan import KEEP_RANKS, GtaPlan
 LEVEL1_BINS = 1 << 15
 LEVEL2_BINS = 1 << 16
 TIE_CHUNK = 1 << 16
-LEVEL1_RANGES = 32
+MAX_RANGES = 32
+MIN_RANGE = 1 << 20  # entries per range: keeps the per-range histograms small next to the tensor
 NOTHING_KEY = 1 << 32  # larger than every key: no entry is inside
 EVERYTHING_KEY = -1  # smaller than every key: every entry is inside
 
@@ -47,6 +48,11 @@ class Threshold:
 
 NOTHING = Threshold(NOTHING_KEY, 0)
 EVERYTHING = Threshold(EVERYTHING_KEY, 0)
+
+
+def level1_ranges(n: int) -> int:
+    """How many ranges a backend may split level-1 histograms into (1: no split)."""
+    return max(1, min(MAX_RANGES, n // MIN_RANGE))
 
 
 def level1_shift(dtype: torch.dtype) -> int:
@@ -81,10 +87,9 @@ def rank_thresholds(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor],
         return wanted
 
     models = sorted({i for i, _ in queries})
-    hist1 = backend.histogram_level1(base, inputs, models).cpu().to(torch.int64)
-    per_range = hist1 if hist1.dim() == 3 else None
-    if per_range is not None:
-        hist1 = per_range.sum(dim=1)
+    hist1 = backend.histogram_level1(base, inputs, models).cpu()
+    per_range = hist1 if hist1.dim() == 3 and hist1.shape[1] > 1 else None
+    hist1 = hist1.reshape(len(models), -1, LEVEL1_BINS).sum(dim=1, dtype=torch.int64)
     located = []  # (model, rank, key prefix, rank left inside the prefix)
     for i, rank in queries:
         b, above = _locate(hist1[models.index(i)], rank)
@@ -108,9 +113,9 @@ def rank_thresholds(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor],
         if left == 0 or key == 0:
             wanted[(i, rank)] = Threshold(key, 0)
     if tied and per_range is not None and not shift:  # exact 16-bit keys: counts per range exist
-        size = -(-n // LEVEL1_RANGES)
+        size = -(-n // per_range.shape[1])
         for i, rank, key, left in tied:
-            counts = per_range[models.index(i), :, key]
+            counts = per_range[models.index(i), :, key].to(torch.int64)
             wanted[(i, rank)] = Threshold(key, _cut_index(base, inputs[i], key, left, counts, size))
     elif tied:
         counts = backend.chunk_counts(
@@ -123,12 +128,15 @@ def rank_thresholds(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor],
 
 def _cut_index(base: torch.Tensor, x: torch.Tensor, key: int, left: int, counts: torch.Tensor, chunk: int) -> int:
     """Flat index of the `left`-th (0-based) entry whose key equals `key`, given the number of
-    such entries in each chunk of `chunk` flat entries."""
+    such entries in each chunk of `chunk` flat entries (the chunk is scanned in small pieces)."""
     cumulative = torch.cumsum(counts, 0)
     index = int(torch.searchsorted(cumulative, left, right=True))
-    before = int(cumulative[index - 1]) if index else 0
-    start = index * chunk
-    stop = min(start + chunk, base.numel())
-    delta = x.reshape(-1)[start:stop] - base.reshape(-1)[start:stop]
-    positions = torch.nonzero(magnitude_keys(delta) == key).reshape(-1)
-    return start + int(positions[left - before])
+    left -= int(cumulative[index - 1]) if index else 0
+    flat_x, flat_base = x.reshape(-1), base.reshape(-1)
+    for start in range(index * chunk, min((index + 1) * chunk, base.numel()), TIE_CHUNK):
+        stop = min(start + TIE_CHUNK, (index + 1) * chunk, base.numel())
+        positions = torch.nonzero(magnitude_keys(flat_x[start:stop] - flat_base[start:stop]) == key).reshape(-1)
+        if left < positions.numel():
+            return start + int(positions[left])
+        left -= positions.numel()
+    raise AssertionError("tie counts and the data disagree")

@@ -79,10 +79,11 @@ def test_backend_matches_reference(backend, dtype, method):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
 def test_magnitude_ties_at_threshold(backend, dtype, method, monkeypatch):
-    """Quantized deltas make many equal magnitudes straddle the cut; a small tie chunk makes
-    the cut search cross chunk boundaries."""
+    """Quantized deltas make many equal magnitudes straddle the cut; small tie chunks and
+    level-1 ranges make the cut search cross their boundaries."""
     device = _device_for(backend)
     monkeypatch.setattr(select, "TIE_CHUNK", 64)
+    monkeypatch.setattr(select, "MIN_RANGE", 100)  # several level-1 ranges (CPU backend)
     generator = torch.Generator().manual_seed(1)
     base = torch.randn(37, 29, generator=generator)
     tensors = [base + 0.01 * torch.randint(-3, 4, base.shape, generator=generator) for _ in range(3)]
