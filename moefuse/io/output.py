@@ -58,9 +58,9 @@ def copy_model_files(config_source: Path, tokenizer_source: Path, dest: Path, dt
         config = json.loads(config_path.read_text())
         config.pop("quantization_config", None)
         if dtype in DTYPE_CONFIG_NAMES:
-            for key in ("torch_dtype", "dtype"):
-                if key in config or key == "dtype":
-                    config[key] = DTYPE_CONFIG_NAMES[dtype]
+            config["dtype"] = DTYPE_CONFIG_NAMES[dtype]
+            if "torch_dtype" in config:  # the older name, still read by older transformers
+                config["torch_dtype"] = config["dtype"]
         (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = Path(config_source) / "generation_config.json"
     if generation.exists():

@@ -59,7 +59,11 @@ class MergePlan:
     base: Optional[CheckpointReader]
     models: List[CheckpointReader]
     tasks: List[TensorTask]
-    compute_dtype: Optional[torch.dtype]
+
+    @property
+    def compute_dtype(self) -> Optional[torch.dtype]:
+        """The dtype inputs are cast to before merging (the config's `dtype`), if any."""
+        return self.config.dtype
 
     @property
     def output_bytes(self) -> int:
@@ -121,19 +125,23 @@ def _resolve_task_params(config: MergeConfig, key: str, t: float, model_params: 
                     raise MergeConfigError(f"tensor '{key}': parameter '{pspec.name}' is not set for model(s) {missing}")
                 values = [pspec.default if v is None else v for v in values]
             params[pspec.name] = values
-    known = set(spec.param_names)
+    resolve_params(spec, len(model_params), params)  # validate ranges now, before any IO
+    return params
+
+
+def _check_parameter_names(config: MergeConfig, model_params: List[Dict[str, Any]]) -> None:
+    """Refuse parameter names the method does not take, listing the valid ones."""
+    spec = get_method(config.merge_method)
     for source in [config.parameters, *model_params]:
-        unknown = sorted(set(source) - known)
+        unknown = sorted(set(source) - set(spec.param_names))
         if unknown:
             raise MergeConfigError(
                 f"merge_method '{spec.name}' has no parameter {', '.join(map(repr, unknown))}; "
                 f"valid parameters: {', '.join(spec.param_names)}"
             )
-    resolve_params(spec, len(model_params), params)  # validate ranges now, before any IO
-    return params
 
 
-def build_plan(config: MergeConfig, out_dtype_default: Optional[torch.dtype] = None) -> MergePlan:
+def build_plan(config: MergeConfig) -> MergePlan:
     """Open every checkpoint's headers and plan each output tensor."""
     spec = get_method(config.merge_method)
     base = CheckpointReader(config.base_model) if config.base_model is not None else None
@@ -143,6 +151,7 @@ def build_plan(config: MergeConfig, out_dtype_default: Optional[torch.dtype] = N
         raise MergeConfigError(
             f"merge_method '{spec.name}' needs {bound} model(s) besides the base, got {len(entries)}"
         )
+    _check_parameter_names(config, [e.parameters for e in entries])
     models = [CheckpointReader(e.path) for e in entries]
     reference = base if base is not None else models[0]
     num_layers = _num_layers(reference)
@@ -158,7 +167,7 @@ def build_plan(config: MergeConfig, out_dtype_default: Optional[torch.dtype] = N
                     f"but {reference.folder} has {list(info.shape)} {info.dtype}; the models must share an architecture"
                 )
         mergeable = info.dtype in FLOAT_DTYPES
-        out_dtype = (config.out_dtype or config.dtype or out_dtype_default or info.dtype) if mergeable else info.dtype
+        out_dtype = (config.out_dtype or config.dtype or info.dtype) if mergeable else info.dtype
         params = _resolve_task_params(config, key, layer_position(key, num_layers), [e.parameters for e in entries]) if mergeable else {}
         task_base = Source(base, key) if base is not None and spec.needs_base else None
         tasks.append(TensorTask(key, info.shape, out_dtype, task_base, inputs, params, mergeable))
@@ -173,7 +182,7 @@ def build_plan(config: MergeConfig, out_dtype_default: Optional[torch.dtype] = N
                 f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}",
                 stacklevel=2,
             )
-    return MergePlan(config, base, models, tasks, config.dtype)
+    return MergePlan(config, base, models, tasks)
 
 
 def _same(a: Path, b: Path) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Optional
 
 from moefuse.errors import MergeConfigError
 
@@ -56,7 +55,7 @@ def triton_backend():
     return module
 
 
-def available(name: str) -> Optional[bool]:
+def available(name: str) -> bool:
     """Whether backend `name` can be loaded here ("cpu" or "triton")."""
     loader = {"cpu": _load_cpu, "triton": _load_triton}[name]
     return loader()[0] is not None

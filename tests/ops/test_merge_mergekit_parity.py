@@ -19,7 +19,7 @@ import moefuse
 from moefuse.methods import get_method, resolve_params
 from moefuse.ops.merge_reference import keep_mask, magnitude_keys
 from moefuse.ops.plan import KEEP_RANKS, gta_plan, l1_rescale
-from tests.helpers import assert_close_ulp, assert_merge_close, operand_scale, require_peer, ulp
+from tests.helpers import assert_merge_close, operand_scale, require_peer, ulp
 from tests.mergekit_peer import mergekit_merge
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
