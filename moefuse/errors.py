@@ -12,3 +12,8 @@ class MergeConfigError(MoefuseError, ValueError):
 
 class MergeInputError(MoefuseError, ValueError):
     """Input tensors do not fit together (shape, dtype, device) or hold NaN/Inf."""
+
+
+class MoeInputError(MoefuseError, ValueError):
+    """MoE tensors (hidden states, expert weights, routing) do not fit together, or a model has no
+    supported sparse MoE block."""
