@@ -95,13 +95,27 @@ def _num_layers(reader: CheckpointReader) -> int:
     return max(found) + 1 if found else 1
 
 
-def _find(reader: CheckpointReader, key: str) -> Source:
+def find_source(reader: CheckpointReader, key: str) -> Source:
     """The source for `key` in `reader`, resolving a tied LM head the way transformers does."""
     if key in reader.tensors:
         return Source(reader, key)
     if key == TIED_HEAD and TIED_EMBEDDING in reader.tensors and reader.config().get("tie_word_embeddings", True):
         return Source(reader, TIED_EMBEDDING)
     raise MergeInputError(f"tensor '{key}' of the base is missing from {reader.folder}; the models must share an architecture")
+
+
+def matching_sources(reference: CheckpointReader, key: str, readers: List[CheckpointReader]) -> List[Source]:
+    """`key` in each of `readers`, checked to have the reference's shape and dtype."""
+    info = reference.info(key)
+    sources = [find_source(r, key) for r in readers]
+    for source in sources:
+        other = source.reader.info(source.key)
+        if other.shape != info.shape or other.dtype != info.dtype:
+            raise MergeInputError(
+                f"tensor '{key}': {source.reader.folder} has shape {list(other.shape)} {other.dtype}, "
+                f"but {reference.folder} has {list(info.shape)} {info.dtype}; the models must share an architecture"
+            )
+    return sources
 
 
 def _resolve_task_params(config: MergeConfig, key: str, t: float, model_params: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -158,14 +172,7 @@ def build_plan(config: MergeConfig) -> MergePlan:
     tasks: List[TensorTask] = []
     for key in reference.keys():
         info = reference.info(key)
-        inputs = [_find(m, key) for m in models]
-        for source in inputs:
-            other = source.reader.info(source.key)
-            if other.shape != info.shape or other.dtype != info.dtype:
-                raise MergeInputError(
-                    f"tensor '{key}': {source.reader.folder} has shape {list(other.shape)} {other.dtype}, "
-                    f"but {reference.folder} has {list(info.shape)} {info.dtype}; the models must share an architecture"
-                )
+        inputs = matching_sources(reference, key, models)
         mergeable = info.dtype in FLOAT_DTYPES
         out_dtype = (config.out_dtype or config.dtype or info.dtype) if mergeable else info.dtype
         params = _resolve_task_params(config, key, layer_position(key, num_layers), [e.parameters for e in entries]) if mergeable else {}

@@ -1,0 +1,312 @@
+"""Build a homogeneous MoE from dense models of one architecture (MergeME, mergekit-moe).
+
+Layer l's expert e is expert model e's FFN of layer l; routers come from `moefuse.moe.routers`;
+every other tensor (embeddings, attention, norms, head) is made by the config's `shared_weights`
+rules: copied from the base (mergekit-moe), averaged over the experts, or merged onto the base
+with any merge method (MergeME: TIES/DARE of the experts' task vectors). With `gate_mode:
+perplexity` the output is moefuse's own `moefuse_moe` class (sequence-level perplexity routing,
+optionally each expert keeping its own attention).
+
+Planning reads only headers; tensors are then produced one at a time from memory-mapped inputs
+and appended to pre-planned shards, so peak memory is a few tensors plus the router computation
+(one decoder layer at a time for `hidden`), not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Union
+
+import torch
+from tqdm import tqdm
+
+from moefuse.errors import MergeInputError, MoefuseError
+from moefuse.io.output import DTYPE_CONFIG_NAMES, atomic_output_dir, copy_model_files
+from moefuse.io.safetensors_reader import CheckpointReader
+from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, OutputTensor, ShardedWriter
+from moefuse.merge.config import DTYPES
+from moefuse.merge.plan import FLOAT_DTYPES, Source, find_source, matching_sources
+from moefuse.methods import get_method, resolve_params
+from moefuse.moe.config import SHARED_METHODS, ExpertSpec, MoeBuildConfig, MoeConfigError, parse_moe_config
+from moefuse.moe.layouts import Layout, attention_bias_shapes, select_layout
+from moefuse.moe.routers import gate_vectors
+from moefuse.ops.merge import merge_tensors
+
+LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "vocab_size")
+
+
+@dataclass
+class OutputTask:
+    """One output tensor: how to produce it and which input pages to drop afterwards."""
+
+    output: OutputTensor
+    produce: Callable[[], torch.Tensor]
+    sources: List[Source]
+    what: str  # for --dry-run
+
+
+class MoeBuilder:
+    """Plans and writes one MoE build (see the module docstring)."""
+
+    def __init__(self, cfg: MoeBuildConfig):
+        self.cfg = cfg
+        self.base = CheckpointReader(cfg.base_model)
+        self._readers: Dict[Path, CheckpointReader] = {self._path_key(cfg.base_model): self.base}
+        self.expert_readers = [self._reader(e.source_model) for e in cfg.experts]
+        self.shared_readers = [self._reader(e.source_model) for e in cfg.shared_experts]
+        self.base_config = self.base.config()
+        if not self.base_config:
+            raise MergeInputError(f"{cfg.base_model} has no config.json; the base must be a Hugging Face model folder")
+        self._check_compatible()
+        self._check_rules()
+        self.layout: Layout = select_layout(cfg, self.base_config.get("model_type"))
+        self.out_dtype = cfg.dtype or self._config_dtype() or self.base.info(self.base.keys()[0]).dtype
+        # Models whose versions of the shared tensors are averaged or merged: each distinct expert model once.
+        self.merge_readers = list({id(r): r for r in self.expert_readers + self.shared_readers}.values())
+        self._noise = torch.Generator().manual_seed(cfg.seed + 1)
+        self.gates: Optional[torch.Tensor] = None
+        self.tasks = self._plan()
+
+    @staticmethod
+    def _path_key(path: Path) -> Path:
+        try:
+            return Path(path).resolve()
+        except OSError:
+            return Path(path)
+
+    def _reader(self, path: Path) -> CheckpointReader:
+        key = self._path_key(path)
+        if key not in self._readers:
+            self._readers[key] = CheckpointReader(path)
+        return self._readers[key]
+
+    def _config_dtype(self) -> Optional[torch.dtype]:
+        name = self.base_config.get("dtype") or self.base_config.get("torch_dtype")
+        return DTYPES.get(name) if isinstance(name, str) else None
+
+    # ---- validation -------------------------------------------------------------------------
+    def _check_compatible(self) -> None:
+        described = [("experts", i, e, r) for i, (e, r) in enumerate(zip(self.cfg.experts, self.expert_readers))]
+        described += [("shared_experts", i, e, r) for i, (e, r) in enumerate(zip(self.cfg.shared_experts, self.shared_readers))]
+        base_fields = {f: self.base_config.get(f) for f in ARCHITECTURE_FIELDS}
+        base_vocab = _vocabulary(self.cfg.base_model)
+        for group, index, expert, reader in described:
+            fields = {f: reader.config().get(f) for f in ARCHITECTURE_FIELDS}
+            differing = [f"{f} {fields[f]} vs {base_fields[f]}" for f in ARCHITECTURE_FIELDS
+                         if f != "vocab_size" and fields[f] != base_fields[f]]
+            if differing:
+                raise MoeConfigError(
+                    f"{group}[{index}] ({expert.source_model}) does not share the base's architecture "
+                    f"({'; '.join(differing)}): FFN experts of one MoE layer must come from models of one "
+                    "architecture. Experts of different architectures or sizes need a heterogeneous MoE "
+                    "(MergeME's per-expert layer stacks with projectors), which this version of moefuse does not build."
+                )
+            if fields["vocab_size"] != base_fields["vocab_size"] or _vocabulary(expert.source_model) != base_vocab:
+                raise MoeConfigError(
+                    f"{group}[{index}] ({expert.source_model}) has a different vocabulary or tokenizer from the base "
+                    f"{self.cfg.base_model} (vocab_size {fields['vocab_size']} vs {base_fields['vocab_size']}): "
+                    "experts must share the base's tokenizer"
+                )
+
+    def _check_rules(self) -> None:
+        """Validate the shared-weight merge parameters now, not midway through writing."""
+        models = len({id(r) for r in self.expert_readers + self.shared_readers})
+        for index, rule in enumerate(self.cfg.shared_weights):
+            if rule.method not in SHARED_METHODS:
+                try:
+                    resolve_params(get_method(rule.method), models, dict(rule.parameters))
+                except MoefuseError as error:
+                    raise MoeConfigError(f"config: shared_weights[{index}] ({rule.method}): {error}") from None
+
+    # ---- planning ---------------------------------------------------------------------------
+    def _plan(self) -> List[OutputTask]:
+        tasks: List[OutputTask] = []
+        layers: Dict[int, List[str]] = {}
+        for key in self.base.keys():
+            match = LAYER_KEY.match(key)
+            if match:
+                layers.setdefault(int(match.group(1)), []).append(key)
+            else:
+                tasks.append(self._shared_task(key))
+        num_layers = self.base_config.get("num_hidden_layers", len(layers))
+        if sorted(layers) != list(range(num_layers)):
+            raise MergeInputError(f"{self.cfg.base_model}: config.json says {num_layers} layers, "
+                                  f"the weights hold layers {sorted(layers)}")
+        for layer in range(num_layers):
+            tasks.extend(self._layer_tasks(layer, layers[layer]))
+        return tasks
+
+    def _shared_task(self, key: str) -> OutputTask:
+        rule = self.cfg.shared_rule(key)
+        info = self.base.info(key)
+        if rule.method == "base" or info.dtype not in FLOAT_DTYPES:
+            source = Source(self.base, key)
+            return OutputTask(self._output(key, info), lambda: self._cast(source, info.dtype), [source], "copy base")
+        inputs = matching_sources(self.base, key, self.merge_readers)
+        if rule.method == "average":
+            def produce() -> torch.Tensor:
+                tensors = [s.reader.tensor(s.key) for s in inputs]
+                return merge_tensors(None, tensors, "linear", out_dtype=self.out_dtype, weight=1.0, normalize=True)
+            return OutputTask(self._output(key, info), produce, inputs, "average of the experts")
+        base_source = Source(self.base, key)
+
+        def merge() -> torch.Tensor:
+            try:
+                return merge_tensors(base_source.reader.tensor(key), [s.reader.tensor(s.key) for s in inputs],
+                                     rule.method, out_dtype=self.out_dtype, **rule.parameters)
+            except MoefuseError as error:
+                raise type(error)(f"shared tensor '{key}': {error}") from None
+        return OutputTask(self._output(key, info), merge, [base_source, *inputs], f"{rule.method} {rule.parameters}")
+
+    def _layer_tasks(self, layer: int, keys: List[str]) -> List[OutputTask]:
+        layout = self.layout
+        tasks = [self._shared_task(k) for k in keys if not layout.dense_layer_tensor(k)]
+        if layout.zero_attention_bias:
+            tasks.extend(self._zero_bias_tasks(layer, keys))
+        hidden = self.base_config["hidden_size"]
+        if layout.router_name is not None:
+            tasks.append(self._gate_task(layout.router_name(layer), layer, slice(0, len(self.cfg.experts)),
+                                         (len(self.cfg.experts), hidden)))
+        expert_keys = [k for k in keys if layout.dense_layer_tensor(k)]
+        prefix = f"model.layers.{layer}."
+        for index, (expert, reader) in enumerate(zip(self.cfg.experts, self.expert_readers)):
+            for key in expert_keys:
+                tasks.append(self._expert_task(layout.expert_names(layer, index, key[len(prefix):]), key, expert, reader))
+        if layout.shared_expert_names is not None:
+            for expert, reader in zip(self.cfg.shared_experts, self.shared_readers):
+                for key in expert_keys:
+                    tasks.append(self._expert_task(layout.shared_expert_names(layer, key[len(prefix):]), key, expert, reader))
+            start = len(self.cfg.experts)
+            tasks.append(self._gate_task(layout.shared_gate_name(layer), layer, slice(start, start + 1), (1, hidden)))
+        return tasks
+
+    def _expert_task(self, out_key: str, key: str, expert: ExpertSpec, reader: CheckpointReader) -> OutputTask:
+        source = matching_sources(self.base, key, [reader])[0]
+        info = self.base.info(key)
+        scale = expert.residual_scale if key.endswith("down_proj.weight") else None
+
+        def produce() -> torch.Tensor:
+            tensor = source.reader.tensor(source.key)
+            if expert.noise_scale is None and scale is None:
+                return self._cast(source, info.dtype)
+            tensor = tensor.float()
+            if expert.noise_scale is not None:
+                tensor = tensor + expert.noise_scale * torch.randn(tensor.shape, generator=self._noise)
+            if scale is not None:
+                tensor = tensor * scale
+            return tensor.to(self.out_dtype)
+        what = f"expert from {reader.folder}" + (f", noise {expert.noise_scale}" if expert.noise_scale else "") + (
+            f", x{scale}" if scale is not None else "")
+        return OutputTask(self._output(out_key, info), produce, [source], what)
+
+    def _gate_task(self, key: str, layer: int, rows: slice, shape) -> OutputTask:
+        output = OutputTensor(key, tuple(shape), self.out_dtype)
+        return OutputTask(output, lambda: self.gates[layer, rows].to(self.out_dtype), [], f"router ({self.cfg.gate_mode})")
+
+    def _zero_bias_tasks(self, layer: int, keys: List[str]) -> List[OutputTask]:
+        tasks = []
+        for projection, size in attention_bias_shapes(self.base_config).items():
+            key = f"model.layers.{layer}.self_attn.{projection}.bias"
+            if key not in keys:
+                output = OutputTensor(key, (size,), self.out_dtype)
+                tasks.append(OutputTask(output, lambda size=size: torch.zeros(size, dtype=self.out_dtype), [], "zeros"))
+        return tasks
+
+    def _output(self, key: str, info) -> OutputTensor:
+        dtype = self.out_dtype if info.dtype in FLOAT_DTYPES else info.dtype
+        return OutputTensor(key, tuple(info.shape), dtype)
+
+    def _cast(self, source: Source, dtype: torch.dtype) -> torch.Tensor:
+        tensor = source.reader.tensor(source.key)
+        return tensor.to(self.out_dtype) if dtype in FLOAT_DTYPES else tensor
+
+    # ---- running ----------------------------------------------------------------------------
+    def output_config(self) -> dict:
+        config = self.layout.make_config(self.base_config, self.cfg)
+        if self.out_dtype in DTYPE_CONFIG_NAMES:
+            config["dtype"] = DTYPE_CONFIG_NAMES[self.out_dtype]
+        return config
+
+    def describe(self) -> str:
+        largest = max(t.output.nbytes for t in self.tasks)
+        total = sum(t.output.nbytes for t in self.tasks)
+        lines = [
+            f"output architecture: {self.layout.name} ({self.output_config()['architectures'][0]})",
+            f"base: {self.cfg.base_model}",
+            *[f"expert {i}: {e.source_model}" for i, e in enumerate(self.cfg.experts)],
+            *[f"shared expert {i}: {e.source_model}" for i, e in enumerate(self.cfg.shared_experts)],
+            f"gate mode: {self.cfg.gate_mode}, experts per token: {self.cfg.experts_per_token}, dtype: {self.out_dtype}",
+            f"tensors: {len(self.tasks)}, output size: {total / 1e9:.3f} GB",
+            f"expected peak memory: about {(len(self._readers) + 2) * largest / 1e9:.3f} GB "
+            "(one tensor per input model, the output and the one being written) plus the router computation",
+            *[f"  {t.output.key} {list(t.output.shape)} {t.output.dtype}: {t.what}" for t in self.tasks],
+        ]
+        return "\n".join(lines)
+
+    def compute_gates(self) -> None:
+        if self.layout.router_name is None:
+            return
+        hidden = self.base_config["hidden_size"]
+        self.gates = gate_vectors(self.cfg.gate_mode, self.cfg.gate_experts, self.cfg.base_model, self.base,
+                                  self.base_config["num_hidden_layers"], hidden, self.cfg.seed)
+
+    def write(self, out_dir: Path, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
+              overwrite: bool = False) -> Path:
+        self.compute_gates()
+        total = sum(t.output.nbytes for t in self.tasks)
+        with atomic_output_dir(out_dir, overwrite) as partial, \
+                tqdm(total=total, unit="B", unit_scale=True, desc="building MoE", disable=not progress) as bar:
+            writer = ShardedWriter(partial, [t.output for t in self.tasks], max_shard_size, metadata={"producer": "moefuse"})
+            try:
+                for task in self.tasks:
+                    writer.write(task.output.key, task.produce())
+                    for source in task.sources:
+                        source.reader.release([source.key])
+                    bar.update(task.output.nbytes)
+            except BaseException:
+                writer.abort()
+                raise
+            writer.finish()
+            copy_model_files(self.cfg.base_model, self.cfg.base_model, partial, self.out_dtype)
+            (partial / "config.json").write_text(json.dumps(self.output_config(), indent=2) + "\n")
+        return Path(out_dir)
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+
+
+def _vocabulary(folder: Path) -> Optional[str]:
+    """The tokenizer's vocabulary (tokenizer.json's model vocab and added tokens) as canonical
+    JSON, or None when the folder has no tokenizer.json."""
+    path = Path(folder) / "tokenizer.json"
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise MergeInputError(f"{path} is not valid JSON ({error})") from None
+    model = data.get("model") or {}
+    return json.dumps([model.get("vocab"), model.get("merges"), data.get("added_tokens")], sort_keys=True)
+
+
+def build_moe(config: Union[str, os.PathLike, dict, MoeBuildConfig], out_dir: Union[str, os.PathLike], *,
+              max_shard_size=DEFAULT_MAX_SHARD_SIZE, progress: bool = True, overwrite: bool = False,
+              dry_run: bool = False) -> Union[Path, str]:
+    """Build an MoE checkpoint from dense models described by `config` (a mergekit-moe YAML
+    path, a dict, or a `MoeBuildConfig`) into `out_dir`, written atomically.
+
+    Returns the output folder, or with `dry_run` the plan as text (nothing is written)."""
+    builder = MoeBuilder(parse_moe_config(config))
+    try:
+        if dry_run:
+            return builder.describe()
+        return builder.write(Path(out_dir), max_shard_size=max_shard_size, progress=progress, overwrite=overwrite)
+    finally:
+        builder.close()
