@@ -6,6 +6,8 @@ Importing moefuse needs neither a GPU nor the compiled extension; the fast backe
 from moefuse.errors import MergeConfigError, MergeInputError, MoefuseError
 from moefuse.merge import merge_checkpoints
 from moefuse.methods import get_method, method_names
+from moefuse.moe.build import build_moe
+from moefuse.ops.assignment import linear_assignment
 from moefuse.ops.merge import merge_tensors
 
 __version__ = "0.1.0"
@@ -14,7 +16,9 @@ __all__ = [
     "MergeConfigError",
     "MergeInputError",
     "MoefuseError",
+    "build_moe",
     "get_method",
+    "linear_assignment",
     "merge_checkpoints",
     "merge_tensors",
     "method_names",

@@ -22,12 +22,30 @@ def _merge(args: argparse.Namespace) -> None:
         print(f"wrote {result}")
 
 
+def _build_moe(args: argparse.Namespace) -> None:
+    from moefuse.moe.build import build_moe
+
+    result = build_moe(args.config, args.out_dir, max_shard_size=args.max_shard_size, progress=not args.quiet,
+                       overwrite=args.overwrite, dry_run=args.dry_run)
+    if args.dry_run:
+        print(result)
+    elif not args.quiet:
+        print(f"wrote {result}")
+
+
 def _methods(args: argparse.Namespace) -> None:
     from moefuse.methods import all_methods
 
     for spec in all_methods():
         params = ", ".join(f"{p.name}={p.default!r}" for p in spec.params)
         print(f"{spec.name:18s} {params}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from moefuse.generate import generate
+
+    print(generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, fast=args.fast,
+                   device=args.device, dtype=args.dtype))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +63,27 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(run=_merge)
 
+    build = commands.add_parser("build-moe", help="build a mixture of experts from dense models (mergekit-moe YAML)")
+    build.add_argument("config", help="MoE configuration (YAML; mergekit-moe keys plus moefuse's)")
+    build.add_argument("out_dir", help="output folder (written atomically)")
+    build.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    build.add_argument("--dry-run", action="store_true", help="print the plan and expected memory, write nothing")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.set_defaults(run=_build_moe)
+
     methods = commands.add_parser("methods", help="list merge methods and their parameters")
     methods.set_defaults(run=_methods)
+
+    generate = commands.add_parser("generate", help="greedy generation with the fast MoE blocks patched in")
+    generate.add_argument("model", help="model folder (config, weights, tokenizer)")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                          help="run the sparse MoE blocks on moefuse's grouped kernels (default: on)")
+    generate.add_argument("--device", default="cpu", help="cpu or cuda")
+    generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    generate.set_defaults(run=_generate)
     return parser
 
 
