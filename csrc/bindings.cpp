@@ -1,6 +1,7 @@
 // Python bindings of the moefuse._C extension. Heavy kernels release the GIL.
 #include <torch/extension.h>
 
+#include "lap_cpu.h"
 #include "merge_cpu.h"
 
 namespace py = pybind11;
@@ -16,4 +17,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_gta", &moefuse::fused_gta, nogil);
   m.def("weighted_sum", &moefuse::weighted_sum, nogil);
   m.def("gram", &moefuse::gram, py::arg("tensors"), py::arg("base") = py::none(), nogil);
+  m.def("linear_assignment", &moefuse::linear_assignment_cpu, py::arg("cost"), py::arg("maximize"), nogil);
 }

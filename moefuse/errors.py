@@ -17,3 +17,8 @@ class MergeInputError(MoefuseError, ValueError):
 class MoeInputError(MoefuseError, ValueError):
     """MoE tensors (hidden states, expert weights, routing) do not fit together, or a model has no
     supported sparse MoE block."""
+
+
+class AssignmentError(MoefuseError, ValueError):
+    """A linear assignment cost matrix is not 2-D, holds NaN or an infinity of the wrong sign, or
+    has no complete assignment that avoids its forbidden (infinite) entries."""
