@@ -4,10 +4,12 @@ Importing moefuse needs neither a GPU nor the compiled extension; the fast backe
 """
 
 from moefuse.errors import MergeConfigError, MergeInputError, MoefuseError
+from moefuse.integrations.transformers import apply_to
 from moefuse.merge import merge_checkpoints
 from moefuse.methods import get_method, method_names
 from moefuse.moe.build import build_moe
 from moefuse.ops.assignment import linear_assignment
+from moefuse.ops.grouped_moe import grouped_moe
 from moefuse.ops.merge import merge_tensors
 
 __version__ = "0.1.0"
@@ -16,8 +18,10 @@ __all__ = [
     "MergeConfigError",
     "MergeInputError",
     "MoefuseError",
+    "apply_to",
     "build_moe",
     "get_method",
+    "grouped_moe",
     "linear_assignment",
     "merge_checkpoints",
     "merge_tensors",
