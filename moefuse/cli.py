@@ -33,6 +33,18 @@ def _build_moe(args: argparse.Namespace) -> None:
         print(f"wrote {result}")
 
 
+def _train_router(args: argparse.Namespace) -> None:
+    from moefuse.moe.train_router import train_router
+
+    result = train_router(args.model, args.text, args.out_dir, steps=args.steps, learning_rate=args.lr,
+                          seq_len=args.seq_len, batch_size=args.batch_size, train=args.train,
+                          aux_loss_coef=args.aux_loss_coef, device=args.device, seed=args.seed,
+                          progress=not args.quiet, overwrite=args.overwrite)
+    if not args.quiet:
+        print(f"wrote {result.out_dir}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} "
+              f"({result.trained_parameters} parameters trained)")
+
+
 def _methods(args: argparse.Namespace) -> None:
     from moefuse.methods import all_methods
 
@@ -71,6 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--dry-run", action="store_true", help="print the plan and expected memory, write nothing")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(run=_build_moe)
+
+    trainer = commands.add_parser("train-router", help="fine-tune the routers of an MoE on a local text file")
+    trainer.add_argument("model", help="MoE checkpoint folder (Mixtral, Qwen2-MoE or Qwen3-MoE layout)")
+    trainer.add_argument("text", help="UTF-8 text file to train on")
+    trainer.add_argument("out_dir", help="output folder (written atomically)")
+    trainer.add_argument("--steps", type=int, default=100)
+    trainer.add_argument("--lr", type=float, default=1e-3)
+    trainer.add_argument("--seq-len", type=int, default=128)
+    trainer.add_argument("--batch-size", type=int, default=4)
+    trainer.add_argument("--train", default="gates", choices=["gates", "experts", "all"],
+                         help="what to train: the routers, routers and experts, or everything")
+    trainer.add_argument("--aux-loss-coef", type=float, default=0.02, help="weight of the load-balancing loss")
+    trainer.add_argument("--device", default="cpu")
+    trainer.add_argument("--seed", type=int, default=0)
+    trainer.add_argument("--overwrite", action="store_true")
+    trainer.add_argument("--quiet", action="store_true")
+    trainer.set_defaults(run=_train_router)
 
     methods = commands.add_parser("methods", help="list merge methods and their parameters")
     methods.set_defaults(run=_methods)

@@ -1,0 +1,82 @@
+"""Router fine-tuning: only the routers change, and the training objective goes down."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import transformers
+
+from moefuse import build_moe
+from moefuse.errors import MoefuseError
+from moefuse.moe.train_router import train_router
+from tests.moe.tiny_models import WORDS, save_dense_models, word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    dense = save_dense_models(root, "llama", count=3, noise=0.2)
+    build_moe({"base_model": str(dense[0]), "gate_mode": "random", "experts_per_token": 2,
+               "experts": [{"source_model": str(f)} for f in dense]}, root / "moe", progress=False)
+    rng = random.Random(0)
+    text = root / "train.txt"
+    text.write_text(" ".join(" ".join(WORDS[i:i + 4]) for i in (rng.randrange(40) for _ in range(600))))
+    return root / "moe", text
+
+
+def _losses(folder, text, seq_len=32):
+    """(total loss, load-balancing loss) on fixed windows of the training text."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = word_tokenizer()(text.read_text(), add_special_tokens=False, return_tensors="pt").input_ids
+    windows = ids[0, : (ids.shape[1] // seq_len) * seq_len].reshape(-1, seq_len)[:16]
+    with torch.no_grad():
+        output = model(input_ids=windows, labels=windows, output_router_logits=True)
+    return output.loss.item(), output.aux_loss.item()
+
+
+def test_gate_training_changes_only_the_routers_and_balances_them(moe, tmp_path):
+    folder, text = moe
+    result = train_router(folder, text, tmp_path / "trained", steps=20, seq_len=32, batch_size=8,
+                          learning_rate=3e-2, aux_loss_coef=1.0, progress=False)
+    assert len(result.losses) == 20 and len(result.balance_losses) == 20
+    assert result.trained_parameters == 2 * 3 * 64
+    before = transformers.AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    after = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "trained").state_dict()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == ["model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"]
+    assert _losses(tmp_path / "trained", text)[1] < _losses(folder, text)[1]
+    assert (tmp_path / "trained" / "tokenizer.json").exists()
+
+
+def test_training_all_parameters_lowers_the_language_model_loss(moe, tmp_path):
+    folder, text = moe
+    train_router(folder, text, tmp_path / "trained", steps=15, seq_len=32, batch_size=8, learning_rate=3e-3,
+                 train="all", progress=False)
+    assert _losses(tmp_path / "trained", text)[0] < _losses(folder, text)[0] - 0.5
+
+
+def test_training_errors(moe, tmp_path):
+    folder, text = moe
+    with pytest.raises(MoefuseError, match="does not exist"):
+        train_router(folder, tmp_path / "missing.txt", tmp_path / "out", steps=1, progress=False)
+    short = tmp_path / "short.txt"
+    short.write_text("the king")
+    with pytest.raises(MoefuseError, match="fewer than one window"):
+        train_router(folder, short, tmp_path / "out", steps=1, progress=False)
+    with pytest.raises(MoefuseError, match="train='everything'"):
+        train_router(folder, text, tmp_path / "out", steps=1, train="everything", seq_len=16, progress=False)
+    dense = save_dense_models(tmp_path, "llama", count=1)[0]
+    with pytest.raises(MoefuseError, match="not a token-routed MoE"):
+        train_router(dense, text, tmp_path / "out", steps=1, seq_len=16, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli(moe, tmp_path, capsys):
+    from moefuse.cli import main
+
+    folder, text = moe
+    assert main(["train-router", str(folder), str(text), str(tmp_path / "out"), "--steps", "2", "--seq-len", "16"]) == 0
+    assert "parameters trained" in capsys.readouterr().out
+    assert main(["train-router", str(folder), str(tmp_path / "none.txt"), str(tmp_path / "x"), "--quiet"]) == 2
