@@ -45,12 +45,16 @@ def interpreted() -> bool:
     return not isinstance(_gate_up_kernel, triton.JITFunction)
 
 
-def pick_config(num_pairs: int, num_experts: int) -> Dict[str, int]:
-    """The table's launch config for `num_pairs` token-expert pairs over `num_experts` experts."""
+def pick_config(num_pairs: int, num_experts: int, dtype: torch.dtype) -> Dict[str, int]:
+    """The table's launch config for `num_pairs` token-expert pairs over `num_experts` experts.
+    fp32 tiles take twice the shared memory of 16-bit ones, so their K step is capped at 32."""
     if interpreted():
         return dict(INTERPRETER_CONFIG)
     rows = num_pairs / max(num_experts, 1)
-    return dict(next(config for limit, config in CONFIGS if limit is None or rows <= limit))
+    config = dict(next(config for limit, config in CONFIGS if limit is None or rows <= limit))
+    if dtype == torch.float32:
+        config["BLOCK_K"] = min(config["BLOCK_K"], 32)
+    return config
 
 
 @triton.jit
@@ -85,7 +89,7 @@ def _gate_up_kernel(
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xk
     g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
-    u_ptrs = g_ptrs + inter.to(tl.int64) * stride_wn
+    u_ptrs = g_ptrs + inter * stride_wn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):

@@ -101,7 +101,7 @@ def _grouped_moe_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights,
     _check_triton_device(hidden)
     num_tokens, top_k = topk_ids.shape
     num_experts = gate_up_proj.shape[0]
-    config = gemm.pick_config(num_tokens * top_k, num_experts)
+    config = gemm.pick_config(num_tokens * top_k, num_experts, hidden.dtype)
     sorted_ids, block_experts, _ = moe_align.align_forward(topk_ids, num_experts, config["BLOCK_M"])
     h = gemm.gate_up_forward(hidden, gate_up_proj, sorted_ids, block_experts, top_k, config, autotune)
     weights = topk_weights.reshape(-1).float().contiguous()
