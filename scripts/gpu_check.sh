@@ -15,3 +15,9 @@ python3 -m pytest -q -x tests/ops/test_merge_triton.py tests/ops/test_merge_back
 python3 -m pytest -q -p no:cacheprovider benches/bench_merge.py 2>&1 | tail -5 | tee "$OUT/bench.log"
 cp benches/results/merge_cuda.json benches/results/merge_cuda.png "$OUT/" 2>/dev/null
 python3 benches/plots.py "$OUT/merge_cuda.json" | tee "$OUT/merge_cuda.md"
+# Grouped MoE (issue 6): native Triton kernels at model shapes, patched models, then the MoE layer benchmark.
+python3 -m pytest -q -x tests/ops/test_grouped_moe.py tests/ops/test_grouped_moe_cuda.py \
+  tests/integrations/test_transformers_patch.py 2>&1 | tee "$OUT/tests_moe.log"
+python3 -m pytest -q -p no:cacheprovider benches/bench_moe_layer.py 2>&1 | tail -5 | tee "$OUT/bench_moe.log"
+cp benches/results/moe_layer_cuda.json benches/results/moe_layer_cuda.png "$OUT/" 2>/dev/null
+python3 -m benches.bench_moe_layer "$OUT/moe_layer_cuda.json" | tee "$OUT/moe_layer_cuda.md"
