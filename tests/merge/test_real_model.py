@@ -9,14 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moefuse.merge import merge_checkpoints
-from tests.real_model import variants
 
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def smollm(tmp_path_factory):
-    return variants(tmp_path_factory.mktemp("smollm"), 3)
 
 
 def _greedy(folder, tokens=8) -> str:
