@@ -43,6 +43,7 @@ MASK_FUNCTIONS = {
     "full_attention": create_causal_mask,
     "sliding_attention": create_sliding_window_causal_mask,
 }
+NLL_CHUNK_LOGITS = 1 << 25  # logits held at once while scoring perplexity (128 MiB in fp32)
 _FAMILY_PARTS = {
     "decoder_layer": "DecoderLayer",
     "attention": "Attention",
@@ -211,9 +212,8 @@ class MoefuseMoePreTrainedModel(PreTrainedModel):
     config: MoefuseMoeConfig
     config_class = MoefuseMoeConfig
     base_model_prefix = "model"
+    _no_split_modules = ["MoefuseSeparateAttentionLayer", "MoefuseSharedAttentionLayer"]
     _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_attention_backend = True
 
 
 class MoefuseMoeModel(MoefuseMoePreTrainedModel):
@@ -382,7 +382,7 @@ class MoefuseMoeForCausalLM(MoefuseMoePreTrainedModel, GenerationMixin):
         """PPL_e = exp(mean NLL of token t+1 given tokens <= t, over pairs where both are real
         (attention_mask 1)), with each expert alone (routing one-hot on e). fp32 [batch, E];
         NaN for sequences with fewer than 2 real tokens."""
-        batch, length = input_ids.shape
+        batch = input_ids.shape[0]
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         scored = real[:, :-1] & real[:, 1:]
         count = scored.sum(dim=1)
@@ -396,11 +396,21 @@ class MoefuseMoeForCausalLM(MoefuseMoePreTrainedModel, GenerationMixin):
                 use_cache=False,
                 routing_weights=one_hot,
             ).last_hidden_state
-            logits = self.lm_head(hidden[:, :-1]).float()
-            nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
-            total = torch.where(scored, nll, torch.zeros_like(nll)).sum(dim=1)
-            perplexities.append(torch.exp(total / count))
+            perplexities.append(torch.exp(self._next_token_nll(hidden, input_ids, scored).sum(dim=1) / count))
         return torch.stack(perplexities, dim=1)
+
+    def _next_token_nll(self, hidden: torch.Tensor, input_ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+        """NLL of token t+1 from position t, 0 where not `scored`: fp32 [batch, length-1]. The
+        logits are formed a few positions at a time (at most NLL_CHUNK_LOGITS of them at once)."""
+        batch, pairs = scored.shape
+        step = max(1, NLL_CHUNK_LOGITS // max(1, batch * self.lm_head.out_features))
+        pieces = []
+        for start in range(0, pairs, step):
+            stop = min(start + step, pairs)
+            logits = self.lm_head(hidden[:, start:stop]).float()
+            nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, start + 1 : stop + 1], reduction="none")
+            pieces.append(torch.where(scored[:, start:stop], nll, torch.zeros_like(nll)))
+        return torch.cat(pieces, dim=1) if pieces else hidden.new_zeros(batch, 0, dtype=torch.float32)
 
     def route(
         self,

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 import moefuse
 from moefuse.errors import MoefuseError, MoeInputError
 from moefuse.moe.config import MoeConfigError
+from moefuse.moe import modeling_moefuse
 from moefuse.moe.modeling_moefuse import MoefuseCache, MoefuseMoeForCausalLM, perplexity_routing
 from tests.helpers import assert_close_fp32
 from tests.moe.moefuse_checkpoints import dense_model, noised, write_moe_checkpoint
@@ -47,9 +48,12 @@ def greedy(model, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
     return out[:, input_ids.shape[1]:]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
-@pytest.mark.parametrize("separate_attention", [True, False])
-@pytest.mark.parametrize("k", [1, 2])
+IDENTICAL_CASES = [(family, separate, k) for family in ("llama", "qwen3") for separate in (True, False) for k in (1, 2)] + [
+    ("mistral", True, 2), ("mistral", False, 1), ("qwen2", True, 1), ("qwen2", False, 2)
+]
+
+
+@pytest.mark.parametrize("family, separate_attention, k", IDENTICAL_CASES)
 def test_identical_experts_reproduce_the_dense_model(tmp_path, family, separate_attention, k):
     dense = dense_model(family, seed=0)
     model = load(write_moe_checkpoint(tmp_path, [dense] * E, k, separate_attention))
@@ -62,8 +66,7 @@ def test_identical_experts_reproduce_the_dense_model(tmp_path, family, separate_
     assert_close_fp32(out.logits, expected)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("separate_attention", [True, False])
+@pytest.mark.parametrize("family, separate_attention", [("llama", True), ("llama", False), ("qwen3", True)])
 def test_one_hot_routing_reproduces_the_expert_whose_shared_layers_it_has(tmp_path, family, separate_attention):
     denses = [dense_model(family, seed=10 + e) for e in range(E)]
     ids = tokens(2, SEQ, seed=2)
@@ -77,7 +80,7 @@ def test_one_hot_routing_reproduces_the_expert_whose_shared_layers_it_has(tmp_pa
         assert min(others) > 1e-3  # the experts differ, so the match above is not trivial
 
 
-def test_perplexity_routing_prefers_the_expert_that_fits_the_text(tmp_path):
+def test_perplexity_routing_prefers_the_expert_that_fits_the_text(tmp_path, monkeypatch):
     base = dense_model("llama", seed=3, initializer_range=0.2)
     experts = [noised(base, 1.0, seed=4), base, noised(base, 0.5, seed=5)]
     torch.manual_seed(6)
@@ -94,6 +97,8 @@ def test_perplexity_routing_prefers_the_expert_that_fits_the_text(tmp_path):
         assert weights.argmax(dim=1).tolist() == [1, 1]
         assert (weights > 0).sum(dim=1).tolist() == [k, k]
         torch.testing.assert_close(weights, perplexity_routing(ppl, k, 1.0))
+    monkeypatch.setattr(modeling_moefuse, "NLL_CHUNK_LOGITS", 300)  # logits of one position at a time
+    torch.testing.assert_close(model.expert_perplexities(text), ppl)
 
 
 def test_perplexity_routing_formula():
@@ -177,8 +182,22 @@ def test_cache_holds_one_slot_per_layer_and_expert(tmp_path):
     assert filled == [0, 0, 5, 0, 0, 5]  # only the routed expert ran
     assert cache.get_seq_length() == 5
     torch.testing.assert_close(cache.routing_weights, one_hot(2, 2))
-    cache.reorder_cache(torch.tensor([1, 1]))
-    assert cache.routing_weights.shape == (2, E)
+    cache.routing_weights = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
+    cache.reorder_cache(torch.tensor([1, 0]))
+    torch.testing.assert_close(cache.routing_weights, torch.tensor([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]]))
+    cache.batch_repeat_interleave(2)
+    assert cache.routing_weights[:, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
+    cache.batch_select_indices(torch.tensor([3]))
+    torch.testing.assert_close(cache.routing_weights, torch.tensor([[1.0, 0.0, 0.0]]))
+    assert cache.layers[2].keys.shape[0] == 1
+
+
+def test_beam_search_of_identical_experts_equals_the_dense_model(tmp_path):
+    dense = dense_model("llama", seed=65)
+    model = load(write_moe_checkpoint(tmp_path, [dense] * E, 2, separate_attention=True))
+    ids = tokens(2, 5, seed=15)
+    beams = dict(num_beams=3, num_return_sequences=2)
+    assert torch.equal(greedy(model, ids, **beams), greedy(dense, ids, **beams))
 
 
 def test_bad_inputs_raise_moefuse_errors(tmp_path):
