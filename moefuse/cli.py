@@ -60,6 +60,14 @@ def _generate(args: argparse.Namespace) -> None:
                    device=args.device, dtype=args.dtype))
 
 
+def _compress_moe(args: argparse.Namespace) -> None:
+    from moefuse.moe.compress import compress_moe
+
+    out = compress_moe(args.model, args.out_dir, args.experts, calibration_text=args.calibration,
+                       max_tokens=args.max_tokens, seq_len=args.seq_len, overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moefuse", description="Fast, memory-frugal model merging.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="cpu", help="cpu or cuda")
     generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     generate.set_defaults(run=_generate)
+
+    compress = commands.add_parser("compress-moe", help="merge an MoE's experts into fewer (M-SMoE style)")
+    compress.add_argument("model", help="MoE checkpoint folder (Mixtral, Qwen2-MoE, Qwen3-MoE)")
+    compress.add_argument("out_dir", help="output folder (written atomically)")
+    compress.add_argument("--experts", type=int, required=True, help="experts per layer to keep")
+    compress.add_argument("--calibration", required=True, help="local text file for routing statistics")
+    compress.add_argument("--max-tokens", type=int, default=8192, help="calibration tokens to use")
+    compress.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
+    compress.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    compress.set_defaults(run=_compress_moe)
     return parser
 
 
