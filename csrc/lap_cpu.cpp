@@ -33,6 +33,73 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
+// The dense passes are compiled for AVX2 too and picked at load time (GCC function multiversioning).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MOEFUSE_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MOEFUSE_SIMD_CLONES
+#endif
+
+// v[j] = min(v[j], c[j]) and arg[j] = i where c[j] is smaller (one row of the column-minimum sweep).
+template <typename T>
+MOEFUSE_SIMD_CLONES void column_min_row(const T* c, double* v, int64_t* arg, int64_t n, int64_t i) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const double cij = static_cast<double>(c[j]);
+    const bool lower = cij < v[j];
+    v[j] = lower ? cij : v[j];
+    arg[j] = lower ? i : arg[j];
+  }
+}
+
+// The smallest and second smallest of c[j] - v[j] (the second may equal the first), in per-lane pairs.
+template <typename T>
+MOEFUSE_SIMD_CLONES std::pair<double, double> two_smallest(const T* c, const double* v, int64_t n) {
+  constexpr int kLanes = 8;
+  double first[kLanes], second[kLanes];
+  for (int l = 0; l < kLanes; ++l) first[l] = second[l] = kInf;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const double h = static_cast<double>(c[j + l]) - v[j + l];
+      second[l] = std::min(second[l], std::max(first[l], h));
+      first[l] = std::min(first[l], h);
+    }
+  }
+  for (; j < n; ++j) {
+    const double h = static_cast<double>(c[j]) - v[j];
+    second[0] = std::min(second[0], std::max(first[0], h));
+    first[0] = std::min(first[0], h);
+  }
+  double u1 = kInf, u2 = kInf;
+  for (int l = 0; l < kLanes; ++l) {
+    u2 = std::min(u2, std::max(u1, first[l]));
+    u1 = std::min(u1, first[l]);
+    u2 = std::min(u2, second[l]);
+  }
+  return {u1, u2};
+}
+
+// Relax every column through row c reached at `offset` + reduced cost: d[j] = min(d[j], c[j] - w[j] +
+// offset) with pred[j] = i where it falls; returns (min_j d[j], min_j d[j] + penalty[j]).
+template <typename T>
+MOEFUSE_SIMD_CLONES std::pair<double, double> relax_row(const T* c, const double* w, const double* penalty,
+                                                         double* d, int64_t* pred, int64_t n, int64_t i,
+                                                         double offset) {
+  double low = kInf, low_free = kInf;
+#pragma omp simd reduction(min : low, low_free)
+  for (int64_t j = 0; j < n; ++j) {
+    const double h = static_cast<double>(c[j]) - w[j] + offset;
+    const bool shorter = h < d[j];
+    const double dj = shorter ? h : d[j];
+    d[j] = dj;
+    pred[j] = shorter ? i : pred[j];
+    low = std::min(low, dj);
+    low_free = std::min(low_free, dj + penalty[j]);
+  }
+  return {low, low_free};
+}
+
 std::string shape_text(int64_t rows, int64_t cols) {
   return "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]";
 }
@@ -79,16 +146,7 @@ class DenseLap {
     std::fill(v_.begin(), v_.end(), kInf);
     double* v = v_.data();
     int64_t* arg = argmin.data();
-    for (int64_t i = 0; i < rows_; ++i) {
-      const T* c = row(i);
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const double cij = static_cast<double>(c[j]);
-        const bool lower = cij < v[j];
-        v[j] = lower ? cij : v[j];
-        arg[j] = lower ? i : arg[j];
-      }
-    }
+    for (int64_t i = 0; i < rows_; ++i) column_min_row(row(i), v, arg, n, i);
     std::vector<int> matches(rows_, 0);
     for (int64_t j = n - 1; j >= 0; --j) {
       const int64_t i = arg[j];
@@ -124,33 +182,22 @@ class DenseLap {
   // the retries on nearly-tied floats; rows left over stay free for the augmenting phase.
   void augmenting_row_reduction(std::vector<int64_t>& free_rows) {
     const int64_t previous = static_cast<int64_t>(free_rows.size());
-    const int64_t budget = 16 * rows_ + 64;
+    const int64_t budget = 4 * rows_ + 64;
     int64_t next = 0, kept = 0, steps = 0;
     double* v = v_.data();
     while (next < previous && steps++ < budget) {
       const int64_t i = free_rows[next++];
       const T* c = row(i);
-      double u1 = kInf, u2 = kInf;
-      int64_t j1 = 0, j2 = 0;
-      for (int64_t j = 0; j < cols_; ++j) {
-        const double h = static_cast<double>(c[j]) - v[j];
-        if (h < u2) {
-          if (h >= u1) {
-            u2 = h;
-            j2 = j;
-          } else {
-            u2 = u1;
-            j2 = j1;
-            u1 = h;
-            j1 = j;
-          }
-        }
-      }
+      const auto [u1, u2] = two_smallest(c, v, cols_);
+      int64_t j1 = 0;
+      while (static_cast<double>(c[j1]) - v[j1] != u1) ++j1;
       int64_t evicted = y_[j1];
       const bool strict = u1 < u2;
       if (strict) {
         v[j1] -= u2 - u1;
-      } else if (evicted >= 0) {
+      } else if (evicted >= 0) {  // a tie: take the other column of the smallest reduced cost
+        int64_t j2 = 0;
+        while (j2 == j1 || static_cast<double>(c[j2]) - v[j2] != u2) ++j2;
         j1 = j2;
         evicted = y_[j1];
       }
@@ -173,23 +220,7 @@ class DenseLap {
   // Relax every unscanned column through row i reached at distance offset + (c_i,x_i - v_x_i);
   // returns (min over unscanned columns of d, min over unscanned free columns of d).
   std::pair<double, double> relax(int64_t i, double offset) {
-    const T* c = row(i);
-    double* d = d_.data();
-    const double* w = w_.data();
-    const double* penalty = penalty_.data();
-    int64_t* pred = pred_.data();
-    double low = kInf, low_free = kInf;
-#pragma omp simd reduction(min : low, low_free)
-    for (int64_t j = 0; j < cols_; ++j) {
-      const double h = static_cast<double>(c[j]) - w[j] + offset;
-      const bool shorter = h < d[j];
-      const double dj = shorter ? h : d[j];
-      d[j] = dj;
-      pred[j] = shorter ? i : pred[j];
-      low = std::min(low, dj);
-      low_free = std::min(low_free, dj + penalty[j]);
-    }
-    return {low, low_free};
+    return relax_row(row(i), w_.data(), penalty_.data(), d_.data(), pred_.data(), cols_, i, offset);
   }
 
   // Shortest augmenting path from free row f (Dijkstra on reduced costs; scanned columns get w = -inf
