@@ -13,15 +13,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
+
+from benches.common import run_measured
 
 MODELS = 4
 HIDDEN, INTERMEDIATE, VOCAB = 2048, 5632, 32000
@@ -62,27 +62,6 @@ def write_synthetic(folder: Path, layers: int, seed: int) -> None:
                   num_key_value_heads=4, vocab_size=VOCAB, tie_word_embeddings=False, torch_dtype="bfloat16",
                   rms_norm_eps=1e-5, max_position_embeddings=2048)
     (folder / "config.json").write_text(json.dumps(config))
-
-
-# A forked child's peak RSS (ru_maxrss) includes the pages it shared with its parent before exec,
-# so every tool is started from this small launcher process rather than from pytest itself.
-LAUNCHER = (
-    "import os, subprocess, sys\n"
-    "child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
-    "_, status, usage = os.wait4(child.pid, 0)\n"
-    "print(usage.ru_maxrss * 1024)\n"
-    "sys.exit(os.waitstatus_to_exitcode(status))\n"
-)
-
-
-def run_measured(command) -> tuple:
-    """(seconds, peak RSS bytes) of one tool run."""
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"{command[0]} failed: {result.stderr[-2000:]}")
-    return seconds, int(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -118,3 +119,24 @@ def write_results(name: str, rows: List[dict]) -> Path:
 
 def quiet_env() -> bool:
     return os.environ.get("MOEFUSE_BENCH_QUICK") == "1"
+
+
+# A forked child's peak RSS (ru_maxrss) includes the pages it shared with its parent before exec,
+# so every tool is started from this small launcher process rather than from pytest itself.
+LAUNCHER = (
+    "import os, subprocess, sys\n"
+    "child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+    "_, status, usage = os.wait4(child.pid, 0)\n"
+    "print(usage.ru_maxrss * 1024)\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
+def run_measured(command) -> tuple:
+    """(seconds, peak RSS bytes) of one tool run."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed: {result.stderr[-2000:]}")
+    return seconds, int(result.stdout.strip().splitlines()[-1])
