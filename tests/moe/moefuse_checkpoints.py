@@ -25,7 +25,9 @@ FAMILIES = {
     "mistral": lambda **kw: MistralConfig(**TINY, sliding_window=6, **kw),
     "qwen2": lambda **kw: Qwen2Config(**TINY, **kw),
     # layer 0 full attention, layer 1 a 4-token sliding window
-    "qwen2_sliding": lambda **kw: Qwen2Config(**TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1, **kw),
+    "qwen2_sliding": lambda **kw: Qwen2Config(
+        **TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1, **kw
+    ),
     "qwen3": lambda **kw: Qwen3Config(**TINY, head_dim=16, **kw),
 }
 ATTENTION_PREFIXES = ("self_attn.", "input_layernorm.", "post_attention_layernorm.")

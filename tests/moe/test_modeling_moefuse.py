@@ -48,9 +48,9 @@ def greedy(model, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
     return out[:, input_ids.shape[1]:]
 
 
-IDENTICAL_CASES = [(family, separate, k) for family in ("llama", "qwen3") for separate in (True, False) for k in (1, 2)] + [
-    ("mistral", True, 2), ("mistral", False, 1), ("qwen2", True, 1), ("qwen2", False, 2)
-]
+IDENTICAL_CASES = [
+    (family, separate, k) for family in ("llama", "qwen3") for separate in (True, False) for k in (1, 2)
+] + [("mistral", True, 2), ("mistral", False, 1), ("qwen2", True, 1), ("qwen2", False, 2)]
 
 
 @pytest.mark.parametrize("family, separate_attention, k", IDENTICAL_CASES)
@@ -136,7 +136,8 @@ def test_save_load_roundtrip(tmp_path, separate_attention):
     config = json.loads((tmp_path / "out/config.json").read_text())
     assert config["model_type"] == "moefuse_moe" and config["architectures"] == ["MoefuseMoeForCausalLM"]
     assert config["base_config"]["model_type"] == "llama"
-    assert (config["num_experts"], config["num_experts_per_tok"], config["separate_attention"]) == (E, 2, separate_attention)
+    routing = (config["num_experts"], config["num_experts_per_tok"], config["separate_attention"])
+    assert routing == (E, 2, separate_attention)
     reloaded = load(tmp_path / "out")
     ids = tokens(2, SEQ, seed=9)
     with torch.no_grad():
@@ -150,7 +151,8 @@ def test_generate_with_cache_equals_without(tmp_path, family, separate_attention
     model = load(write_moe_checkpoint(tmp_path, denses, 2, separate_attention))
     ids = tokens(2, 6, seed=10)
     mixed = torch.tensor([[0.3, 0.7, 0.0], [0.0, 0.4, 0.6]])
-    assert torch.equal(greedy(model, ids, routing_weights=mixed), greedy(model, ids, routing_weights=mixed, use_cache=False))
+    cached = greedy(model, ids, routing_weights=mixed)
+    assert torch.equal(cached, greedy(model, ids, routing_weights=mixed, use_cache=False))
     # perplexity routing: the weights found on the prompt are kept for the whole generation
     routed = greedy(model, ids)
     assert torch.equal(routed, greedy(model, ids, routing_weights=model.route(ids), use_cache=False))
@@ -174,14 +176,23 @@ def test_batched_left_padding_equals_unbatched(tmp_path, separate_attention):
 
 def test_cache_holds_one_slot_per_layer_and_expert(tmp_path):
     denses = [dense_model("llama", seed=60 + e) for e in range(E)]
-    model = load(write_moe_checkpoint(tmp_path, denses, 1, separate_attention=True))
+    model = load(write_moe_checkpoint(tmp_path, denses, 1, separate_attention=True, shared_from=2))
+    ids = tokens(2, 6, seed=13)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # row 0 left-padded
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
     cache = MoefuseCache(model.config)
-    out = model(tokens(2, 5, seed=13), cache=cache, use_cache=True, routing_weights=one_hot(2, 2))
+    out = model(ids[:, :5], attention_mask=mask[:, :5], position_ids=positions[:, :5], cache=cache,
+                use_cache=True, routing_weights=one_hot(2, 2))
     assert out.cache is cache and len(cache.layers) == 2 * E
     filled = [layer.get_seq_length() for layer in cache.layers]
     assert filled == [0, 0, 5, 0, 0, 5]  # only the routed expert ran
     assert cache.get_seq_length() == 5
     torch.testing.assert_close(cache.routing_weights, one_hot(2, 2))
+    with torch.no_grad():  # the next token: routing from the cache, masks sized by the filled slots
+        step = model(ids[:, 5:], attention_mask=mask, position_ids=positions[:, 5:], cache=cache, use_cache=True)
+        expected = denses[2](ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        assert_close_fp32(step.logits[:, -1], expected)
+    assert cache.get_seq_length() == 6
     cache.routing_weights = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
     cache.reorder_cache(torch.tensor([1, 0]))
     torch.testing.assert_close(cache.routing_weights, torch.tensor([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]]))
