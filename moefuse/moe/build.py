@@ -95,7 +95,6 @@ class MoeBuilder:
         described = [("experts", i, e, r) for i, (e, r) in enumerate(zip(self.cfg.experts, self.expert_readers))]
         described += [("shared_experts", i, e, r) for i, (e, r) in enumerate(zip(self.cfg.shared_experts, self.shared_readers))]
         base_fields = {f: self.base_config.get(f) for f in ARCHITECTURE_FIELDS}
-        base_vocab = _vocabulary(self.cfg.base_model)
         for group, index, expert, reader in described:
             fields = {f: reader.config().get(f) for f in ARCHITECTURE_FIELDS}
             differing = [f"{f} {fields[f]} vs {base_fields[f]}" for f in ARCHITECTURE_FIELDS
@@ -107,7 +106,7 @@ class MoeBuilder:
                     "architecture. Experts of different architectures or sizes need a heterogeneous MoE "
                     "(MergeME's per-expert layer stacks with projectors), which this version of moefuse does not build."
                 )
-            if fields["vocab_size"] != base_fields["vocab_size"] or _vocabulary(expert.source_model) != base_vocab:
+            if fields["vocab_size"] != base_fields["vocab_size"] or not _same_vocabulary(expert.source_model, self.cfg.base_model):
                 raise MoeConfigError(
                     f"{group}[{index}] ({expert.source_model}) has a different vocabulary or tokenizer from the base "
                     f"{self.cfg.base_model} (vocab_size {fields['vocab_size']} vs {base_fields['vocab_size']}): "
@@ -283,8 +282,8 @@ class MoeBuilder:
 
 
 def _vocabulary(folder: Path) -> Optional[str]:
-    """The tokenizer's vocabulary (tokenizer.json's model vocab and added tokens) as canonical
-    JSON, or None when the folder has no tokenizer.json."""
+    """The tokenizer's vocabulary (tokenizer.json's model vocab and merges, and added tokens) as
+    canonical JSON, or None when the folder has no tokenizer.json."""
     path = Path(folder) / "tokenizer.json"
     if not path.exists():
         return None
@@ -294,6 +293,14 @@ def _vocabulary(folder: Path) -> Optional[str]:
         raise MergeInputError(f"{path} is not valid JSON ({error})") from None
     model = data.get("model") or {}
     return json.dumps([model.get("vocab"), model.get("merges"), data.get("added_tokens")], sort_keys=True)
+
+
+def _same_vocabulary(folder: Path, reference: Path) -> bool:
+    """Whether two tokenizers share a vocabulary (byte-identical tokenizer.json files do)."""
+    mine, theirs = Path(folder) / "tokenizer.json", Path(reference) / "tokenizer.json"
+    if mine.exists() and theirs.exists() and mine.read_bytes() == theirs.read_bytes():
+        return True
+    return _vocabulary(folder) == _vocabulary(reference)
 
 
 def build_moe(config: Union[str, os.PathLike, dict, MoeBuildConfig], out_dir: Union[str, os.PathLike], *,

@@ -67,34 +67,41 @@ class LayerwiseModel:
 
     def layer_inputs(self, sequences: Sequence[torch.Tensor], last_token: bool) -> torch.Tensor:
         """[layers, sequences, hidden]: each sequence's input to each decoder layer, at its last
-        token or averaged over its tokens."""
-        embedding = self.reader.tensor(EMBEDDING_KEY).float()
-        states = [embedding[ids][None] for ids in sequences]
+        token or averaged over its tokens.
+
+        The sequences run as one right-padded batch: under causal attention a token never sees
+        the padding after it, so every real token's state equals that of the sequence alone."""
+        lengths = torch.tensor([len(ids) for ids in sequences])
+        ids = torch.zeros(len(sequences), int(lengths.max()), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            ids[row, : len(sequence)] = sequence
+        real = (torch.arange(ids.shape[1])[None] < lengths[:, None]).unsqueeze(-1)
+        embedding = self.reader.tensor(EMBEDDING_KEY)
+        states = embedding[ids].float()
         del embedding
         self.reader.release([EMBEDDING_KEY])
-        reduce = (lambda h: h[0, -1]) if last_token else (lambda h: h[0].mean(dim=0))
         out = []
         for layer_index in range(self.num_layers):
-            out.append(torch.stack([reduce(h) for h in states]))
+            if last_token:
+                out.append(states[torch.arange(len(sequences)), lengths - 1])
+            else:
+                out.append((states * real).sum(dim=1) / lengths[:, None])
             if layer_index + 1 < self.num_layers:  # the last layer's output is not a layer input
                 states = self._run_layer(layer_index, states)
         return torch.stack(out)
 
-    def _run_layer(self, index: int, states: List[torch.Tensor]) -> List[torch.Tensor]:
+    def _run_layer(self, index: int, states: torch.Tensor) -> torch.Tensor:
         prefix = f"model.layers.{index}."
         keys = [k for k in self.reader.keys() if k.startswith(prefix)]
         layer = self.meta_model.model.layers[index]
         layer.load_state_dict({k[len(prefix):]: self.reader.tensor(k).float() for k in keys}, assign=True, strict=True)
+        positions = torch.arange(states.shape[1])[None]
         with torch.no_grad():
-            result = []
-            for h in states:
-                positions = torch.arange(h.shape[1])[None]
-                output = layer(h, attention_mask=None, position_ids=positions,
-                               position_embeddings=self.rotary(h, positions))
-                result.append(output[0] if isinstance(output, tuple) else output)
+            output = layer(states, attention_mask=None, position_ids=positions,
+                           position_embeddings=self.rotary(states, positions))
         layer.to("meta")
         self.reader.release(keys)
-        return result
+        return output[0] if isinstance(output, tuple) else output
 
 
 def _prompt_index(experts: Sequence[ExpertSpec]) -> Dict[str, int]:
