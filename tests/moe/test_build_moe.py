@@ -236,3 +236,39 @@ def test_failure_midway_leaves_nothing(variants, tmp_path):
         build_moe(config, tmp_path / "moe", progress=False)
     assert [p.name for p in tmp_path.iterdir() if "moe" in p.name] == []
 
+
+
+@pytest.mark.parametrize("separate_attention", [False, True])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_perplexity_routed_copies_reproduce_the_dense_model(copies, tmp_path, separate_attention, top_k):
+    config = {"base_model": str(copies[0]), "gate_mode": "perplexity", "separate_attention": separate_attention,
+              "experts_per_token": top_k, "experts": _experts(copies, prompts=False)}
+    build_moe(config, tmp_path / "moe", progress=False)
+    moe = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    assert type(moe).__name__ == "MoefuseMoeForCausalLM" and moe.config.separate_attention is separate_attention
+    torch.testing.assert_close(_logits(tmp_path / "moe"), _logits(copies[0]), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("expert", [0, 2])
+def test_separate_attention_forced_to_expert_e_reproduces_model_e(variants, tmp_path, expert):
+    config = {"base_model": str(variants[expert]), "gate_mode": "perplexity", "separate_attention": True,
+              "experts_per_token": 1, "experts": _experts(variants, prompts=False)}
+    build_moe(config, tmp_path / "moe", progress=False)
+    moe = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    ids = word_tokenizer()(TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        forced = moe(ids, routing_weights=torch.nn.functional.one_hot(torch.tensor([expert]), 3).float()).logits
+    torch.testing.assert_close(forced, _logits(variants[expert]), atol=2e-5, rtol=1e-5)
+    routed = moe.route(ids)  # sequence-level weights over the experts
+    assert routed.shape == (1, 3) and torch.allclose(routed.sum(dim=1), torch.ones(1))
+
+
+def test_perplexity_moe_generates_after_save_and_load(variants, tmp_path):
+    config = {"base_model": str(variants[0]), "gate_mode": "perplexity", "experts_per_token": 2,
+              "experts": _experts(variants, prompts=False),
+              "shared_weights": [{"method": "ties", "parameters": {"density": 0.5, "weight": 1.0, "lambda": 1.0}}]}
+    build_moe(config, tmp_path / "moe", progress=False)
+    moe = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    ids = word_tokenizer()(TEXT, return_tensors="pt").input_ids
+    out = moe.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 5)
