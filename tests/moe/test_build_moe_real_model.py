@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -19,11 +18,14 @@ def _logits(folder, ids) -> torch.Tensor:
         return model(ids).logits
 
 
-def test_identical_copies_reproduce_the_real_model(smollm, tmp_path):
+@pytest.mark.parametrize("gate_mode,top_k,extra", [
+    ("hidden", 2, {}), ("cheap_embed", 1, {}), ("random", 2, {}),
+    ("perplexity", 2, {}), ("perplexity", 1, {"separate_attention": True}),
+])
+def test_identical_copies_reproduce_the_real_model(smollm, tmp_path, gate_mode, top_k, extra):
     base = smollm[0]
-    copies = [shutil.copytree(base, tmp_path / f"copy{i}") for i in range(3)]
-    config = {"base_model": str(base), "gate_mode": "hidden", "experts_per_token": 2,
-              "experts": [{"source_model": str(c), "positive_prompts": p} for c, p in zip(copies, EXPERT_PROMPTS)]}
+    config = {"base_model": str(base), "gate_mode": gate_mode, "experts_per_token": top_k, **extra,
+              "experts": [{"source_model": str(base), "positive_prompts": p} for p in EXPERT_PROMPTS]}
     build_moe(config, tmp_path / "moe", progress=False)
     ids = AutoTokenizer.from_pretrained(base)(PROMPT, return_tensors="pt").input_ids
     expected = _logits(base, ids)
