@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "lap_cpu.h"
+#include "lap_cuda_launch.h"
 #include "merge_cpu.h"
 
 namespace py = pybind11;
@@ -18,4 +19,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weighted_sum", &moefuse::weighted_sum, nogil);
   m.def("gram", &moefuse::gram, py::arg("tensors"), py::arg("base") = py::none(), nogil);
   m.def("linear_assignment", &moefuse::linear_assignment_cpu, py::arg("cost"), py::arg("maximize"), nogil);
+#ifdef MOEFUSE_CUDA
+  m.def("linear_assignment_cuda", &moefuse::linear_assignment_cuda, py::arg("cost"), py::arg("maximize"),
+        py::arg("stream"), nogil);
+#endif
 }

@@ -15,8 +15,8 @@
 // Dijkstra over the reduced costs from the free row to the nearest free column (shortest augmenting
 // path), one contiguous vectorizable pass over the columns per scanned row.
 //
-// Costs stay in their dtype (float32 matrices take half the memory traffic); distances and prices are
-// double, so float32 inputs are solved as exactly as their float64 conversion.
+// Costs stay in their dtype (float32 matrices take half the memory traffic; int64 costs need no converted
+// copy); distances and prices are double, so inputs are solved as exactly as their float64 conversion.
 #include "lap_cpu.h"
 
 #include <algorithm>
@@ -25,6 +25,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -278,12 +279,14 @@ struct Entries {
 template <typename T>
 Entries scan_entries(const T* data, int64_t count) {
   bool nan = false, negative_inf = false, positive_inf = false;
+  if constexpr (std::is_floating_point_v<T>) {
 #pragma omp simd reduction(| : nan, negative_inf, positive_inf)
-  for (int64_t k = 0; k < count; ++k) {
-    const T value = data[k];
-    nan |= value != value;
-    negative_inf |= value == -std::numeric_limits<T>::infinity();
-    positive_inf |= value == std::numeric_limits<T>::infinity();
+    for (int64_t k = 0; k < count; ++k) {
+      const T value = data[k];
+      nan |= value != value;
+      negative_inf |= value == -std::numeric_limits<T>::infinity();
+      positive_inf |= value == std::numeric_limits<T>::infinity();
+    }
   }
   return {nan, negative_inf, positive_inf};
 }
@@ -294,8 +297,9 @@ std::tuple<at::Tensor, at::Tensor> linear_assignment_cpu(const at::Tensor& cost,
   if (cost.dim() != 2) {
     throw std::invalid_argument("invalid: the cost matrix must be 2-D, got shape " + c10::str(cost.sizes()));
   }
-  if (!cost.device().is_cpu() || (cost.scalar_type() != at::kFloat && cost.scalar_type() != at::kDouble)) {
-    throw std::invalid_argument("invalid: the CPU solver takes float32/float64 CPU tensors, got " +
+  const auto dtype = cost.scalar_type();
+  if (!cost.device().is_cpu() || (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kLong)) {
+    throw std::invalid_argument("invalid: the CPU solver takes float32/float64/int64 CPU tensors, got " +
                                 std::string(c10::toString(cost.scalar_type())) + " on " + cost.device().str());
   }
   const bool transpose = cost.size(0) > cost.size(1);
@@ -306,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> linear_assignment_cpu(const at::Tensor& cost,
   if (rows == 0) return {at::empty({0}, options), at::empty({0}, options)};
 
   std::vector<int64_t> assigned;
-  AT_DISPATCH_FLOATING_TYPES(work.scalar_type(), "linear_assignment_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kLong, work.scalar_type(), "linear_assignment_cpu", [&] {
     const scalar_t* data = work.data_ptr<scalar_t>();
     const Entries entries = scan_entries(data, rows * cols);
     if (entries.nan || entries.negative_inf) {

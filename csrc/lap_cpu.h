@@ -7,7 +7,7 @@
 
 namespace moefuse {
 
-// Optimal assignment of a dense [rows, cols] float32/float64 cost matrix: every row of the smaller side
+// Optimal assignment of a dense [rows, cols] float32/float64/int64 cost matrix: every row of the smaller side
 // gets one distinct column (or the transpose), minimizing (or, with `maximize`, maximizing) the total.
 // +inf entries (-inf when maximizing) are forbidden pairs. Returns (row_ind, col_ind), int64, row_ind
 // ascending, like scipy.optimize.linear_sum_assignment. Throws std::invalid_argument whose message

@@ -5,7 +5,10 @@ columns minimizing (or, with `maximize`, maximizing) sum C[i, j]: a full assignm
 side. +inf entries (-inf when maximizing) mark forbidden pairs.
 
 `linear_assignment` dispatches to the C++ solver of the extension (Jonker-Volgenant reductions plus
-shortest augmenting paths, csrc/lap_cpu.cpp), and otherwise to `linear_assignment_reference`, a plain PyTorch shortest augmenting path solver
+shortest augmenting paths, csrc/lap_cpu.cpp); finite CUDA matrices go to the CUDA auction solver
+(csrc/lap_cuda.cu, where the extension was built with MOEFUSE_BUILD_CUDA=1: exact for integer costs,
+otherwise within (max - min) * 2**-20 of the optimal total), other CUDA matrices to the CPU solver;
+without the extension, to `linear_assignment_reference`, a plain PyTorch shortest augmenting path solver
 (correct, much slower; warns once that the fast path is missing).
 """
 
@@ -47,8 +50,8 @@ def _cpu_solver():
 
 
 def _as_cost(cost) -> torch.Tensor:
-    """Validate and convert to a float32/float64 tensor (integers and bool exactly to float64,
-    16-bit floats to float32)."""
+    """Validate and convert to a float32/float64/int64 tensor (other integers and bool to int64,
+    16-bit floats to float32). The solvers compute in float64, exact for integers up to 2**53."""
     if not isinstance(cost, torch.Tensor):
         cost = torch.as_tensor(cost)
     if cost.dim() != 2:
@@ -56,7 +59,8 @@ def _as_cost(cost) -> torch.Tensor:
     if cost.is_complex():
         raise AssignmentError(f"the cost matrix of shape {list(cost.shape)} is complex; pass real costs")
     if not cost.is_floating_point():
-        cost = cost.to(torch.float64)
+        if cost.dtype != torch.int64:
+            cost = cost.to(torch.int64)
     elif cost.dtype not in (torch.float32, torch.float64):
         cost = cost.to(torch.float32)
     return cost
@@ -75,7 +79,9 @@ def linear_assignment(cost, maximize: bool = False) -> Tuple[torch.Tensor, torch
     pairs; NaN, or an infinity of the other sign, raises AssignmentError, and so does a matrix with no
     complete assignment that avoids the forbidden pairs. Integer costs are solved exactly (as float64
     up to 2**53); 16-bit floats are widened to float32. Accepts tensors or anything
-    `torch.as_tensor` takes; the outputs live on the cost's device.
+    `torch.as_tensor` takes; the outputs live on the cost's device. Finite CUDA matrices are solved on
+    the GPU by auction (exact for integer costs; for others the total is within (max - min) * 2**-20
+    of the optimum, and ties may be broken differently from scipy).
 
     Example: cost [[4, 1, 3], [2, 0, 5], [3, 2, 2]] -> rows [0, 1, 2], columns [1, 0, 2], total 5.
     """
@@ -84,6 +90,9 @@ def linear_assignment(cost, maximize: bool = False) -> Tuple[torch.Tensor, torch
     if cost.numel() == 0:
         return _empty(device)
     module = _cpu_solver()
+    if cost.is_cuda and hasattr(module, "linear_assignment_cuda") and bool(torch.isfinite(cost).all()):
+        with torch.cuda.device(device):
+            return module.linear_assignment_cuda(cost, maximize, torch.cuda.current_stream().cuda_stream)
     host = cost.cpu()
     if module is None:
         rows, cols = linear_assignment_reference(host, maximize)
