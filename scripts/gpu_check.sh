@@ -21,3 +21,9 @@ python3 -m pytest -q -x tests/ops/test_grouped_moe.py tests/ops/test_grouped_moe
 python3 -m pytest -q -p no:cacheprovider benches/bench_moe_layer.py 2>&1 | tail -5 | tee "$OUT/bench_moe.log"
 cp benches/results/moe_layer_cuda.json benches/results/moe_layer_cuda.png "$OUT/" 2>/dev/null
 python3 -m benches.bench_moe_layer "$OUT/moe_layer_cuda.json" | tee "$OUT/moe_layer_cuda.md"
+# Linear assignment: rebuild with the CUDA sources, test the auction solver, time it at n = 14336.
+MOEFUSE_BUILD_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -1
+python3 -c "import moefuse._C as c; print('CUDA LAP solver built:', hasattr(c, 'linear_assignment_cuda'))" | tee "$OUT/lap_build.log"
+python3 -m pytest -q tests/ops/test_assignment_cuda.py 2>&1 | tail -15 | tee "$OUT/lap_tests.log"
+python3 -m pytest -q -p no:cacheprovider benches/bench_lap.py -k cuda 2>&1 | tail -5 | tee "$OUT/bench_lap.log"
+cp benches/results/lap_cuda.json benches/results/lap_cuda.png "$OUT/" 2>/dev/null
