@@ -6,7 +6,7 @@ python benches/bench_moe_layer.py benches/results/moe_layer_cpu.json prints the 
 
 GPU: Mixtral-8x7B (H 4096, I 14336, E 8, top-2) and Qwen3-30B-A3B (H 2048, I 768, E 128, top-8)
 shapes in bf16, 1..8192 tokens. CPU (2 cores): the same layouts scaled down, 1..512 tokens.
-Per configuration: best-of-rounds time, TFLOP/s (2 * 3 * H * I per token-expert pair) against a
+Per configuration: best-of-rounds time (all implementations take turns in each round), TFLOP/s (2 * 3 * H * I per token-expert pair) against a
 dense matmul measured on the same device, GB/s of expert weights read (the experts that receive
 tokens) against a tensor copy, and peak extra memory in MB. `batched_mm` copies the weights of
 every token-expert pair and is skipped where that copy would exceed a memory cap.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,8 @@ import moefuse
 from benches import common
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if "MOEFUSE_BENCH_THREADS" in os.environ:  # e.g. 1 on a shared, busy CPU machine (see the README)
+    torch.set_num_threads(int(os.environ["MOEFUSE_BENCH_THREADS"]))
 if DEVICE == "cuda":
     SHAPES = {"mixtral-8x7b": (4096, 14336, 8, 2), "qwen3-30b-a3b": (2048, 768, 128, 8)}
     TOKENS = (1, 16, 128, 1024, 8192)
@@ -112,10 +115,17 @@ def _copy_gbps() -> float:
     return common.copy_bandwidth(torch.empty(64 << 20, dtype=torch.uint8, device=DEVICE))
 
 
-def _timed(fn, rounds):
+def _best_interleaved(fns, rounds: int):
+    """Best-of-`rounds` seconds of each function, the functions taking turns within every round so
+    that all of them see the same machine load (the CPU machine is shared)."""
+    best = [float("inf")] * len(fns)
     with torch.no_grad():
-        fn()  # warm up (Triton compilation, thread pools)
-        return common.best_seconds(fn, DEVICE, rounds)
+        for fn in fns:
+            fn()  # warm up (Triton compilation, thread pools)
+        for _ in range(rounds):
+            for index, fn in enumerate(fns):
+                best[index] = min(best[index], common.best_seconds(fn, DEVICE, 1))
+    return best
 
 
 def _peak_mb(fn) -> float:
@@ -130,20 +140,17 @@ def test_moe_layer_speed(benchmark, record, shape, tokens, dtype):
     problem = _problem(shape, tokens, dtype)
     x, gate_up, down, ids, weights = problem
     hidden, inter, experts, top_k = SHAPES[shape]
-    rounds = 5 if tokens <= 64 else 3
+    rounds = 7 if tokens <= 64 else 5
     run_moefuse = lambda: moefuse.grouped_moe(x, gate_up, down, ids, weights)  # noqa: E731
-    moefuse_s = _timed(run_moefuse, rounds)
+    peers = {peer: fn for peer in PEERS if (fn := _peer_fn(peer, problem)) is not None}
+    moefuse_s, *peer_seconds = _best_interleaved([run_moefuse, *peers.values()], rounds)
     with torch.no_grad():
-        benchmark.pedantic(run_moefuse, rounds=rounds, iterations=1)
+        benchmark.pedantic(run_moefuse, rounds=3, iterations=1)
     moefuse_mb = _peak_mb(run_moefuse)
     flops = 2 * 3 * hidden * inter * ids.numel()
     weight_bytes = int(torch.unique(ids).numel()) * 3 * hidden * inter * x.element_size()
     dense, copy = _dense_tflops(dtype), _copy_gbps()
-    for peer in PEERS:
-        run_peer = _peer_fn(peer, problem)
-        if run_peer is None:
-            continue
-        peer_s = _timed(run_peer, rounds)
+    for (peer, run_peer), peer_s in zip(peers.items(), peer_seconds):
         peer_mb = _peak_mb(run_peer)
         row = dict(
             config=f"{shape} T={tokens} {str(dtype)[6:]} vs {peer}", shape=shape, tokens=tokens, dtype=str(dtype),
