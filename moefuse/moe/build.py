@@ -29,7 +29,7 @@ from moefuse.io.output import DTYPE_CONFIG_NAMES, atomic_output_dir, copy_model_
 from moefuse.io.safetensors_reader import CheckpointReader
 from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, OutputTensor, ShardedWriter
 from moefuse.merge.config import DTYPES
-from moefuse.merge.plan import FLOAT_DTYPES, Source, find_source, matching_sources
+from moefuse.merge.plan import FLOAT_DTYPES, Source, matching_sources
 from moefuse.methods import get_method, resolve_params
 from moefuse.moe.config import SHARED_METHODS, ExpertSpec, MoeBuildConfig, MoeConfigError, parse_moe_config
 from moefuse.moe.layouts import Layout, attention_bias_shapes, select_layout
