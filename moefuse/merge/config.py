@@ -2,7 +2,8 @@
 
 Accepted keys: `merge_method`, `base_model`, `models` (each `model` plus optional `parameters`),
 `parameters`, `dtype`, `out_dtype`, `tokenizer_source` (`base` or a model path),
-`tokenizer: {source: ...}`, `name`. Models are local folders (no hub downloads). A parameter
+`tokenizer: {source: ...}`, `name`, `align` (true: match each model's FFN neurons to the base, or the
+first model, layer by layer before merging; see moefuse.moe.align). Models are local folders (no hub downloads). A parameter
 value is a number/bool/string; a list of numbers (a gradient over the layers, interpolated at
 t = layer / (layers - 1), t = 0 outside the layer stack); or a list of `{filter, value}`
 conditions, the first whose filter is a substring of the tensor name (or `*`/absent) applying.
@@ -25,7 +26,7 @@ from moefuse.methods import get_method
 
 TOP_LEVEL_KEYS = (
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "tokenizer", "name",
+    "tokenizer_source", "tokenizer", "name", "align",
 )
 UNSUPPORTED_KEYS = {
     "slices": "layer slices (passthrough / frankenmerges) are not supported yet; list whole models under 'models'",
@@ -53,6 +54,7 @@ class MergeConfig:
     dtype: Optional[torch.dtype] = None
     out_dtype: Optional[torch.dtype] = None
     tokenizer_source: Optional[Path] = None  # None: the base model (or the first model)
+    align: bool = False  # permute each model's FFN neurons to match the reference before merging
 
 
 def _dtype(value: Any, key: str) -> Optional[torch.dtype]:
@@ -129,7 +131,11 @@ def parse_config(source: Union[str, os.PathLike, dict]) -> MergeConfig:
         tokenizer_source = tokenizer.get("source", tokenizer_source)
     if tokenizer_source == "union":
         raise MergeConfigError("config: tokenizer_source 'union' (vocabulary merging) is not supported; use 'base' or a model path")
+    align = data.get("align", False)
+    if not isinstance(align, bool):
+        raise MergeConfigError(f"config: 'align' must be true or false, got {align!r}")
     return MergeConfig(
+        align=align,
         merge_method=spec.name,
         models=models,
         base_model=base,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -28,10 +28,19 @@ TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
 @dataclass(frozen=True)
 class Source:
-    """One input of a tensor: a checkpoint and the key to read there."""
+    """One input of a tensor: a checkpoint and the key to read there, optionally indexed by a
+    permutation (dim, perm) along one dimension (FFN neuron alignment)."""
 
     reader: CheckpointReader
     key: str
+    permutation: Optional[Tuple[int, torch.Tensor]] = field(default=None, compare=False)
+
+    def read(self) -> torch.Tensor:
+        tensor = self.reader.tensor(self.key)
+        if self.permutation is None:
+            return tensor
+        dim, perm = self.permutation
+        return tensor.index_select(dim, perm)
 
 
 @dataclass
@@ -192,6 +201,24 @@ def build_plan(config: MergeConfig) -> MergePlan:
     return MergePlan(config, base, models, tasks)
 
 
+def align_plan(plan: MergePlan) -> None:
+    """With `align: true`, index every model's FFN tensors so that its neurons match the reference's
+    (the base, else the first model) layer by layer; reads those FFN weights once."""
+    if not plan.config.align:
+        return
+    from moefuse.moe.align import checkpoint_ffn_permutations
+
+    reference = plan.base if plan.base is not None else plan.models[0]
+    others = [m for m in plan.models if m is not reference]
+    position = {id(reader): i for i, reader in enumerate(others)}
+    permutations = checkpoint_ffn_permutations(reference, others)
+    for task in plan.tasks:
+        task.inputs = [
+            replace(s, permutation=permutations.get((position[id(s.reader)], s.key))) if id(s.reader) in position else s
+            for s in task.inputs
+        ]
+
+
 def _same(a: Path, b: Path) -> bool:
     try:
         return Path(a).resolve() == Path(b).resolve()
@@ -211,6 +238,8 @@ def describe(plan: MergePlan) -> str:
         "((models + 3) x the largest tensor) plus runtime overhead",
         "parameters:",
     ]
+    if plan.config.align:
+        lines.insert(-1, "align: each model's FFN neurons are matched to the reference's, layer by layer")
     seen = set()
     for task in plan.tasks:
         signature = repr(sorted(task.params.items()))

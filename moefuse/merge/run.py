@@ -23,7 +23,7 @@ from moefuse.errors import MoefuseError
 from moefuse.io.output import atomic_output_dir, copy_model_files
 from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
 from moefuse.merge.config import MergeConfig, parse_config
-from moefuse.merge.plan import MergePlan, TensorTask, build_plan, describe
+from moefuse.merge.plan import MergePlan, TensorTask, align_plan, build_plan, describe
 from moefuse.ops.merge import merge_tensors
 
 
@@ -39,7 +39,7 @@ class _Loader:
     def _load(self, task: TensorTask) -> List[torch.Tensor]:
         for source in task.sources:
             source.reader.prefetch([source.key])
-        tensors = [source.reader.tensor(source.key) for source in task.sources]
+        tensors = [source.read() for source in task.sources]
         if task.merge and self.compute_dtype is not None:
             tensors = [t.to(self.compute_dtype) for t in tensors]
         if self._stream is None:
@@ -99,6 +99,7 @@ def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str
         bar.set_postfix(tensors_per_s=f"{done / (time.perf_counter() - started):.1f}")
 
     try:
+        align_plan(plan)
         with atomic_output_dir(out_dir, overwrite) as partial:
             writer = ShardedWriter(partial, [t.output for t in plan.tasks], max_shard_size,
                                    metadata={"producer": "moefuse"})

@@ -5,12 +5,14 @@ Permuting its I intermediate neurons (rows of gate and up, columns of down, by t
 leaves f unchanged. Two FFNs trained from different starts may hold similar neurons in different
 slots; averaging them slot by slot mixes unrelated neurons. `match_ffn` finds the permutation of one
 FFN's neurons that best matches another's (a linear assignment maximizing total similarity) and
-`permute_ffn` applies it, so a merge averages matching neurons.
+`permute_ffn` applies it, so a merge averages matching neurons. `checkpoint_ffn_permutations` does
+this for every layer of whole checkpoints (the `align: true` option of `moefuse merge`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import re
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -98,3 +100,37 @@ def permute_ffn(ffn: SwiGLU, perm: torch.Tensor) -> SwiGLU:
 def align_ffn(reference: SwiGLU, other: SwiGLU, inputs: Optional[torch.Tensor] = None, act=F.silu) -> SwiGLU:
     """`other` with its neurons permuted to match `reference` (same function as `other`)."""
     return permute_ffn(other, match_ffn(reference, other, inputs, act))
+
+
+FFN_KEY = re.compile(r"^(?P<prefix>.*\.)gate_proj\.weight$")
+
+
+def ffn_prefixes(keys) -> List[str]:
+    """Prefixes P of the gated FFNs among checkpoint keys: P + {gate,up,down}_proj.weight all present
+    (e.g. 'model.layers.3.mlp.')."""
+    names = set(keys)
+    found = [m.group("prefix") for k in names for m in [FFN_KEY.match(k)] if m]
+    return sorted(p for p in found if f"{p}up_proj.weight" in names and f"{p}down_proj.weight" in names)
+
+
+def checkpoint_ffn_permutations(reference, others) -> Dict[Tuple[int, str], Tuple[int, torch.Tensor]]:
+    """Weight matching of every gated FFN of each checkpoint in `others` to `reference` (readers with
+    `.keys()` and `.tensor(key)`, as `moefuse.io.safetensors_reader.CheckpointReader`). Returns, for
+    (index in others, tensor key), the (dim, perm) to index that tensor with: rows of gate_proj and
+    up_proj, columns of down_proj. Keys without an entry are left as they are."""
+    prefixes = ffn_prefixes(reference.keys())
+    if not prefixes:
+        raise MoeInputError("align: no gated FFN (*.gate_proj/up_proj/down_proj.weight) tensors found to align")
+    result: Dict[Tuple[int, str], Tuple[int, torch.Tensor]] = {}
+
+    def ffn(reader, prefix: str) -> SwiGLU:
+        return SwiGLU(*(reader.tensor(f"{prefix}{name}_proj.weight") for name in ("gate", "up", "down")))
+
+    for prefix in prefixes:
+        target = ffn(reference, prefix)
+        for index, other in enumerate(others):
+            perm = match_ffn(target, ffn(other, prefix))
+            result[(index, f"{prefix}gate_proj.weight")] = (0, perm)
+            result[(index, f"{prefix}up_proj.weight")] = (0, perm)
+            result[(index, f"{prefix}down_proj.weight")] = (1, perm)
+    return result
