@@ -96,3 +96,53 @@ def test_cuda_degenerate_and_forbidden():
     with pytest.raises(moefuse.errors.AssignmentError, match="no complete assignment"):
         moefuse.linear_assignment(torch.full((3, 3), float("inf"), device="cuda"))
     assert np.isfinite(_total(cost, rows, cols))
+
+
+def _auction_emulation(cost: np.ndarray, final_eps: float) -> np.ndarray:
+    """The rounds of lap_cuda.cu in NumPy (bids, highest offer per column with ties to the lowest
+    row, evictions, epsilon phases), to check the algorithm where no GPU runs its kernels."""
+    rows, n = cost.shape
+    value = -np.vstack([cost, np.zeros((n - rows, n))])  # virtual zero-cost rows pad to square
+    price = np.zeros(n)
+    eps = max((cost.max() - cost.min()) / 8, final_eps)
+    while True:
+        owner, row_col = np.full(n, -1), np.full(n, -1)
+        bidders = np.arange(n)
+        while len(bidders):
+            net = value[bidders] - price
+            best = net.argmax(axis=1)
+            top = net[np.arange(len(bidders)), best]
+            net[np.arange(len(bidders)), best] = -np.inf
+            offers = price[best] + (top - net.max(axis=1)) + eps
+            unassigned = []
+            for j in np.unique(best):
+                mine = np.flatnonzero(best == j)
+                winner = mine[np.argmax(offers[mine])]
+                unassigned += [bidders[k] for k in mine if k != winner]
+                if owner[j] >= 0:
+                    row_col[owner[j]] = -1
+                    unassigned.append(owner[j])
+                owner[j], row_col[bidders[winner]], price[j] = bidders[winner], j, offers[winner]
+            bidders = np.array(unassigned, dtype=np.int64)
+        if eps <= final_eps:
+            return row_col[:rows]
+        eps = max(eps / 8, final_eps)
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (6, 6), (5, 12), (40, 40), (60, 90)])
+def test_auction_algorithm_optimality(shape):
+    scipy_optimize = require_peer("scipy.optimize")
+    generator = np.random.default_rng(shape[0] * 100 + shape[1])
+    for integer in (True, False):
+        cost = generator.integers(0, 50, shape).astype(np.float64) if integer else generator.random(shape)
+        n = shape[1]
+        span = cost.max() - cost.min()
+        final_eps = 1 / (n + 1) if integer else span * 2.0**-20 / n
+        cols = _auction_emulation(cost, final_eps)
+        assert len(set(cols.tolist())) == shape[0] and cols.min() >= 0
+        total = cost[np.arange(shape[0]), cols].sum()
+        expected = cost[scipy_optimize.linear_sum_assignment(cost)].sum()
+        if integer:
+            assert total == expected
+        else:
+            assert expected <= total <= expected + n * final_eps + 1e-12
