@@ -1,8 +1,9 @@
 """One sparse MoE block's experts: moefuse.grouped_moe vs transformers' experts implementations
 (`eager`, `grouped_mm` (the default), `batched_mm`) and torch's own grouped_mm, same data, same run.
 
-Run: python -m pytest benches/bench_moe_layer.py (MOEFUSE_BENCH_QUICK=1 for a short smoke run);
-python benches/bench_moe_layer.py benches/results/moe_layer_cpu.json prints the Markdown table.
+Run: python -m pytest benches/bench_moe_layer.py (MOEFUSE_BENCH_QUICK=1 for a short smoke run;
+MOEFUSE_BENCH_THREADS=N to fix the CPU thread count); python -m benches.bench_moe_layer
+benches/results/moe_layer_cpu.json [--plot] prints the Markdown table (and redraws the PNG).
 
 GPU: Mixtral-8x7B (H 4096, I 14336, E 8, top-2) and Qwen3-30B-A3B (H 2048, I 768, E 128, top-8)
 shapes in bf16, 1..8192 tokens. CPU (2 cores): the same layouts scaled down, 1..512 tokens.
@@ -46,6 +47,15 @@ if common.quiet_env():
     DTYPES = DTYPES[:1]
 PEERS = ("eager", "grouped_mm", "batched_mm", "torch_grouped_mm")
 CONFIGS = [(shape, tokens, dtype) for shape in SHAPES for dtype in DTYPES for tokens in TOKENS]
+ROWS: list = []  # this module's rows, for its own plot (benches/plots.py draws single-peer bars)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _plot_at_the_end():
+    yield
+    if ROWS:
+        common.RESULTS.mkdir(exist_ok=True)
+        plot(ROWS, common.RESULTS / f"moe_layer_{DEVICE}.png", common.machine()["device"])
 
 
 def _problem(shape: str, tokens: int, dtype: torch.dtype):
@@ -155,16 +165,14 @@ def test_moe_layer_speed(benchmark, record, shape, tokens, dtype):
         row = dict(
             config=f"{shape} T={tokens} {str(dtype)[6:]} vs {peer}", shape=shape, tokens=tokens, dtype=str(dtype),
             hidden=hidden, intermediate=inter, experts=experts, top_k=top_k, peer=peer,
-            moefuse_ms=moefuse_s * 1e3, peer_ms=peer_s * 1e3, speedup=peer_s / moefuse_s,
+            moefuse_ms=moefuse_s * 1e3, peer_ms=peer_s * 1e3, speedup_over_peer=peer_s / moefuse_s,
             moefuse_tflops=flops / moefuse_s / 1e12, peer_tflops=flops / peer_s / 1e12, dense_mm_tflops=dense,
             moefuse_gbps=weight_bytes / moefuse_s / 1e9, peer_gbps=weight_bytes / peer_s / 1e9, copy_gbps=copy,
             moefuse_peak_mb=moefuse_mb, peer_peak_mb=peer_mb,
-            # plots.py draws peak extra memory "x one tensor": here in multiples of the [T, H] input
-            moefuse_extra_mem_x=moefuse_mb * 2 ** 20 / (x.numel() * x.element_size()),
-            peer_extra_mem_x=peer_mb * 2 ** 20 / (x.numel() * x.element_size()),
         )
-        benchmark.extra_info[peer] = row["speedup"]
+        benchmark.extra_info[peer] = row["speedup_over_peer"]
         record(f"moe_layer_{DEVICE}", row)
+        ROWS.append(row)
 
 
 def markdown_table(path: Path) -> str:
@@ -186,7 +194,8 @@ def markdown_table(path: Path) -> str:
         groups.setdefault((row["shape"], row["tokens"], row["dtype"]), {})[row["peer"]] = row
     for (shape, tokens, dtype), rows in groups.items():
         any_row = next(iter(rows.values()))
-        cells = [f"{rows[p]['peer_ms']:.2f} ({rows[p]['speedup']:.2f}x)" if p in rows else "-" for p in peers]
+        cells = [f"{rows[p]['peer_ms']:.2f} ({rows[p]['speedup_over_peer']:.2f}x)" if p in rows else "-"
+                 for p in peers]
         peak = f"{any_row['moefuse_peak_mb']:.1f} / " + (f"{rows['grouped_mm']['peer_peak_mb']:.1f}" if "grouped_mm" in rows else "-")
         lines.append(
             f"| {shape} | {tokens} | {dtype[6:]} | {any_row['moefuse_ms']:.2f} | " + " | ".join(cells)
@@ -196,5 +205,35 @@ def markdown_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list, path: Path, device: str) -> None:
+    """Milliseconds against tokens, one line per implementation, one panel per (shape, dtype)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["shape"], r["dtype"]) for r in rows})
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for axis, (shape, dtype) in zip(axes[0], panels):
+        mine = [r for r in rows if (r["shape"], r["dtype"]) == (shape, dtype)]
+        lines = {"moefuse": {r["tokens"]: r["moefuse_ms"] for r in mine}}
+        for r in mine:
+            lines.setdefault(r["peer"], {})[r["tokens"]] = r["peer_ms"]
+        for name, points in lines.items():
+            tokens = sorted(points)
+            axis.plot(tokens, [points[t] for t in tokens], marker="o", label=name, linewidth=2.5 if name == "moefuse" else 1)
+        axis.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms (best of rounds)", title=f"{shape} {dtype[6:]}")
+        axis.legend(fontsize=7)
+    figure.suptitle(f"MoE block experts on {device}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 if __name__ == "__main__":
-    print(markdown_table(Path(sys.argv[1])))
+    # python -m benches.bench_moe_layer RESULT.json [--plot]: print the Markdown table (and redraw the PNG)
+    result = Path(sys.argv[1])
+    if "--plot" in sys.argv:
+        data = json.loads(result.read_text())
+        plot(data["rows"], result.with_suffix(".png"), data["machine"]["device"])
+    print(markdown_table(result))
