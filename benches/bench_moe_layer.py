@@ -7,9 +7,10 @@ benches/results/moe_layer_cpu.json [--plot] prints the Markdown table (and redra
 
 GPU: Mixtral-8x7B (H 4096, I 14336, E 8, top-2) and Qwen3-30B-A3B (H 2048, I 768, E 128, top-8)
 shapes in bf16, 1..8192 tokens. CPU (2 cores): the same layouts scaled down, 1..512 tokens.
-Per configuration: best-of-rounds time (all implementations take turns in each round), TFLOP/s (2 * 3 * H * I per token-expert pair) against a
-dense matmul measured on the same device, GB/s of expert weights read (the experts that receive
-tokens) against a tensor copy, and peak extra memory in MB. `batched_mm` copies the weights of
+Per configuration: best-of-rounds time (all implementations take turns in each round), TFLOP/s
+(2 * 3 * H * I per token-expert pair) against a dense matmul measured on the same device, GB/s of
+expert weights read (the experts that receive tokens) against a tensor copy, and peak extra
+memory in MB. `batched_mm` copies the weights of
 every token-expert pair and is skipped where that copy would exceed a memory cap.
 """
 
@@ -105,7 +106,8 @@ def _peer_fn(peer: str, problem):
         if not (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")):
             return None
         return lambda: _torch_grouped_mm(x, gate_up, down, ids, weights)
-    if peer == "batched_mm" and ids.numel() * 3 * gate_up.shape[1] // 2 * gate_up.shape[2] * x.element_size() > BATCHED_CAP:
+    copied_weights = ids.numel() * 3 * gate_up.shape[1] // 2 * gate_up.shape[2] * x.element_size()
+    if peer == "batched_mm" and copied_weights > BATCHED_CAP:
         return None
     module = _hf_experts(peer, gate_up, down)
     return lambda: module(x, ids, weights)
@@ -196,7 +198,8 @@ def markdown_table(path: Path) -> str:
         any_row = next(iter(rows.values()))
         cells = [f"{rows[p]['peer_ms']:.2f} ({rows[p]['speedup_over_peer']:.2f}x)" if p in rows else "-"
                  for p in peers]
-        peak = f"{any_row['moefuse_peak_mb']:.1f} / " + (f"{rows['grouped_mm']['peer_peak_mb']:.1f}" if "grouped_mm" in rows else "-")
+        default = f"{rows['grouped_mm']['peer_peak_mb']:.1f}" if "grouped_mm" in rows else "-"
+        peak = f"{any_row['moefuse_peak_mb']:.1f} / {default}"
         lines.append(
             f"| {shape} | {tokens} | {dtype[6:]} | {any_row['moefuse_ms']:.2f} | " + " | ".join(cells)
             + f" | {any_row['moefuse_tflops']:.3f} ({any_row['dense_mm_tflops']:.2f}) | "
@@ -221,8 +224,10 @@ def plot(rows: list, path: Path, device: str) -> None:
             lines.setdefault(r["peer"], {})[r["tokens"]] = r["peer_ms"]
         for name, points in lines.items():
             tokens = sorted(points)
-            axis.plot(tokens, [points[t] for t in tokens], marker="o", label=name, linewidth=2.5 if name == "moefuse" else 1)
-        axis.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms (best of rounds)", title=f"{shape} {dtype[6:]}")
+            axis.plot(tokens, [points[t] for t in tokens], marker="o", label=name,
+                      linewidth=2.5 if name == "moefuse" else 1)
+        axis.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms (best of rounds)",
+                 title=f"{shape} {dtype[6:]}")
         axis.legend(fontsize=7)
     figure.suptitle(f"MoE block experts on {device}")
     figure.tight_layout()

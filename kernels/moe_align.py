@@ -89,7 +89,9 @@ def max_padded_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
 
 
-def align_forward(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def align_forward(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort the pairs of `topk_ids` [T, k] by expert, padded per expert to `block_m`.
 
     Returns (sorted_ids int32 [max_blocks * block_m], block_experts int32 [max_blocks] with -1 for

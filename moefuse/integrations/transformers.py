@@ -98,7 +98,9 @@ FAMILIES: Dict[str, Family] = {
     "qwen3_moe": Family(
         "transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeSparseMoeBlock", MoeAdapter(_hf_parts(_norm_topk))
     ),
-    "olmoe": Family("transformers.models.olmoe.modeling_olmoe", "OlmoeSparseMoeBlock", MoeAdapter(_hf_parts(_norm_topk))),
+    "olmoe": Family(
+        "transformers.models.olmoe.modeling_olmoe", "OlmoeSparseMoeBlock", MoeAdapter(_hf_parts(_norm_topk))
+    ),
 }
 
 _BLOCKS: Dict[type, MoeAdapter] = {}

@@ -85,7 +85,9 @@ def route(
     Returns (weights fp32 [T, k], expert ids [T, k]; int32 from the Triton kernel, int64 otherwise).
     """
     if logits.dim() != 2 or not logits.is_floating_point():
-        raise MoeInputError(f"route: logits must be a float [tokens, experts] tensor, got {tuple(logits.shape)} {logits.dtype}")
+        raise MoeInputError(
+            f"route: logits must be a float [tokens, experts] tensor, got {tuple(logits.shape)} {logits.dtype}"
+        )
     if not 1 <= top_k <= logits.shape[1]:
         raise MoeInputError(f"route: top_k={top_k} must be between 1 and the number of experts ({logits.shape[1]})")
     if _pick_backend(backend, logits.device) != "triton" or (torch.is_grad_enabled() and logits.requires_grad):
@@ -136,17 +138,23 @@ def _pick_backend(backend: str, device: torch.device) -> str:
 def _check(hidden, gate_up_proj, down_proj, topk_ids, topk_weights) -> None:
     """Raise MoeInputError naming the tensor whose shape, dtype or device does not fit."""
     if hidden.dim() != 2:
-        raise MoeInputError(f"grouped_moe: hidden must be [tokens, hidden], got shape {tuple(hidden.shape)}; flatten batch and sequence first")
+        raise MoeInputError(
+            f"grouped_moe: hidden must be [tokens, hidden], got shape {tuple(hidden.shape)}; "
+            "flatten batch and sequence first"
+        )
     if hidden.dtype not in SUPPORTED_DTYPES:
         raise MoeInputError(f"grouped_moe: hidden has dtype {hidden.dtype}; supported: float32, bfloat16, float16")
     num_tokens, hidden_size = hidden.shape
     if gate_up_proj.dim() != 3 or gate_up_proj.shape[2] != hidden_size or gate_up_proj.shape[1] % 2:
         raise MoeInputError(
-            f"grouped_moe: gate_up_proj must be [experts, 2 * intermediate, {hidden_size}], got {tuple(gate_up_proj.shape)}"
+            f"grouped_moe: gate_up_proj must be [experts, 2 * intermediate, {hidden_size}], "
+            f"got {tuple(gate_up_proj.shape)}"
         )
     experts, inter = gate_up_proj.shape[0], gate_up_proj.shape[1] // 2
     if tuple(down_proj.shape) != (experts, hidden_size, inter):
-        raise MoeInputError(f"grouped_moe: down_proj must be [{experts}, {hidden_size}, {inter}], got {tuple(down_proj.shape)}")
+        raise MoeInputError(
+            f"grouped_moe: down_proj must be [{experts}, {hidden_size}, {inter}], got {tuple(down_proj.shape)}"
+        )
     for name, weight in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
         if weight.dtype != hidden.dtype or weight.device != hidden.device:
             raise MoeInputError(
@@ -154,7 +162,10 @@ def _check(hidden, gate_up_proj, down_proj, topk_ids, topk_weights) -> None:
                 f"{hidden.device}; convert the weights (or the hidden states) to match"
             )
     if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_ids.is_floating_point():
-        raise MoeInputError(f"grouped_moe: topk_ids must be an integer [{num_tokens}, k] tensor, got {tuple(topk_ids.shape)} {topk_ids.dtype}")
+        raise MoeInputError(
+            f"grouped_moe: topk_ids must be an integer [{num_tokens}, k] tensor, "
+            f"got {tuple(topk_ids.shape)} {topk_ids.dtype}"
+        )
     if tuple(topk_weights.shape) != tuple(topk_ids.shape) or not topk_weights.is_floating_point():
         raise MoeInputError(
             f"grouped_moe: topk_weights must be a float tensor shaped like topk_ids {tuple(topk_ids.shape)}, "

@@ -73,8 +73,10 @@ def assert_moe_close(actual: torch.Tensor, expected: torch.Tensor, ulps: float =
     bad = (a - e).abs() > bound
     if bad.any():
         where = torch.nonzero(bad)[:5].tolist()
+        actual_values = [a[tuple(i)].item() for i in where]
+        expected_values = [e[tuple(i)].item() for i in where]
         raise AssertionError(f"{int(bad.sum())} of {a.numel()} entries differ; first at {where}: "
-                             f"actual {[a[tuple(i)].item() for i in where]} expected {[e[tuple(i)].item() for i in where]}")
+                             f"actual {actual_values} expected {expected_values}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
