@@ -248,3 +248,18 @@ def test_bad_inputs_are_named(mutate, match):
 def test_unknown_backend():
     with pytest.raises(MoeInputError, match="backend"):
         grouped_moe(*_problem(CASES[0], torch.float32), backend="fastest")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_nonfinite_token_stays_in_its_row(backend):
+    problem = list(_problem(CASES[2], torch.float32))
+    if backend == "cpu":
+        problem = [t.cpu() for t in problem]
+    problem[0] = problem[0].clone()
+    problem[0][5, 3] = float("nan")
+    problem[0][9, 0] = float("inf")
+    out = grouped_moe(*problem, backend=backend)
+    bad = ~torch.isfinite(out).all(dim=1)
+    assert bad.nonzero().reshape(-1).tolist() == [5, 9]
+    expected = grouped_moe_reference(*problem)
+    assert_moe_close(out[~bad], expected[~bad])
