@@ -65,7 +65,9 @@ __global__ void bid_kernel(const T* __restrict__ cost, int64_t rows, int64_t n, 
   Top2 t{neg_inf, neg_inf, -1};
   if (i < rows) {
     const T* row = cost + static_cast<int64_t>(i) * n;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) push(t, -static_cast<double>(row[j]) - price[j], static_cast<int>(j));
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      push(t, -static_cast<double>(row[j]) - price[j], static_cast<int>(j));
+    }
   } else {
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) push(t, -price[j], static_cast<int>(j));
   }
@@ -98,7 +100,9 @@ __global__ void claim_kernel(int count, const int* __restrict__ bidders, const i
   const int k = blockIdx.x * blockDim.x + threadIdx.x;
   if (k >= count) return;
   const int j = bid_col[k];
-  if (static_cast<unsigned long long>(__double_as_longlong(bid_price[k])) == col_best[j]) atomicCAS(&col_winner[j], -1, bidders[k]);
+  if (static_cast<unsigned long long>(__double_as_longlong(bid_price[k])) == col_best[j]) {
+    atomicCAS(&col_winner[j], -1, bidders[k]);
+  }
 }
 
 __global__ void assign_kernel(int count, const int* __restrict__ bidders, const int* __restrict__ bid_col,

@@ -15,8 +15,8 @@ std::tuple<at::Tensor, at::Tensor> linear_assignment_cuda(const at::Tensor& cost
   const auto dtype = cost.scalar_type();
   if (cost.dim() != 2 || !cost.is_cuda() || (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kLong)) {
     throw std::invalid_argument("invalid: the CUDA solver takes a 2-D float32/float64/int64 CUDA cost matrix, got " +
-                                std::string(c10::toString(cost.scalar_type())) + " of shape " + c10::str(cost.sizes()) +
-                                " on " + cost.device().str());
+                                std::string(c10::toString(dtype)) + " of shape " + c10::str(cost.sizes()) + " on " +
+                                cost.device().str());
   }
   const bool transpose = cost.size(0) > cost.size(1);
   at::Tensor work = transpose ? cost.t() : cost;
@@ -26,7 +26,8 @@ std::tuple<at::Tensor, at::Tensor> linear_assignment_cuda(const at::Tensor& cost
   const auto index_options = work.options().dtype(at::kLong);
   if (rows == 0) return {at::empty({0}, index_options), at::empty({0}, index_options)};
   if (cols > std::numeric_limits<int>::max() / 2) {
-    throw std::invalid_argument("invalid: the CUDA solver takes at most 2^30 columns, got shape " + c10::str(cost.sizes()));
+    throw std::invalid_argument("invalid: the CUDA solver takes at most 2^30 columns, got shape " +
+                                c10::str(cost.sizes()));
   }
   if (!at::isfinite(work).all().item<bool>()) {
     throw std::invalid_argument("invalid: the CUDA solver takes finite costs only, shape " + c10::str(cost.sizes()));
@@ -44,17 +45,21 @@ std::tuple<at::Tensor, at::Tensor> linear_assignment_cuda(const at::Tensor& cost
     const auto doubles = work.options().dtype(at::kDouble);
     at::Tensor price = at::empty({cols}, doubles), bid_price = at::empty({cols}, doubles);
     at::Tensor col_best = at::empty({cols}, work.options().dtype(at::kLong));
-    at::Tensor col_winner = at::empty({cols}, ints), owner = at::empty({cols}, ints), row_col = at::empty({cols}, ints);
-    at::Tensor bidders = at::empty({cols}, ints), next_bidders = at::empty({cols}, ints), bid_col = at::empty({cols}, ints);
+    at::Tensor col_winner = at::empty({cols}, ints), owner = at::empty({cols}, ints);
+    at::Tensor row_col = at::empty({cols}, ints);
+    at::Tensor bidders = at::empty({cols}, ints), next_bidders = at::empty({cols}, ints);
+    at::Tensor bid_col = at::empty({cols}, ints);
     at::Tensor count = at::empty({1}, ints);
     const AuctionWorkspace workspace{
         price.data_ptr<double>(), bid_price.data_ptr<double>(),
         reinterpret_cast<unsigned long long*>(col_best.data_ptr<int64_t>()), col_winner.data_ptr<int>(),
         owner.data_ptr<int>(), row_col.data_ptr<int>(), bidders.data_ptr<int>(), next_bidders.data_ptr<int>(),
         bid_col.data_ptr<int>(), count.data_ptr<int>()};
-    const std::string error = work.scalar_type() == at::kFloat
-        ? auction_assign_f32(work.data_ptr<float>(), rows, cols, range, final_eps, workspace, reinterpret_cast<CUstream_st*>(stream))
-        : auction_assign_f64(work.data_ptr<double>(), rows, cols, range, final_eps, workspace, reinterpret_cast<CUstream_st*>(stream));
+    CUstream_st* cuda_stream = reinterpret_cast<CUstream_st*>(stream);
+    const std::string error =
+        work.scalar_type() == at::kFloat
+            ? auction_assign_f32(work.data_ptr<float>(), rows, cols, range, final_eps, workspace, cuda_stream)
+            : auction_assign_f64(work.data_ptr<double>(), rows, cols, range, final_eps, workspace, cuda_stream);
     if (!error.empty()) throw std::runtime_error("CUDA linear assignment failed: " + error);
     col_of_row = row_col.narrow(0, 0, rows).to(at::kLong);
   }

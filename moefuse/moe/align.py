@@ -92,7 +92,8 @@ def permute_ffn(ffn: SwiGLU, perm: torch.Tensor) -> SwiGLU:
     """The same function with its neurons reordered: gate[perm], up[perm], down[:, perm]."""
     _check(ffn, "FFN")
     perm = perm.to(ffn.gate.device)
-    if perm.shape != (ffn.width,) or not torch.equal(torch.sort(perm).values, torch.arange(ffn.width, device=perm.device)):
+    identity = torch.arange(ffn.width, device=perm.device)
+    if perm.shape != (ffn.width,) or not torch.equal(torch.sort(perm).values, identity):
         raise MoeInputError(f"perm must be a permutation of range({ffn.width}), got shape {list(perm.shape)}")
     return SwiGLU(ffn.gate[perm], ffn.up[perm], ffn.down[:, perm])
 

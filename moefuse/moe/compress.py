@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moefuse.errors import MoeInputError

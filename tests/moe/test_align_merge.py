@@ -45,7 +45,7 @@ def pair(tmp_path):
 
 def _config(a, b, **extra):
     return {"merge_method": "linear", "dtype": "float32",
-            "models": [{"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b), "parameters": {"weight": 0.5}}],
+            "models": [{"model": str(path), "parameters": {"weight": 0.5}} for path in (a, b)],
             **extra}
 
 
