@@ -1,0 +1,117 @@
+"""Fine-tuning of a heterogeneous MoE (`moefuse_hetero`, MergeME) on a local text file.
+
+Minimizes  L = LM cross-entropy + aux_loss_coef * sequence load-balancing loss
+(`sequence_load_balancing_loss`: E * sum_e f_e P_e over the batch's sequences) with the learned
+router, updating the router and the projectors by default (`train="projectors"`), only the router
+(`"router"`) or every parameter (`"all"`). Samples are the text file's non-empty lines, each cut
+into pieces of at most `seq_len` tokens (one routing decision per piece); a batch is right-padded
+and the padding masked. A perplexity-routed model is trained, and saved, with `routing: learned`.
+With K = 1 expert per sequence the LM loss gives the router no gradient (softmax over one logit),
+only the load-balancing loss does: use K >= 2 to learn routing from the LM loss.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional, Union
+
+import torch
+import transformers
+from tqdm import tqdm
+
+from moefuse.io.output import atomic_output_dir
+from moefuse.moe.modeling_hetero import MoefuseHeteroForCausalLM, sequence_load_balancing_loss
+from moefuse.moe.train_router import TrainingError, TrainResult
+
+TRAINABLE = {
+    "router": ("model.router.",),
+    "projectors": ("model.router.", "model.projectors_in.", "model.projectors_out."),
+    "all": ("",),
+}
+
+
+def text_samples(text_file: Path, tokenizer, seq_len: int) -> List[List[int]]:
+    """The token ids of each non-empty line of `text_file`, cut into pieces of <= seq_len tokens
+    (pieces shorter than 2 tokens, which have no next-token target, are dropped)."""
+    path = Path(text_file)
+    if not path.is_file():
+        raise TrainingError(f"training text {path} does not exist; pass a local UTF-8 text file")
+    samples = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        ids = tokenizer(line, add_special_tokens=False)["input_ids"] if line.strip() else []
+        samples.extend(piece for start in range(0, len(ids), seq_len) if len(piece := ids[start:start + seq_len]) >= 2)
+    if not samples:
+        raise TrainingError(f"training text {path} has no line of 2 or more tokens; use a longer text")
+    return samples
+
+
+def _batch(samples: List[List[int]], pad_id: int):
+    """Right-padded input_ids, attention_mask and labels (-100 on padding) of `samples`."""
+    length = max(len(s) for s in samples)
+    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        ids[row, : len(sample)] = torch.tensor(sample)
+        mask[row, : len(sample)] = 1
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def _mark_trainable(model: torch.nn.Module, train: str) -> int:
+    if train not in TRAINABLE:
+        raise TrainingError(f"train='{train}' is not supported; use one of {', '.join(TRAINABLE)}")
+    count = 0
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(any(name.startswith(p) for p in TRAINABLE[train]))
+        count += parameter.numel() if parameter.requires_grad else 0
+    return count
+
+
+def train_moe(model_dir: Union[str, os.PathLike], text_file: Union[str, os.PathLike],
+              out_dir: Union[str, os.PathLike], *, steps: int = 100, learning_rate: float = 1e-3,
+              seq_len: int = 128, batch_size: int = 4, train: str = "projectors",
+              aux_loss_coef: Optional[float] = None, device: str = "cpu", seed: int = 0,
+              progress: bool = True, overwrite: bool = False) -> TrainResult:
+    """Fine-tune the heterogeneous MoE in `model_dir` on `text_file` (see the module docstring) for
+    `steps` AdamW steps of `batch_size` random samples; save it to `out_dir` atomically, with the
+    tokenizer. `aux_loss_coef` defaults to the config's `router_aux_loss_coef`. Training runs in
+    fp32 on `device` and is saved in the model's dtype. Returns the per-step total and
+    load-balancing losses."""
+    if steps < 1 or batch_size < 1 or seq_len < 2 or learning_rate <= 0:
+        raise TrainingError("steps and batch_size must be >= 1, seq_len >= 2 and learning_rate > 0")
+    model_dir = Path(model_dir)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"cannot load the model and tokenizer from {model_dir}: {error}") from None
+    if not isinstance(model, MoefuseHeteroForCausalLM):
+        raise TrainingError(f"{model_dir} ({type(model).__name__}) is not a heterogeneous MoE (moefuse_hetero); "
+                            "build one with mode: heterogeneous, or use train-router for token-routed MoEs")
+    saved_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
+    samples = text_samples(Path(text_file), tokenizer, seq_len)
+    coef = model.config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.config.routing = "learned"
+    model.to(device).train()
+    result = TrainResult(Path(out_dir), trained_parameters=_mark_trainable(model, train))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    k = model.config.num_experts_per_tok
+    for _ in tqdm(range(steps), desc="training the MoE", disable=not progress):
+        chosen = torch.randint(len(samples), (batch_size,), generator=generator).tolist()
+        ids, mask, labels = (t.to(device) for t in _batch([samples[i] for i in chosen], pad_id))
+        output = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+        balance = sequence_load_balancing_loss(output.router_logits, k)
+        loss = output.loss + coef * balance
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        result.losses.append(loss.item())
+        result.balance_losses.append(balance.item())
+    model.eval()
+    with atomic_output_dir(out_dir, overwrite) as partial:
+        model.to("cpu", dtype=saved_dtype)
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+    return result
