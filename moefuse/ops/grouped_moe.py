@@ -65,7 +65,7 @@ def grouped_moe(
         return grouped_moe_reference(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
     if impl == "cpu":
         return grouped_moe_cpu(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
-    return _grouped_moe_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights, autotune)
+    return torch.ops.moefuse.grouped_moe_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights, autotune)
 
 
 def route(
@@ -97,7 +97,12 @@ def route(
     return route_forward(logits, top_k, softmax_after_topk, renormalize)
 
 
-def _grouped_moe_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights, autotune: bool) -> torch.Tensor:
+@torch.library.custom_op("moefuse::grouped_moe_triton", mutates_args=())
+def _grouped_moe_triton(
+    hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor, autotune: bool,
+) -> torch.Tensor:
+    """The Triton path as a torch.library op (opaque to torch.compile, with a fake below)."""
     from moefuse.kernels import moe_align, moe_grouped_gemm as gemm
 
     _check_triton_device(hidden)
@@ -109,6 +114,11 @@ def _grouped_moe_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights,
     weights = topk_weights.reshape(-1).float().contiguous()
     y = gemm.down_forward(h, down_proj, sorted_ids, block_experts, weights, config, autotune)
     return y.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+
+
+@_grouped_moe_triton.register_fake
+def _grouped_moe_triton_fake(hidden, gate_up_proj, down_proj, topk_ids, topk_weights, autotune):
+    return torch.empty_like(hidden)
 
 
 def _check_triton_device(hidden: torch.Tensor) -> None:

@@ -263,3 +263,9 @@ def test_nonfinite_token_stays_in_its_row(backend):
     assert bad.nonzero().reshape(-1).tolist() == [5, 9]
     expected = grouped_moe_reference(*problem)
     assert_moe_close(out[~bad], expected[~bad])
+
+
+def test_triton_op_registration():
+    x, gate_up, down, ids, weights = _problem(CASES[0], torch.float32)
+    torch.library.opcheck(torch.ops.moefuse.grouped_moe_triton, (x, gate_up, down, ids, weights, False),
+                          test_utils=("test_schema", "test_faketensor"))
