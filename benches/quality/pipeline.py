@@ -102,8 +102,16 @@ class Run:
         model.eval()
         return losses
 
-    def _save(self, model, name: str) -> Path:
+    def _trained(self, name: str, make_model: Callable[[], transformers.PreTrainedModel], windows: torch.Tensor,
+                 steps: int, lr: float, seed: int) -> Path:
+        """Train `make_model()` and save it as `name` under the work folder, unless a model of that
+        name is already there (a rerun with the same --work folder, seed and scale reuses it)."""
         folder = self.root / name
+        if (folder / "config.json").exists():
+            self.log(f"{name}: reusing {folder}")
+            return folder
+        model = make_model()
+        self._timed(f"train {name}", lambda: self._train(model, windows, steps, lr, seed))
         model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
         return folder
@@ -115,17 +123,18 @@ class Run:
             num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.heads,
             max_position_embeddings=s.seq_len, bos_token_id=self.tokenizer.bos_token_id,
             eos_token_id=self.tokenizer.eos_token_id, tie_word_embeddings=False)
-        torch.manual_seed(self.seed)
-        model = transformers.LlamaForCausalLM(config)
+
+        def fresh():
+            torch.manual_seed(self.seed)
+            return transformers.LlamaForCausalLM(config)
+
         mixed = torch.cat([self.train_ids[d] for d in DOMAINS])
-        self._timed("train base", lambda: self._train(model, mixed, s.base_steps, 1e-3, self.seed))
-        self.base = self._save(model, "base")
-        self.experts = {}
-        for index, domain in enumerate(DOMAINS):
-            expert = transformers.AutoModelForCausalLM.from_pretrained(self.base)
-            self._timed(f"fine-tune {domain}",
-                        lambda: self._train(expert, self.train_ids[domain], s.expert_steps, 3e-4, self.seed + 1 + index))
-            self.experts[domain] = self._save(expert, f"expert-{domain}")
+        self.base = self._trained("base", fresh, mixed, s.base_steps, 1e-3, self.seed)
+        self.experts = {
+            domain: self._trained(f"expert-{domain}", lambda: transformers.AutoModelForCausalLM.from_pretrained(self.base),
+                                  self.train_ids[domain], s.expert_steps, 3e-4, self.seed + 1 + index)
+            for index, domain in enumerate(DOMAINS)
+        }
 
     def _timed(self, what: str, fn: Callable[[], object]):
         start = time.perf_counter()
@@ -148,7 +157,7 @@ class Run:
         for name in MERGES:
             config = self.merge_config(name)
             folders[f"{name} (moefuse)"] = self._timed(
-                f"moefuse merge {name}", lambda: merge_checkpoints(config, self.root / f"merge-{name}", progress=False))
+                f"moefuse merge {name}", lambda: merge_checkpoints(config, self.root / f"merge-{name}", progress=False, overwrite=True))
             if with_mergekit:
                 folders[f"{name} (mergekit)"] = self._timed(
                     f"mergekit merge {name}", lambda: _mergekit_merge(config, self.root / f"mergekit-{name}"))
@@ -168,11 +177,11 @@ class Run:
         }
         folders = {}
         for index, (name, config) in enumerate(variants.items()):
-            folders[name] = self._timed(f"build {name}", lambda: build_moe(config, self.root / f"moe-{index}", progress=False))
+            folders[name] = self._timed(f"build {name}", lambda: build_moe(config, self.root / f"moe-{index}", progress=False, overwrite=True))
         folders["MoE, hidden router, router fine-tuned"] = self._timed("train router", lambda: train_router(
             folders["MoE, hidden router"], self.root / "train_mixed.txt", self.root / "moe-hidden-tuned",
             steps=self.scale.router_steps, seq_len=self.scale.seq_len, batch_size=self.scale.batch,
-            learning_rate=1e-2, seed=self.seed, progress=False).out_dir)
+            learning_rate=1e-2, seed=self.seed, progress=False, overwrite=True).out_dir)
         return folders
 
     # ---- evaluation -------------------------------------------------------------------------
