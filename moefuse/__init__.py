@@ -9,6 +9,7 @@ from moefuse.merge import merge_checkpoints
 from moefuse.methods import get_method, method_names
 from moefuse.moe.auto_registration import install as _install_auto_registration
 from moefuse.moe.build import build_moe
+from moefuse.moe.build_hetero import build_hetero_moe
 from moefuse.ops.assignment import linear_assignment
 from moefuse.ops.grouped_moe import grouped_moe
 from moefuse.ops.merge import merge_tensors
@@ -23,6 +24,7 @@ __all__ = [
     "MergeInputError",
     "MoefuseError",
     "apply_to",
+    "build_hetero_moe",
     "build_moe",
     "get_method",
     "grouped_moe",

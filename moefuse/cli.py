@@ -45,6 +45,18 @@ def _train_router(args: argparse.Namespace) -> None:
               f"({result.trained_parameters} parameters trained)")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from moefuse.moe.train import train_moe
+
+    result = train_moe(args.model, args.text, args.out_dir, steps=args.steps, learning_rate=args.lr,
+                       seq_len=args.seq_len, batch_size=args.batch_size, train=args.train,
+                       aux_loss_coef=args.aux_loss_coef, device=args.device, seed=args.seed,
+                       progress=not args.quiet, overwrite=args.overwrite)
+    if not args.quiet:
+        print(f"wrote {result.out_dir}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} "
+              f"({result.trained_parameters} parameters trained)")
+
+
 def _methods(args: argparse.Namespace) -> None:
     from moefuse.methods import all_methods
 
@@ -108,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--overwrite", action="store_true")
     trainer.add_argument("--quiet", action="store_true")
     trainer.set_defaults(run=_train_router)
+
+    tuner = commands.add_parser("train", help="fine-tune a heterogeneous MoE (router, projectors) on a local text file")
+    tuner.add_argument("model", help="heterogeneous MoE folder (moefuse_hetero, from build-moe with mode: heterogeneous)")
+    tuner.add_argument("text", help="UTF-8 text file to train on (one sample per line)")
+    tuner.add_argument("out_dir", help="output folder (written atomically)")
+    tuner.add_argument("--steps", type=int, default=100)
+    tuner.add_argument("--lr", type=float, default=1e-3)
+    tuner.add_argument("--seq-len", type=int, default=128, help="longest sample; longer lines are cut")
+    tuner.add_argument("--batch-size", type=int, default=4)
+    tuner.add_argument("--train", default="projectors", choices=["router", "projectors", "all"],
+                       help="what to train: the router, the router and projectors, or everything")
+    tuner.add_argument("--aux-loss-coef", type=float, help="weight of the load-balancing loss (default: the config's)")
+    tuner.add_argument("--device", default="cpu")
+    tuner.add_argument("--seed", type=int, default=0)
+    tuner.add_argument("--overwrite", action="store_true")
+    tuner.add_argument("--quiet", action="store_true")
+    tuner.set_defaults(run=_train)
 
     methods = commands.add_parser("methods", help="list merge methods and their parameters")
     methods.set_defaults(run=_methods)

@@ -1,4 +1,4 @@
-"""Register the `moefuse_moe` classes with transformers' `AutoConfig`, `AutoModel` and
+"""Register the `moefuse_moe` and `moefuse_hetero` classes with transformers' `AutoConfig`, `AutoModel` and
 `AutoModelForCausalLM`, without importing transformers when moefuse is imported.
 
 `import moefuse` calls `install()`: the Auto modules transformers has already imported get the
@@ -20,23 +20,29 @@ MODEL_AUTO = "transformers.models.auto.modeling_auto"
 
 
 def register_config() -> None:
-    """AutoConfig: "moefuse_moe" -> MoefuseMoeConfig."""
+    """AutoConfig: "moefuse_moe" -> MoefuseMoeConfig, "moefuse_hetero" -> MoefuseHeteroConfig."""
     from transformers.models.auto.configuration_auto import AutoConfig
 
+    from moefuse.moe import configuration_hetero
     from moefuse.moe.configuration_moefuse import MODEL_TYPE, MoefuseMoeConfig
 
     AutoConfig.register(MODEL_TYPE, MoefuseMoeConfig, exist_ok=True)
+    AutoConfig.register(configuration_hetero.MODEL_TYPE, configuration_hetero.MoefuseHeteroConfig, exist_ok=True)
 
 
 def register_models() -> None:
-    """AutoModel and AutoModelForCausalLM: MoefuseMoeConfig -> MoefuseMoeModel / MoefuseMoeForCausalLM."""
+    """AutoModel and AutoModelForCausalLM: MoefuseMoeConfig -> MoefuseMoeModel / MoefuseMoeForCausalLM,
+    MoefuseHeteroConfig -> MoefuseHeteroModel / MoefuseHeteroForCausalLM."""
     register_config()
     from transformers.models.auto.modeling_auto import AutoModel, AutoModelForCausalLM
 
+    from moefuse.moe.modeling_hetero import MoefuseHeteroConfig, MoefuseHeteroForCausalLM, MoefuseHeteroModel
     from moefuse.moe.modeling_moefuse import MoefuseMoeConfig, MoefuseMoeForCausalLM, MoefuseMoeModel
 
     AutoModel.register(MoefuseMoeConfig, MoefuseMoeModel, exist_ok=True)
     AutoModelForCausalLM.register(MoefuseMoeConfig, MoefuseMoeForCausalLM, exist_ok=True)
+    AutoModel.register(MoefuseHeteroConfig, MoefuseHeteroModel, exist_ok=True)
+    AutoModelForCausalLM.register(MoefuseHeteroConfig, MoefuseHeteroForCausalLM, exist_ok=True)
 
 
 REGISTRATIONS = {CONFIG_AUTO: register_config, MODEL_AUTO: register_models}

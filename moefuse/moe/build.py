@@ -31,7 +31,9 @@ from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, OutputTensor, 
 from moefuse.merge.config import DTYPES
 from moefuse.merge.plan import FLOAT_DTYPES, Source, matching_sources
 from moefuse.methods import get_method, resolve_params
-from moefuse.moe.config import SHARED_METHODS, ExpertSpec, MoeBuildConfig, MoeConfigError, parse_moe_config
+from moefuse.moe.config import (
+    SHARED_METHODS, ExpertSpec, MoeBuildConfig, MoeConfigError, config_mode, parse_moe_config,
+)
 from moefuse.moe.layouts import Layout, attention_bias_shapes, select_layout
 from moefuse.moe.routers import gate_vectors
 from moefuse.ops.merge import merge_tensors
@@ -104,7 +106,7 @@ class MoeBuilder:
                     f"{group}[{index}] ({expert.source_model}) does not share the base's architecture "
                     f"({'; '.join(differing)}): FFN experts of one MoE layer must come from models of one "
                     "architecture. Experts of different architectures or sizes need a heterogeneous MoE "
-                    "(MergeME's per-expert layer stacks with projectors), which this version of moefuse does not build."
+                    "(MergeME's per-expert layer stacks with projectors): use mode: heterogeneous."
                 )
             if fields["vocab_size"] != base_fields["vocab_size"] or not _same_vocabulary(expert.source_model, self.cfg.base_model):
                 raise MoeConfigError(
@@ -309,7 +311,13 @@ def build_moe(config: Union[str, os.PathLike, dict, MoeBuildConfig], out_dir: Un
     """Build an MoE checkpoint from dense models described by `config` (a mergekit-moe YAML
     path, a dict, or a `MoeBuildConfig`) into `out_dir`, written atomically.
 
-    Returns the output folder, or with `dry_run` the plan as text (nothing is written)."""
+    Returns the output folder, or with `dry_run` the plan as text (nothing is written).
+    A config with `mode: heterogeneous` is built by `moefuse.moe.build_hetero.build_hetero_moe`."""
+    if config_mode(config) == "heterogeneous":
+        from moefuse.moe.build_hetero import build_hetero_moe  # it imports this module
+
+        return build_hetero_moe(config, out_dir, max_shard_size=max_shard_size, progress=progress,
+                                overwrite=overwrite, dry_run=dry_run)
     builder = MoeBuilder(parse_moe_config(config))
     try:
         if dry_run:

@@ -6,6 +6,8 @@ mergekit-moe keys (a mergekit-moe config runs unchanged):
     experts_per_token, shared_experts, architecture.
     `hidden_avg` (mean over the prompt instead of its last token) is accepted as mergekit does.
 moefuse keys:
+    mode              homogeneous (the default; this module) or heterogeneous (experts of different
+                      architectures; parsed and built by `moefuse.moe.build_hetero`)
     seed              seeds `random`/`uniform_random` gates and expert noise (default 0)
     gate_mode: perplexity
                       MergeME's sequence-level routing by each expert's perplexity; writes the
@@ -40,8 +42,9 @@ GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random",
 PROMPT_GATE_MODES = ("hidden", "hidden_avg", "cheap_embed")
 TOP_LEVEL_KEYS = (
     "base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts", "architecture",
-    "seed", "separate_attention", "routing_temperature", "shared_weights",
+    "seed", "separate_attention", "routing_temperature", "shared_weights", "mode",
 )
+MODES = ("homogeneous", "heterogeneous")
 EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
 SHARED_METHODS = ("base", "average")
 TENSOR_GROUPS = {
@@ -173,7 +176,8 @@ def _shared_rules(value: Any) -> List[SharedRule]:
     return rules
 
 
-def _load(source: Union[str, os.PathLike, dict]) -> dict:
+def read_config_mapping(source: Union[str, os.PathLike, dict]) -> dict:
+    """The configuration as a mapping: a dict as given, or a YAML file read."""
     if isinstance(source, dict):
         return source
     path = Path(source)
@@ -188,11 +192,24 @@ def _load(source: Union[str, os.PathLike, dict]) -> dict:
     return data
 
 
+def config_mode(source: Union[str, os.PathLike, dict, MoeBuildConfig]) -> str:
+    """The `mode` of a configuration: homogeneous (the default) or heterogeneous."""
+    if isinstance(source, MoeBuildConfig):
+        return "homogeneous"
+    mode = read_config_mapping(source).get("mode", "homogeneous")
+    if mode not in MODES:
+        raise MoeConfigError(f"config: mode {mode!r} is not supported; use one of {', '.join(MODES)}")
+    return mode
+
+
 def parse_moe_config(source: Union[str, os.PathLike, dict, MoeBuildConfig]) -> MoeBuildConfig:
     """Read and validate an MoE build configuration (YAML path, dict, or a config object)."""
     if isinstance(source, MoeBuildConfig):
         return source
-    data = _load(source)
+    if config_mode(source) != "homogeneous":
+        raise MoeConfigError("config: mode heterogeneous is built by moefuse.build_hetero_moe (or build_moe), "
+                             "not parsed as a homogeneous MoE config")
+    data = read_config_mapping(source)
     unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise MoeConfigError(f"config: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(TOP_LEVEL_KEYS)}")

@@ -96,6 +96,23 @@ def perplexity_routing(perplexities: torch.Tensor, num_experts_per_tok: int, tem
     return torch.where(unscored[:, None], torch.full_like(weights, 1.0 / num_experts), weights)
 
 
+def next_token_nll(
+    lm_head: nn.Linear, hidden: torch.Tensor, input_ids: torch.Tensor, scored: torch.Tensor
+) -> torch.Tensor:
+    """NLL of token t+1 from position t under logits = lm_head(hidden), 0 where not `scored`: fp32
+    [batch, length-1]. The logits are formed a few positions at a time (at most NLL_CHUNK_LOGITS
+    of them at once)."""
+    batch, pairs = scored.shape
+    step = max(1, NLL_CHUNK_LOGITS // max(1, batch * lm_head.out_features))
+    pieces = []
+    for start in range(0, pairs, step):
+        stop = min(start + step, pairs)
+        logits = lm_head(hidden[:, start:stop]).float()
+        nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, start + 1 : stop + 1], reduction="none")
+        pieces.append(torch.where(scored[:, start:stop], nll, torch.zeros_like(nll)))
+    return torch.cat(pieces, dim=1) if pieces else hidden.new_zeros(batch, 0, dtype=torch.float32)
+
+
 class MoefuseCache(DynamicCache):
     """KV cache of a `moefuse_moe` model, and the routing weights of its sequences.
 
@@ -141,7 +158,7 @@ class MoefuseCache(DynamicCache):
             self.routing_weights = self.routing_weights[indices]
 
 
-def _mix(outputs: Sequence[torch.Tensor], weights: torch.Tensor, experts: Sequence[int]) -> torch.Tensor:
+def mix_expert_outputs(outputs: Sequence[torch.Tensor], weights: torch.Tensor, experts: Sequence[int]) -> torch.Tensor:
     """sum_e weights[:, e] * outputs_e, accumulated in fp32, in the outputs' dtype."""
     total = None
     for output, e in zip(outputs, experts):
@@ -158,7 +175,7 @@ class MoefuseExpertFFNs(nn.Module):
         self.experts = nn.ModuleList([family.mlp(base_config) for _ in range(num_experts)])
 
     def forward(self, x: torch.Tensor, routing_weights: torch.Tensor, active: Sequence[int]) -> torch.Tensor:
-        return _mix([self.experts[e](x) for e in active], routing_weights, active)
+        return mix_expert_outputs([self.experts[e](x) for e in active], routing_weights, active)
 
 
 class MoefuseSharedAttentionLayer(nn.Module):
@@ -191,7 +208,8 @@ class MoefuseSeparateAttentionLayer(nn.Module):
             self.experts.append(layer)
 
     def forward(self, hidden_states, routing_weights, active, **layer_kwargs) -> torch.Tensor:
-        return _mix([self.experts[e](hidden_states, **layer_kwargs) for e in active], routing_weights, active)
+        outputs = [self.experts[e](hidden_states, **layer_kwargs) for e in active]
+        return mix_expert_outputs(outputs, routing_weights, active)
 
 
 @dataclass
@@ -396,21 +414,9 @@ class MoefuseMoeForCausalLM(MoefuseMoePreTrainedModel, GenerationMixin):
                 use_cache=False,
                 routing_weights=one_hot,
             ).last_hidden_state
-            perplexities.append(torch.exp(self._next_token_nll(hidden, input_ids, scored).sum(dim=1) / count))
+            nll = next_token_nll(self.lm_head, hidden, input_ids, scored)
+            perplexities.append(torch.exp(nll.sum(dim=1) / count))
         return torch.stack(perplexities, dim=1)
-
-    def _next_token_nll(self, hidden: torch.Tensor, input_ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-        """NLL of token t+1 from position t, 0 where not `scored`: fp32 [batch, length-1]. The
-        logits are formed a few positions at a time (at most NLL_CHUNK_LOGITS of them at once)."""
-        batch, pairs = scored.shape
-        step = max(1, NLL_CHUNK_LOGITS // max(1, batch * self.lm_head.out_features))
-        pieces = []
-        for start in range(0, pairs, step):
-            stop = min(start + step, pairs)
-            logits = self.lm_head(hidden[:, start:stop]).float()
-            nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, start + 1 : stop + 1], reduction="none")
-            pieces.append(torch.where(scored[:, start:stop], nll, torch.zeros_like(nll)))
-        return torch.cat(pieces, dim=1) if pieces else hidden.new_zeros(batch, 0, dtype=torch.float32)
 
     def route(
         self,
@@ -500,5 +506,7 @@ __all__ = [
     "MoefuseMoePreTrainedModel",
     "check_routing_weights",
     "dense_family",
+    "mix_expert_outputs",
+    "next_token_nll",
     "perplexity_routing",
 ]

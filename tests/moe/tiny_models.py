@@ -43,14 +43,14 @@ def tiny_dense_config(architecture: str = "llama", tied: bool = False, layers: i
 
 def save_dense_models(root: Path, architecture: str = "llama", count: int = 3, tied: bool = False,
                       noise: float = 0.05, seed: int = 0, dtype: torch.dtype = torch.float32,
-                      layers: int = 2) -> List[Path]:
+                      layers: int = 2, hidden: int = 64) -> List[Path]:
     """A base and `count - 1` variants (base + `noise` x N(0,1) on every weight), each saved with
     the word tokenizer under `root`; returns the folders, base first. `noise=0` gives copies."""
     if architecture not in ARCHITECTURES:
         ARCHITECTURES["qwen3"] = (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)
     _, model_class = ARCHITECTURES[architecture]
     torch.manual_seed(seed)
-    model = model_class(tiny_dense_config(architecture, tied, layers)).to(dtype).eval()
+    model = model_class(tiny_dense_config(architecture, tied, layers, hidden)).to(dtype).eval()
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     tokenizer = word_tokenizer()
     folders = []
