@@ -10,6 +10,8 @@ Configuration (YAML path or dict; `moefuse build-moe` dispatches here on `mode: 
     projector: linear (default) | mlp
     projector_hidden_size: H (mlp projectors; default D)
     shared_embeddings: average (default) | <expert index i>
+    expert_tables: keep each expert's own embedding and head for perplexity scoring (default:
+                   true with routing: perplexity, false otherwise)
     dtype: float32 | bfloat16 | float16 (default: expert 0's)
     seed: seeds the router and the mlp projectors' W_up (default 0)
 
@@ -21,6 +23,7 @@ Tensors written, with D = max_e d_e and V = max_e V_e (pad(t) zero-pads t to [V,
     model.projectors_out.{e}.weight = [I_{d_e}; 0]    [D, d_e]  (zero-pads back)
     mlp projectors also: up_weight ~ N(0, 0.02^2), down_weight = 0 (so P is still exact)
     model.experts.{e}.<k>     = expert e's `model.<k>` for every k but embed_tokens (its layers and final norm)
+    with expert_tables also model.experts.{e}.embed_tokens.weight = Emb_e and expert_heads.{e}.weight = Head_e
 So one expert reproduces itself exactly, and with `shared_embeddings: e`, routing one-hot on e
 reproduces expert e exactly (the averaged tables of MergeME make that approximate until training).
 
@@ -49,7 +52,7 @@ from moefuse.moe.config import MoeConfigError, read_config_mapping
 from moefuse.moe.configuration_hetero import MODEL_TYPE, PROJECTORS, ROUTING_MODES, MoefuseHeteroConfig
 
 HETERO_KEYS = ("mode", "experts", "experts_per_token", "routing", "routing_temperature", "projector",
-               "projector_hidden_size", "shared_embeddings", "dtype", "seed")
+               "projector_hidden_size", "shared_embeddings", "expert_tables", "dtype", "seed")
 EMBED_KEY = "model.embed_tokens.weight"
 HEAD_KEY = "lm_head.weight"
 INIT_STD = 0.02
@@ -67,6 +70,7 @@ class HeteroBuildConfig:
     projector: str = "linear"
     projector_hidden_size: Optional[int] = None
     shared_embeddings: Union[str, int] = "average"
+    expert_tables: bool = False
     dtype: Optional[torch.dtype] = None
     seed: int = 0
 
@@ -91,7 +95,9 @@ def _expert_folder(entry, index: int) -> Path:
     if isinstance(entry, dict):
         unknown = sorted(set(entry) - {"source_model"})
         if unknown or "source_model" not in entry:
-            raise MoeConfigError(f"config: experts[{index}] must be a folder or {{source_model: <folder>}}, got {entry!r}")
+            raise MoeConfigError(
+                f"config: experts[{index}] must be a folder or {{source_model: <folder>}}, got {entry!r}"
+            )
         entry = entry["source_model"]
     if not isinstance(entry, (str, os.PathLike)):
         raise MoeConfigError(f"config: experts[{index}] must be a path to a local model folder, got {entry!r}")
@@ -124,20 +130,30 @@ def parse_hetero_config(source: Union[str, os.PathLike, dict, HeteroBuildConfig]
                                 or not 0 <= shared < len(experts)):
         raise MoeConfigError(f"config: shared_embeddings must be 'average' or an expert index in "
                              f"[0, {len(experts) - 1}], got {shared!r}")
+    routing = _choice(data, "routing", ROUTING_MODES)
+    expert_tables = data.get("expert_tables", routing == "perplexity")
+    if not isinstance(expert_tables, bool):
+        raise MoeConfigError(f"config: expert_tables must be true or false, got {expert_tables!r}")
     dtype = data.get("dtype")
     if dtype is not None and dtype not in DTYPES:
         raise MoeConfigError(f"config: 'dtype: {dtype}' is not supported; use one of {sorted(DTYPES)}")
     return HeteroBuildConfig(
         experts=experts,
         experts_per_token=per_token,
-        routing=_choice(data, "routing", ROUTING_MODES),
+        routing=routing,
         routing_temperature=float(temperature),
         projector=_choice(data, "projector", PROJECTORS),
         projector_hidden_size=_integer(data, "projector_hidden_size", None, 1),
         shared_embeddings=shared,
+        expert_tables=expert_tables,
         dtype=DTYPES[dtype] if dtype is not None else None,
         seed=_integer(data, "seed", 0, 0),
     )
+
+
+def _head_key(reader: CheckpointReader) -> str:
+    """The expert's output table: lm_head.weight, or the embedding of a tied model."""
+    return HEAD_KEY if HEAD_KEY in reader.keys() else EMBED_KEY
 
 
 @dataclass
@@ -193,7 +209,9 @@ class HeteroMoeBuilder:
                 raise MoeConfigError(f"{where}: {EMBED_KEY} has shape {list(embed.shape)} but config.json says "
                                      f"hidden_size {config.get('hidden_size')}")
             if HEAD_KEY not in keys and not config.get("tie_word_embeddings", False):
-                raise MoeConfigError(f"{where}: no {HEAD_KEY} and tie_word_embeddings is not set; the checkpoint is incomplete")
+                raise MoeConfigError(
+                    f"{where}: no {HEAD_KEY} and tie_word_embeddings is not set; the checkpoint is incomplete"
+                )
             if index and not _same_vocabulary(folder, reference):
                 raise MoeConfigError(
                     f"{where} has a different tokenizer from experts[0] ({reference}): the experts of a heterogeneous "
@@ -215,6 +233,7 @@ class HeteroMoeBuilder:
             "routing_temperature": self.cfg.routing_temperature,
             "projector": self.cfg.projector,
             "projector_hidden_size": self.cfg.projector_hidden_size,
+            "expert_tables": self.cfg.expert_tables,
             "tie_word_embeddings": False,
             "bos_token_id": first.get("bos_token_id"),
             "eos_token_id": first.get("eos_token_id"),
@@ -225,10 +244,9 @@ class HeteroMoeBuilder:
         return data
 
     def _plan(self) -> List[_Task]:
-        head_key = lambda reader: HEAD_KEY if HEAD_KEY in reader.keys() else EMBED_KEY  # noqa: E731 (tied experts)
-        tasks = [self._table_task(EMBED_KEY, lambda reader: EMBED_KEY), self._table_task(HEAD_KEY, head_key)]
+        tasks = [self._table_task(EMBED_KEY, lambda reader: EMBED_KEY), self._table_task(HEAD_KEY, _head_key)]
         num_experts, width = len(self.readers), self.hidden_size
-        tasks.append(self._generated("model.router.weight", (num_experts, width), self._normal, "router ~ N(0, 0.02^2)"))
+        tasks.append(self._generated("model.router.weight", (num_experts, width), self._normal, "N(0, 0.02^2)"))
         hidden = self.cfg.projector_hidden_size or width
         for e, d in enumerate(self.widths):
             for side, (d_in, d_out) in (("in", (width, d)), ("out", (d, width))):
@@ -240,8 +258,11 @@ class HeteroMoeBuilder:
                     tasks.append(self._generated(prefix + "down_weight", (d_out, hidden), torch.zeros, "zeros"))
         for e, reader in enumerate(self.readers):
             for key in reader.keys():
-                if key.startswith("model.") and key != EMBED_KEY:
+                if key.startswith("model.") and (key != EMBED_KEY or self.cfg.expert_tables):
                     tasks.append(self._copy_task(f"model.experts.{e}.{key[len('model.'):]}", reader, key))
+        if self.cfg.expert_tables:
+            tasks.extend(self._copy_task(f"expert_heads.{e}.weight", reader, _head_key(reader))
+                         for e, reader in enumerate(self.readers))
         return tasks
 
     def _table_task(self, out_key: str, key_of: Callable[[CheckpointReader], str]) -> _Task:

@@ -6,7 +6,7 @@ config.json of a `moefuse_hetero` checkpoint:
      "expert_configs": [{<dense config of expert 0>}, {<expert 1>}, ...],
      "hidden_size": D, "vocab_size": V, "num_experts_per_tok": K, "routing": "learned" | "perplexity",
      "routing_temperature": 1.0, "projector": "linear" | "mlp", "projector_hidden_size": H,
-     "router_aux_loss_coef": 0.01, "bos_token_id": ..., "eos_token_id": ..., "dtype": ...}
+     "expert_tables": false, "router_aux_loss_coef": 0.01, "bos_token_id": ..., "eos_token_id": ..., "dtype": ...}
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ class MoefuseHeteroConfig(PreTrainedConfig):
         routing_temperature: T > 0 of perplexity routing.
         projector: "linear" (P(x) = W x) or "mlp" (P(x) = W x + W_down silu(W_up x)).
         projector_hidden_size: H, the hidden width of "mlp" projectors (default D).
+        expert_tables: keep each expert's own embedding and head (`model.experts.{e}.embed_tokens`,
+            `expert_heads.{e}`), used only to score perplexity routing, so that PPL_e is that of the
+            dense expert itself (MergeME's heuristic); without them expert e is scored alone inside
+            the MoE (shared tables and projectors), which equals the dense expert only when the
+            shared tables are its own.
         router_aux_loss_coef: weight of the load-balancing loss in training.
     """
 
@@ -56,6 +61,7 @@ class MoefuseHeteroConfig(PreTrainedConfig):
     routing_temperature: float = 1.0
     projector: str = "linear"
     projector_hidden_size: Optional[int] = None
+    expert_tables: bool = False
     router_aux_loss_coef: float = 0.01
     tie_word_embeddings: bool = False
     use_cache: bool = True
@@ -108,6 +114,8 @@ class MoefuseHeteroConfig(PreTrainedConfig):
             raise MoeConfigError(
                 f"{where}: projector_hidden_size must be a positive integer, got {self.projector_hidden_size!r}"
             )
+        if not isinstance(self.expert_tables, bool):
+            raise MoeConfigError(f"{where}: expert_tables must be true or false, got {self.expert_tables!r}")
         temperature = self.routing_temperature
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise MoeConfigError(f"{where}: routing_temperature must be a number > 0, got {temperature!r}")

@@ -17,14 +17,16 @@ Emb and H equal to expert e's own (zero-padded) tables, routing one-hot on e rep
 Routing is per sequence, decided on the first forward (prefill) and kept in the `MoefuseHeteroCache`:
     learned:    r = W_router m, m = mean of x over the real tokens (attention_mask 1);
                 w = softmax(r_topK) on the K largest logits, 0 elsewhere.
-    perplexity: MergeME's no-fine-tuning heuristic: PPL_e of the model routed one-hot on e,
+    perplexity: MergeME's no-fine-tuning heuristic: PPL_e of dense expert e (its own tables kept
+                with `expert_tables`; otherwise of the model routed one-hot on e),
                 w = softmax((1 / PPL)_topK / T) (`perplexity_routing`).
 `routing_weights=` [batch, E] passed to forward overrides the routing.
 
 Checkpoint tensor names: `model.embed_tokens.weight` [V, D], `model.router.weight` [E, D],
 `model.projectors_in.{e}.{weight,up_weight,down_weight}`, `model.projectors_out.{e}.<same>`,
 `model.experts.{e}.<the dense model's base-model keys without embed_tokens>` (e.g.
-`model.experts.1.layers.0.self_attn.q_proj.weight`, `model.experts.1.norm.weight`), `lm_head.weight` [V, D].
+`model.experts.1.layers.0.self_attn.q_proj.weight`, `model.experts.1.norm.weight`), `lm_head.weight` [V, D];
+with `expert_tables` also `model.experts.{e}.embed_tokens.weight` and `expert_heads.{e}.weight` [V_e, d_e].
 """
 
 from __future__ import annotations
@@ -95,7 +97,9 @@ class MoefuseHeteroCache(MoefuseCache):
     batch selection reach them), and the routing weights [batch, E] kept since prefill."""
 
     def __init__(self, config: MoefuseHeteroConfig):
-        self.experts: List[DynamicCache] = [DynamicCache(config=config.expert_config(e)) for e in range(config.num_experts)]
+        self.experts: List[DynamicCache] = [
+            DynamicCache(config=config.expert_config(e)) for e in range(config.num_experts)
+        ]
         Cache.__init__(self, layers=[layer for cache in self.experts for layer in cache.layers])
         self.routing_weights: Optional[torch.Tensor] = None
 
@@ -140,7 +144,8 @@ class MoefuseHeteroPreTrainedModel(PreTrainedModel):
 
 class MoefuseHeteroModel(MoefuseHeteroPreTrainedModel):
     """Shared embedding, router, projectors and the experts' decoder stacks; forward needs routing
-    weights (explicit, or kept in a `MoefuseHeteroCache`). Use `MoefuseHeteroForCausalLM` to route."""
+    weights (explicit, or kept in a `MoefuseHeteroCache`). Use `MoefuseHeteroForCausalLM` to route.
+    With `expert_tables`, `experts[e]` keeps its own `embed_tokens` (for perplexity scoring only)."""
 
     def __init__(self, config: MoefuseHeteroConfig):
         super().__init__(config)
@@ -160,7 +165,8 @@ class MoefuseHeteroModel(MoefuseHeteroPreTrainedModel):
                     f"moefuse_hetero: expert {e}'s base model {type(expert).__name__} has no embed_tokens; only "
                     "decoder-only families with model.embed_tokens (llama, mistral, qwen2, qwen3, ...) are supported"
                 )
-            expert.embed_tokens = None  # inputs come from the shared embedding through the in-projector
+            if not config.expert_tables:
+                expert.embed_tokens = None  # inputs come from the shared embedding through the in-projector
             self.experts.append(expert)
             self.projectors_in.append(HeteroProjector(width, expert_config.hidden_size, config.projector, hidden))
             self.projectors_out.append(HeteroProjector(expert_config.hidden_size, width, config.projector, hidden))
@@ -256,6 +262,10 @@ class MoefuseHeteroForCausalLM(MoefuseHeteroPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MoefuseHeteroModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.expert_heads = None
+        if config.expert_tables:
+            shapes = [(c.hidden_size, c.vocab_size) for c in map(config.expert_config, range(config.num_experts))]
+            self.expert_heads = nn.ModuleList([nn.Linear(d, v, bias=False) for d, v in shapes])
         self.post_init()
         if config.num_experts:  # special tokens (bos, eos, pad) as the first expert's
             self.generation_config = GenerationConfig.from_model_config(config.expert_config(0))
@@ -279,20 +289,22 @@ class MoefuseHeteroForCausalLM(MoefuseHeteroPreTrainedModel, GenerationMixin):
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
     ) -> torch.Tensor:
-        """PPL_e = exp(mean NLL of token t+1 given tokens <= t, over pairs where both are real),
-        with the model routed one-hot on e. fp32 [batch, E]; NaN for sequences with fewer than 2
-        real tokens."""
+        """PPL_e = exp(mean NLL of token t+1 given tokens <= t, over pairs where both are real) of
+        dense expert e itself (with `expert_tables`: its own embedding, stack and head), or else of
+        the model routed one-hot on e. fp32 [batch, E]; NaN for sequences with fewer than 2 real
+        tokens."""
         batch, num_experts = input_ids.shape[0], self.config.num_experts
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         scored = real[:, :-1] & real[:, 1:]
         perplexities = []
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         for e in range(num_experts):
-            one_hot = F.one_hot(torch.full((batch,), e, device=input_ids.device), num_experts).float()
-            hidden = self.model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                routing_weights=one_hot,
-            ).last_hidden_state
-            nll = next_token_nll(self.lm_head, hidden, input_ids, scored)
+            if self.expert_heads is not None:
+                hidden, head = self.model.experts[e](**inputs).last_hidden_state, self.expert_heads[e]
+            else:
+                one_hot = F.one_hot(torch.full((batch,), e, device=input_ids.device), num_experts).float()
+                hidden, head = self.model(**inputs, routing_weights=one_hot).last_hidden_state, self.lm_head
+            nll = next_token_nll(head, hidden, input_ids, scored)
             perplexities.append(torch.exp(nll.sum(dim=1) / scored.sum(dim=1)))
         return torch.stack(perplexities, dim=1)
 

@@ -122,7 +122,8 @@ def test_builder_writes_padded_averages_and_exact_projectors(dense, tmp_path):
     torch.testing.assert_close(written["lm_head.weight"], (head + embed_q) / 2, rtol=0, atol=0)  # qwen2 is tied
     assert torch.equal(written["model.projectors_in.0.weight"], torch.eye(64, 96))
     assert torch.equal(written["model.projectors_out.0.weight"], torch.eye(96, 64))
-    assert written["model.projectors_in.1.up_weight"].shape == (32, 96) and written["model.projectors_in.1.up_weight"].std() > 0
+    up = written["model.projectors_in.1.up_weight"]
+    assert up.shape == (32, 96) and up.std() > 0
     assert not written["model.projectors_out.1.down_weight"].any()
     assert written["model.router.weight"].shape == (2, 96)
     for key, tensor in qwen2.items():
@@ -158,7 +159,8 @@ def test_generate_with_cache_equals_without(dense, tmp_path, routing):
     model = load(build(tmp_path / "moe", [dense["qwen2"], dense["llama"]], experts_per_token=2, routing=routing))
     ids = tokens(2, 6, seed=4)
     mixed = torch.tensor([[0.3, 0.7], [1.0, 0.0]])
-    assert torch.equal(greedy(model, ids, routing_weights=mixed), greedy(model, ids, routing_weights=mixed, use_cache=False))
+    cached = greedy(model, ids, routing_weights=mixed)
+    assert torch.equal(cached, greedy(model, ids, routing_weights=mixed, use_cache=False))
     # routing found on the prompt is kept for the whole generation
     assert torch.equal(greedy(model, ids), greedy(model, ids, routing_weights=model.route(ids), use_cache=False))
 
@@ -202,9 +204,10 @@ def test_cache_holds_one_cache_per_expert(dense, tmp_path):
     assert cache.experts[1].layers[0].keys.shape[0] == 2
 
 
-def test_perplexity_routing_scores_each_expert_alone(dense, tmp_path):
+def test_perplexity_routing_inside_the_moe_with_one_experts_tables(dense, tmp_path):
     experts = [dense["llama"], dense["qwen2"]]
-    model = load(build(tmp_path / "moe", experts, routing="perplexity", shared_embeddings=1, routing_temperature=0.5))
+    model = load(build(tmp_path / "moe", experts, routing="perplexity", shared_embeddings=1,
+                       routing_temperature=0.5, expert_tables=False))
     qwen2 = load(dense["qwen2"])
     torch.manual_seed(8)
     with torch.no_grad():  # text expert 1 itself writes
@@ -265,7 +268,8 @@ def test_bad_inputs_are_refused(dense, tmp_path):
     classifier = transformers.LlamaForSequenceClassification(tiny_dense_config("llama"))
     classifier.config.pad_token_id = 0
     classifier.save_pretrained(tmp_path / "classifier")
-    with pytest.raises(MoeConfigError, match=r"experts\[1\] .* is not a causal language model .*LlamaForSequenceClassification"):
+    not_causal = r"experts\[1\] .* is not a causal language model .*LlamaForSequenceClassification"
+    with pytest.raises(MoeConfigError, match=not_causal):
         build(tmp_path / "b", [experts[0], tmp_path / "classifier"])
     with pytest.raises(MoeConfigError, match="experts_per_token is 3 but only 2 expert"):
         build(tmp_path / "c", experts, experts_per_token=3)
@@ -288,9 +292,11 @@ def test_bad_configs_and_calls_raise_moefuse_errors(dense, tmp_path):
     with pytest.raises(MoeInputError, match="MoefuseHeteroCache"):
         model(ids, cache=DynamicCache(), use_cache=True)
     config = json.loads((folder / "config.json").read_text())
-    for change, message in [({"num_experts_per_tok": 3}, r"num_experts_per_tok must be an integer in \[1, num_experts=2\]"),
-                            ({"routing": "hash"}, "unknown routing 'hash'"),
-                            ({"expert_configs": [{"model_type": "vit", "hidden_size": 64}]}, "'vit'.*not a dense causal")]:
+    for change, message in [
+        ({"num_experts_per_tok": 3}, r"num_experts_per_tok must be an integer in \[1, num_experts=2\]"),
+        ({"routing": "hash"}, "unknown routing 'hash'"),
+        ({"expert_configs": [{"model_type": "vit", "hidden_size": 64}]}, "'vit'.*not a dense causal"),
+    ]:
         (folder / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(MoefuseError, match=message):
             AutoModelForCausalLM.from_pretrained(folder)
@@ -312,3 +318,27 @@ def test_build_moe_cli_dispatches_heterogeneous_configs(dense, tmp_path, capsys)
 def test_auto_classes_know_moefuse_hetero():
     assert type(AutoConfig.for_model("moefuse_hetero")) is MoefuseHeteroConfig
     assert transformers.AutoModelForCausalLM._model_mapping[MoefuseHeteroConfig] is MoefuseHeteroForCausalLM
+
+
+def test_perplexity_routing_with_the_experts_own_tables_scores_the_dense_experts(dense, tmp_path):
+    experts = [dense["llama"], dense["qwen2"]]
+    folder = build(tmp_path / "moe", experts, routing="perplexity", experts_per_token=2)  # averaged shared tables
+    written = load_file(str(folder / "model.safetensors"))
+    assert written["expert_heads.0.weight"].shape == (128, 64) and written["expert_heads.1.weight"].shape == (128, 96)
+    model = load(folder)
+    assert model.config.expert_tables
+    denses = [load(e) for e in experts]
+    text = tokens(3, 9, seed=12)
+    mask = torch.ones_like(text)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        ppl = model.expert_perplexities(text, mask)
+        for e, expert in enumerate(denses):
+            for row in range(3):
+                real = text[row, mask[row].bool()][None]
+                own = expert(real, labels=real).loss.exp()
+                torch.testing.assert_close(ppl[row, e], own, rtol=1e-5, atol=0)
+        torch.testing.assert_close(model(text, attention_mask=mask).routing_weights, perplexity_routing(ppl, 2, 1.0))
+    without = load(build(tmp_path / "shared", experts, routing="perplexity", expert_tables=False))
+    assert not without.config.expert_tables and without.expert_heads is None
+    assert (without.expert_perplexities(text) - model.expert_perplexities(text)).abs().max() > 1e-3
