@@ -28,7 +28,8 @@ So one expert reproduces itself exactly, and with `shared_embeddings: e`, routin
 reproduces expert e exactly (the averaged tables of MergeME make that approximate until training).
 
 Expert tensors are read by memory map and written one at a time into pre-planned shards of an
-atomically renamed folder; the averages hold one [V, D] fp32 table at a time.
+atomically renamed folder; a shared table is summed TABLE_ROWS rows at a time in fp32 into its
+output, so the peak holds one output table plus a few input tensors.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ HETERO_KEYS = ("mode", "experts", "experts_per_token", "routing", "routing_tempe
 EMBED_KEY = "model.embed_tokens.weight"
 HEAD_KEY = "lm_head.weight"
 INIT_STD = 0.02
+TABLE_ROWS = 4096  # rows of the shared tables summed at once
 CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
@@ -273,11 +275,14 @@ class HeteroMoeBuilder:
         shape = (self.vocab_size, self.hidden_size)
 
         def produce() -> torch.Tensor:
-            total = torch.zeros(shape, dtype=torch.float32)
-            for reader, key in sources:
-                table = reader.tensor(key).float()
-                total[: table.shape[0], : table.shape[1]] += table
-            return (total / len(sources)).to(self.out_dtype)
+            out = torch.empty(shape, dtype=self.out_dtype)
+            for start in range(0, shape[0], TABLE_ROWS):  # fp32 sums of a few rows at a time
+                total = torch.zeros(min(TABLE_ROWS, shape[0] - start), shape[1])
+                for reader, key in sources:
+                    rows = reader.tensor(key)[start:start + TABLE_ROWS]
+                    total[: rows.shape[0], : rows.shape[1]] += rows.float()
+                out[start:start + total.shape[0]] = total / len(sources)
+            return out
         what = "average of the experts' (zero-padded)" if shared == "average" else f"expert {shared}'s (zero-padded)"
         return _Task(OutputTensor(out_key, shape, self.out_dtype), produce, sources, what)
 
