@@ -342,3 +342,16 @@ def test_perplexity_routing_with_the_experts_own_tables_scores_the_dense_experts
     without = load(build(tmp_path / "shared", experts, routing="perplexity", expert_tables=False))
     assert not without.config.expert_tables and without.expert_heads is None
     assert (without.expert_perplexities(text) - model.expert_perplexities(text)).abs().max() > 1e-3
+
+
+def test_beam_search_reorders_every_expert_cache(dense, tmp_path):
+    experts = [dense["llama"], dense["qwen2"]]
+    denses = [load(e) for e in experts]
+    ids = tokens(2, 5, seed=13)
+    beams = dict(num_beams=3, num_return_sequences=2)
+    for e in range(2):  # forced to one expert with its own tables: the dense expert's beams
+        model = load(build(tmp_path / str(e), experts, experts_per_token=2, shared_embeddings=e))
+        assert torch.equal(greedy(model, ids, routing_weights=one_hot(e, 2), **beams), greedy(denses[e], ids, **beams))
+    mixed = torch.tensor([[0.4, 0.6], [0.7, 0.3]])  # both experts' caches in use
+    cached = greedy(model, ids, routing_weights=mixed, **beams)
+    assert torch.equal(cached, greedy(model, ids, routing_weights=mixed, use_cache=False, **beams))
