@@ -171,6 +171,9 @@ class MoefuseHeteroModel(MoefuseHeteroPreTrainedModel):
             self.projectors_in.append(HeteroProjector(width, expert_config.hidden_size, config.projector, hidden))
             self.projectors_out.append(HeteroProjector(expert_config.hidden_size, width, config.projector, hidden))
         self.post_init()
+        for expert in self.experts:  # post_init gathers these from direct children only (device_map, dtypes)
+            self._no_split_modules.update(expert._no_split_modules)
+            self._keep_in_fp32_modules.update(expert._keep_in_fp32_modules)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens

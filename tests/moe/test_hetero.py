@@ -149,6 +149,7 @@ def test_save_load_roundtrip(dense, tmp_path):
         assert torch.equal(saved[key], tensor), key
     reloaded = load(tmp_path / "out")
     assert reloaded.config.expert_configs == model.config.expert_configs
+    assert {"LlamaDecoderLayer", "Qwen2DecoderLayer"} <= reloaded._no_split_modules  # for device_map="auto"
     ids = tokens(2, 6, seed=3)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
