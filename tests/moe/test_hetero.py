@@ -142,6 +142,12 @@ def test_builder_writes_padded_averages_and_exact_projectors(dense, tmp_path):
 def test_save_load_roundtrip(dense, tmp_path):
     source = build(tmp_path / "in", [dense["llama"], dense["qwen2"]], experts_per_token=2, projector="mlp")
     model = load(source)
+    sharded = moefuse.build_hetero_moe({"mode": "heterogeneous", "experts": [str(dense["llama"]), str(dense["qwen2"])],
+                                        "experts_per_token": 2, "projector": "mlp"}, tmp_path / "sharded",
+                                       max_shard_size="60KB", progress=False)
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1 and (sharded / "model.safetensors.index.json").exists()
+    sharded_state = load(sharded).state_dict()
+    assert all(torch.equal(sharded_state[k], v) for k, v in model.state_dict().items())
     model.save_pretrained(tmp_path / "out")
     written, saved = load_file(str(source / "model.safetensors")), load_file(str(tmp_path / "out/model.safetensors"))
     assert sorted(saved) == sorted(written)
