@@ -7,7 +7,8 @@ Steps (every random choice seeded):
  4. merged models with moefuse (average, task arithmetic, TIES, DARE-TIES) and the same configs with
     mergekit; MoEs with `moefuse build-moe` (Mixtral with random and hidden routers, MergeME's
     perplexity routing with merged or separate attention) and the hidden-router MoE after a short
-    router fine-tune;
+    router fine-tune; a heterogeneous MoE of the python expert and a narrower, shallower model
+    fine-tuned on arithmetic, before and after a short router/projector fine-tune;
  5. each model's mean next-token loss (and perplexity) on every domain's held-out split.
 """
 
@@ -24,6 +25,7 @@ import transformers
 
 from benches.quality.data import DOMAINS, corpora, train_tokenizer
 from moefuse import build_moe, merge_checkpoints
+from moefuse.moe.train import train_moe
 from moefuse.moe.train_router import train_router
 
 
@@ -116,20 +118,24 @@ class Run:
         self.tokenizer.save_pretrained(folder)
         return folder
 
-    def train_base_and_experts(self) -> None:
-        s = self.scale
+    def _fresh(self, hidden: int, intermediate: int, layers: int) -> Callable[[], transformers.PreTrainedModel]:
+        """A constructor of a seeded, randomly initialized Llama of this shape."""
         config = transformers.LlamaConfig(
-            vocab_size=len(self.tokenizer), hidden_size=s.hidden, intermediate_size=s.intermediate,
-            num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.heads,
-            max_position_embeddings=s.seq_len, bos_token_id=self.tokenizer.bos_token_id,
+            vocab_size=len(self.tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+            num_hidden_layers=layers, num_attention_heads=self.scale.heads, num_key_value_heads=self.scale.heads,
+            max_position_embeddings=self.scale.seq_len, bos_token_id=self.tokenizer.bos_token_id,
             eos_token_id=self.tokenizer.eos_token_id, tie_word_embeddings=False)
 
         def fresh():
             torch.manual_seed(self.seed)
             return transformers.LlamaForCausalLM(config)
+        return fresh
 
+    def train_base_and_experts(self) -> None:
+        s = self.scale
         mixed = torch.cat([self.train_ids[d] for d in DOMAINS])
-        self.base = self._trained("base", fresh, mixed, s.base_steps, 1e-3, self.seed)
+        self.base = self._trained("base", self._fresh(s.hidden, s.intermediate, s.layers), mixed, s.base_steps,
+                                  1e-3, self.seed)
         self.experts = {
             domain: self._trained(f"expert-{domain}", lambda: transformers.AutoModelForCausalLM.from_pretrained(self.base),
                                   self.train_ids[domain], s.expert_steps, 3e-4, self.seed + 1 + index)
@@ -184,6 +190,30 @@ class Run:
             learning_rate=1e-2, seed=self.seed, progress=False, overwrite=True).out_dir)
         return folders
 
+    def build_hetero(self) -> Dict[str, Path]:
+        """MergeME's heterogeneous MoE of two experts of different widths and depths: the python
+        expert and a narrower, shallower Llama (trained from scratch on all domains, then
+        fine-tuned on arithmetic), with averaged tables, before and after a short fine-tune of
+        the router and projectors."""
+        s = self.scale
+        hidden = s.hidden * 3 // 4
+        mixed = torch.cat([self.train_ids[d] for d in DOMAINS])
+        narrow_base = self._trained("narrow-base", self._fresh(hidden, s.intermediate * 3 // 4, s.layers - 1), mixed,
+                                    s.base_steps, 1e-3, self.seed)
+        narrow = self._trained("narrow-arithmetic", lambda: transformers.AutoModelForCausalLM.from_pretrained(narrow_base),
+                               self.train_ids["arithmetic"], s.expert_steps, 3e-4, self.seed + 10)
+        config = {"mode": "heterogeneous", "experts": [str(self.experts["python"]), str(narrow)],
+                  "experts_per_token": 2, "routing": "learned", "projector": "linear", "seed": self.seed,
+                  "dtype": "float32"}
+        built = self._timed("build heterogeneous MoE",
+                            lambda: build_moe(config, self.root / "hetero", progress=False, overwrite=True))
+        tuned = self._timed("train heterogeneous MoE", lambda: train_moe(
+            built, self.root / "train_mixed.txt", self.root / "hetero-tuned", steps=2 * s.router_steps,
+            learning_rate=1e-3, seq_len=s.seq_len, batch_size=s.batch, seed=self.seed, progress=False,
+            overwrite=True).out_dir)
+        name = f"heterogeneous MoE (python {s.hidden}-wide + arithmetic {hidden}-wide)"
+        return {name: built, f"{name}, router+projectors fine-tuned": tuned}
+
     # ---- evaluation -------------------------------------------------------------------------
     def evaluate(self, name: str, folder: Path) -> Dict[str, float]:
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -203,6 +233,7 @@ class Run:
         models = {"base": self.base, **{f"expert: {d}": f for d, f in self.experts.items()}}
         models.update(self.build_merges(with_mergekit))
         models.update(self.build_moes())
+        models.update(self.build_hetero())
         for name, folder in models.items():
             self.evaluate(name, Path(folder))
         return self.summary()

@@ -20,7 +20,9 @@ def test_quality_smoke_run_and_report(tmp_path):
     expected = ["base", *[f"expert: {d}" for d in DOMAINS],
                 *[f"{m} ({tool})" for m in MERGES for tool in ("moefuse", "mergekit")],
                 "MoE, random router", "MoE, hidden router", "MoE, perplexity routing",
-                "MoE, perplexity routing, separate attention", "MoE, hidden router, router fine-tuned"]
+                "MoE, perplexity routing, separate attention", "MoE, hidden router, router fine-tuned",
+                "heterogeneous MoE (python 32-wide + arithmetic 24-wide)",
+                "heterogeneous MoE (python 32-wide + arithmetic 24-wide), router+projectors fine-tuned"]
     assert sorted(models) == sorted(expected)
     for row in written["rows"]:
         for domain in (*DOMAINS, "average"):
