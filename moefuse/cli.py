@@ -4,57 +4,56 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from moefuse.errors import MoefuseError
+
+
+def _print_written(result, args: argparse.Namespace) -> None:
+    """A dry run prints its plan; a run prints where it wrote (unless --quiet)."""
+    if getattr(args, "dry_run", False):
+        print(result)
+    elif not args.quiet:
+        print(f"wrote {result}")
 
 
 def _merge(args: argparse.Namespace) -> None:
     from moefuse.merge import merge_checkpoints
 
-    result = merge_checkpoints(
+    _print_written(merge_checkpoints(
         args.config, args.out_dir, device=args.device, backend=args.backend, max_shard_size=args.max_shard_size,
         progress=not args.quiet, overwrite=args.overwrite, dry_run=args.dry_run,
-    )
-    if args.dry_run:
-        print(result)
-    elif not args.quiet:
-        print(f"wrote {result}")
+    ), args)
 
 
 def _build_moe(args: argparse.Namespace) -> None:
     from moefuse.moe.build import build_moe
 
-    result = build_moe(args.config, args.out_dir, max_shard_size=args.max_shard_size, progress=not args.quiet,
-                       overwrite=args.overwrite, dry_run=args.dry_run)
-    if args.dry_run:
-        print(result)
-    elif not args.quiet:
-        print(f"wrote {result}")
+    _print_written(build_moe(args.config, args.out_dir, max_shard_size=args.max_shard_size, progress=not args.quiet,
+                             overwrite=args.overwrite, dry_run=args.dry_run), args)
 
 
-def _train_router(args: argparse.Namespace) -> None:
+def _training(load_trainer: Callable[[], Callable]) -> Callable[[argparse.Namespace], None]:
+    """The command running the trainer `load_trainer()` returns (train_router or train_moe)."""
+    def run(args: argparse.Namespace) -> None:
+        result = load_trainer()(args.model, args.text, args.out_dir, steps=args.steps, learning_rate=args.lr,
+                                seq_len=args.seq_len, batch_size=args.batch_size, train=args.train,
+                                aux_loss_coef=args.aux_loss_coef, device=args.device, seed=args.seed,
+                                progress=not args.quiet, overwrite=args.overwrite)
+        if not args.quiet:
+            print(f"wrote {result.out_dir}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} "
+                  f"({result.trained_parameters} parameters trained)")
+    return run
+
+
+def _train_router_function():
     from moefuse.moe.train_router import train_router
-
-    result = train_router(args.model, args.text, args.out_dir, steps=args.steps, learning_rate=args.lr,
-                          seq_len=args.seq_len, batch_size=args.batch_size, train=args.train,
-                          aux_loss_coef=args.aux_loss_coef, device=args.device, seed=args.seed,
-                          progress=not args.quiet, overwrite=args.overwrite)
-    if not args.quiet:
-        print(f"wrote {result.out_dir}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} "
-              f"({result.trained_parameters} parameters trained)")
+    return train_router
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train_moe_function():
     from moefuse.moe.train import train_moe
-
-    result = train_moe(args.model, args.text, args.out_dir, steps=args.steps, learning_rate=args.lr,
-                       seq_len=args.seq_len, batch_size=args.batch_size, train=args.train,
-                       aux_loss_coef=args.aux_loss_coef, device=args.device, seed=args.seed,
-                       progress=not args.quiet, overwrite=args.overwrite)
-    if not args.quiet:
-        print(f"wrote {result.out_dir}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} "
-              f"({result.trained_parameters} parameters trained)")
+    return train_moe
 
 
 def _methods(args: argparse.Namespace) -> None:
@@ -80,6 +79,26 @@ def _compress_moe(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and expected memory, write nothing")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_training_options(parser: argparse.ArgumentParser, text_help: str, seq_len_help: str) -> None:
+    parser.add_argument("text", help=text_help)
+    parser.add_argument("out_dir", help="output folder (written atomically)")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seq-len", type=int, default=128, help=seq_len_help)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moefuse", description="Fast, memory-frugal model merging.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -89,54 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("out_dir", help="output folder (written atomically)")
     merge.add_argument("--device", default="cpu", help="cpu or cuda (Triton kernels)")
     merge.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"])
-    merge.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB")
-    merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    merge.add_argument("--dry-run", action="store_true", help="print the plan and expected memory, write nothing")
-    merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_output_options(merge)
     merge.set_defaults(run=_merge)
 
     build = commands.add_parser("build-moe", help="build a mixture of experts from dense models (mergekit-moe YAML)")
     build.add_argument("config", help="MoE configuration (YAML; mergekit-moe keys plus moefuse's)")
     build.add_argument("out_dir", help="output folder (written atomically)")
-    build.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB")
-    build.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    build.add_argument("--dry-run", action="store_true", help="print the plan and expected memory, write nothing")
-    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_output_options(build)
     build.set_defaults(run=_build_moe)
 
     trainer = commands.add_parser("train-router", help="fine-tune the routers of an MoE on a local text file")
     trainer.add_argument("model", help="MoE checkpoint folder (Mixtral, Qwen2-MoE or Qwen3-MoE layout)")
-    trainer.add_argument("text", help="UTF-8 text file to train on")
-    trainer.add_argument("out_dir", help="output folder (written atomically)")
-    trainer.add_argument("--steps", type=int, default=100)
-    trainer.add_argument("--lr", type=float, default=1e-3)
-    trainer.add_argument("--seq-len", type=int, default=128)
-    trainer.add_argument("--batch-size", type=int, default=4)
+    _add_training_options(trainer, "UTF-8 text file to train on", "longest training window")
     trainer.add_argument("--train", default="gates", choices=["gates", "experts", "all"],
                          help="what to train: the routers, routers and experts, or everything")
     trainer.add_argument("--aux-loss-coef", type=float, default=0.02, help="weight of the load-balancing loss")
-    trainer.add_argument("--device", default="cpu")
-    trainer.add_argument("--seed", type=int, default=0)
-    trainer.add_argument("--overwrite", action="store_true")
-    trainer.add_argument("--quiet", action="store_true")
-    trainer.set_defaults(run=_train_router)
+    trainer.set_defaults(run=_training(_train_router_function))
 
     tuner = commands.add_parser("train", help="fine-tune a heterogeneous MoE (router, projectors) on a local text file")
     tuner.add_argument("model", help="heterogeneous MoE folder (moefuse_hetero, from build-moe with mode: heterogeneous)")
-    tuner.add_argument("text", help="UTF-8 text file to train on (one sample per line)")
-    tuner.add_argument("out_dir", help="output folder (written atomically)")
-    tuner.add_argument("--steps", type=int, default=100)
-    tuner.add_argument("--lr", type=float, default=1e-3)
-    tuner.add_argument("--seq-len", type=int, default=128, help="longest sample; longer lines are cut")
-    tuner.add_argument("--batch-size", type=int, default=4)
+    _add_training_options(tuner, "UTF-8 text file to train on (one sample per line)", "longest sample; longer lines are cut")
     tuner.add_argument("--train", default="projectors", choices=["router", "projectors", "all"],
                        help="what to train: the router, the router and projectors, or everything")
     tuner.add_argument("--aux-loss-coef", type=float, help="weight of the load-balancing loss (default: the config's)")
-    tuner.add_argument("--device", default="cpu")
-    tuner.add_argument("--seed", type=int, default=0)
-    tuner.add_argument("--overwrite", action="store_true")
-    tuner.add_argument("--quiet", action="store_true")
-    tuner.set_defaults(run=_train)
+    tuner.set_defaults(run=_training(_train_moe_function))
 
     methods = commands.add_parser("methods", help="list merge methods and their parameters")
     methods.set_defaults(run=_methods)

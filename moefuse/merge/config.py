@@ -16,12 +16,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Type, Union
 
 import torch
 import yaml
 
-from moefuse.errors import MergeConfigError
+from moefuse.errors import MergeConfigError, MoefuseError
 from moefuse.methods import get_method
 
 TOP_LEVEL_KEYS = (
@@ -81,20 +81,26 @@ def _parameters(value: Any, where: str) -> Dict[str, Setting]:
     return dict(value)
 
 
+def read_yaml_mapping(source: Union[str, os.PathLike, dict], error: Type[MoefuseError], what: str) -> dict:
+    """A configuration as a mapping: a dict as given, or a YAML file read; anything else raises
+    `error` naming the file and `what` configuration it should hold."""
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise error(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as problem:
+        raise error(f"config file {path} is not valid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise error(f"the {what} config {path} must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
 def parse_config(source: Union[str, os.PathLike, dict]) -> MergeConfig:
     """Read a merge configuration from a YAML file path or an already-parsed dict."""
-    if isinstance(source, dict):
-        data = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise MergeConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise MergeConfigError(f"config file {path} is not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise MergeConfigError(f"the merge config must be a YAML mapping, got {type(data).__name__}")
+    data = read_yaml_mapping(source, MergeConfigError, "merge")
     for key, reason in UNSUPPORTED_KEYS.items():
         if data.get(key):
             raise MergeConfigError(f"config: '{key}': {reason}")

@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import torch
-import yaml
 
 from moefuse.errors import MoefuseError
-from moefuse.merge.config import DTYPES
+from moefuse.merge.config import DTYPES, read_yaml_mapping
 from moefuse.methods import get_method
 
 GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random", "perplexity")
@@ -177,19 +176,8 @@ def _shared_rules(value: Any) -> List[SharedRule]:
 
 
 def read_config_mapping(source: Union[str, os.PathLike, dict]) -> dict:
-    """The configuration as a mapping: a dict as given, or a YAML file read."""
-    if isinstance(source, dict):
-        return source
-    path = Path(source)
-    if not path.is_file():
-        raise MoeConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise MoeConfigError(f"config file {path} is not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise MoeConfigError(f"the MoE config {path} must be a YAML mapping, got {type(data).__name__}")
-    return data
+    """The MoE configuration as a mapping: a dict as given, or a YAML file read."""
+    return read_yaml_mapping(source, MoeConfigError, "MoE")
 
 
 def config_mode(source: Union[str, os.PathLike, dict, MoeBuildConfig]) -> str:
