@@ -46,12 +46,13 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from moefuse.errors import MoeInputError
 from moefuse.moe.configuration_hetero import MoefuseHeteroConfig
-from moefuse.moe.modeling_moefuse import (
-    MoefuseCache,
-    check_routing_weights,
+from moefuse.moe.sequence_routing import (
+    SequenceRoutedCausalLM,
+    SequenceRoutedModel,
+    SequenceRoutingCache,
+    active_experts,
     mix_expert_outputs,
-    next_token_nll,
-    perplexity_routing,
+    perplexity_per_expert,
 )
 
 
@@ -91,7 +92,7 @@ class HeteroProjector(nn.Module):
         return y
 
 
-class MoefuseHeteroCache(MoefuseCache):
+class MoefuseHeteroCache(SequenceRoutingCache):
     """KV cache of a `moefuse_hetero` model: one `DynamicCache` per expert (`experts[e]`, sized by
     expert e's own config), whose layers are also this cache's `layers` (so beam reordering and
     batch selection reach them), and the routing weights [batch, E] kept since prefill."""
@@ -100,8 +101,7 @@ class MoefuseHeteroCache(MoefuseCache):
         self.experts: List[DynamicCache] = [
             DynamicCache(config=config.expert_config(e)) for e in range(config.num_experts)
         ]
-        Cache.__init__(self, layers=[layer for cache in self.experts for layer in cache.layers])
-        self.routing_weights: Optional[torch.Tensor] = None
+        super().__init__(layers=[layer for cache in self.experts for layer in cache.layers])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen by the experts that ran (skipped experts' caches stay empty)."""
@@ -142,10 +142,13 @@ class MoefuseHeteroPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
-class MoefuseHeteroModel(MoefuseHeteroPreTrainedModel):
+class MoefuseHeteroModel(SequenceRoutedModel, MoefuseHeteroPreTrainedModel):
     """Shared embedding, router, projectors and the experts' decoder stacks; forward needs routing
     weights (explicit, or kept in a `MoefuseHeteroCache`). Use `MoefuseHeteroForCausalLM` to route.
     With `expert_tables`, `experts[e]` keeps its own `embed_tokens` (for perplexity scoring only)."""
+
+    cache_class = MoefuseHeteroCache
+    routing_hint = "MoefuseHeteroForCausalLM"
 
     def __init__(self, config: MoefuseHeteroConfig):
         super().__init__(config)
@@ -175,12 +178,6 @@ class MoefuseHeteroModel(MoefuseHeteroPreTrainedModel):
             self._no_split_modules.update(expert._no_split_modules)
             self._keep_in_fp32_modules.update(expert._keep_in_fp32_modules)
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
-
     def router_logits(self, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """r = W_router m, m the mean of `inputs_embeds` over the real tokens: fp32 [batch, E]."""
         if attention_mask is None:
@@ -208,23 +205,11 @@ class MoefuseHeteroModel(MoefuseHeteroPreTrainedModel):
     ) -> MoefuseHeteroModelOutputWithPast:
         """h = sum_e w_e P_out_e(Stack_e(P_in_e(x))) with `routing_weights` [batch, E] (default:
         the ones kept in `cache`)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise MoeInputError("moefuse_hetero: pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and cache is None:
-            cache = MoefuseHeteroCache(self.config)
-        if cache is not None and not isinstance(cache, MoefuseHeteroCache):
-            raise MoeInputError(
-                "moefuse_hetero: cache must be a MoefuseHeteroCache (MoefuseHeteroCache(model.config)), "
-                f"got {type(cache).__name__}"
-            )
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length)[None]
+        inputs_embeds, cache, use_cache, past_length, position_ids = self._prepare_inputs(
+            input_ids, inputs_embeds, cache, use_cache, position_ids
+        )
         weights = self._resolve_routing(routing_weights, cache, past_length, inputs_embeds.shape[0])
-        active = torch.nonzero(weights.gt(0).any(dim=0)).flatten().tolist()
+        active = active_experts(weights)
         outputs = []
         for e in active:
             hidden = self.experts[e](
@@ -242,24 +227,12 @@ class MoefuseHeteroModel(MoefuseHeteroPreTrainedModel):
             routing_weights=weights,
         )
 
-    def _resolve_routing(self, routing_weights, cache, past_length: int, batch: int) -> torch.Tensor:
-        """The weights of this call: explicit ones, else the cache's; stored in an empty cache."""
-        if routing_weights is None:
-            routing_weights = cache.routing_weights if cache is not None else None
-            if routing_weights is None:
-                raise MoeInputError(
-                    "moefuse_hetero: no routing weights: pass routing_weights=[batch, num_experts], or call "
-                    "MoefuseHeteroForCausalLM on the whole prompt first"
-                )
-        check_routing_weights(routing_weights, batch, self.config.num_experts)
-        if cache is not None and past_length == 0:
-            cache.routing_weights = routing_weights.float()
-        return routing_weights.float()
 
-
-class MoefuseHeteroForCausalLM(MoefuseHeteroPreTrainedModel, GenerationMixin):
+class MoefuseHeteroForCausalLM(SequenceRoutedCausalLM, MoefuseHeteroPreTrainedModel, GenerationMixin):
     """`MoefuseHeteroModel` + the shared language-model head, with sequence-level routing (see the
     module docstring)."""
+
+    cache_class = MoefuseHeteroCache
 
     def __init__(self, config: MoefuseHeteroConfig):
         super().__init__(config)
@@ -273,18 +246,6 @@ class MoefuseHeteroForCausalLM(MoefuseHeteroPreTrainedModel, GenerationMixin):
         if config.num_experts:  # special tokens (bos, eos, pad) as the first expert's
             self.generation_config = GenerationConfig.from_model_config(config.expert_config(0))
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
-
     @torch.no_grad()
     def expert_perplexities(
         self,
@@ -296,20 +257,18 @@ class MoefuseHeteroForCausalLM(MoefuseHeteroPreTrainedModel, GenerationMixin):
         dense expert e itself (with `expert_tables`: its own embedding, stack and head), or else of
         the model routed one-hot on e. fp32 [batch, E]; NaN for sequences with fewer than 2 real
         tokens."""
-        batch, num_experts = input_ids.shape[0], self.config.num_experts
-        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        scored = real[:, :-1] & real[:, 1:]
-        perplexities = []
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        for e in range(num_experts):
-            if self.expert_heads is not None:
-                hidden, head = self.model.experts[e](**inputs).last_hidden_state, self.expert_heads[e]
-            else:
-                one_hot = F.one_hot(torch.full((batch,), e, device=input_ids.device), num_experts).float()
-                hidden, head = self.model(**inputs, routing_weights=one_hot).last_hidden_state, self.lm_head
-            nll = next_token_nll(head, hidden, input_ids, scored)
-            perplexities.append(torch.exp(nll.sum(dim=1) / scored.sum(dim=1)))
-        return torch.stack(perplexities, dim=1)
+
+        def dense_expert(e: int):
+            hidden = self.model.experts[e](
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+            return hidden, self.expert_heads[e]
+
+        def routed_alone(e: int):
+            return self._routed_alone(e, input_ids, attention_mask, position_ids)
+
+        expert_hidden = dense_expert if self.expert_heads is not None else routed_alone
+        return perplexity_per_expert(expert_hidden, self.config.num_experts, input_ids, attention_mask)
 
     def route(
         self,
@@ -322,11 +281,7 @@ class MoefuseHeteroForCausalLM(MoefuseHeteroPreTrainedModel, GenerationMixin):
         if self.config.routing == "perplexity":
             if input_ids is None:
                 raise MoeInputError("moefuse_hetero: perplexity routing needs input_ids; or pass routing_weights=")
-            return perplexity_routing(
-                self.expert_perplexities(input_ids, attention_mask, position_ids),
-                self.config.num_experts_per_tok,
-                self.config.routing_temperature,
-            )
+            return self._perplexity_routing(input_ids, attention_mask, position_ids)
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
         return learned_routing(self.model.router_logits(inputs_embeds, attention_mask), self.config.num_experts_per_tok)
@@ -346,14 +301,8 @@ class MoefuseHeteroForCausalLM(MoefuseHeteroPreTrainedModel, GenerationMixin):
     ) -> MoefuseHeteroCausalLMOutputWithPast:
         """Logits H h of the routed mixture. Routing: `routing_weights` [batch, E] if given, else the
         weights kept in `cache`, else `config.routing` on this call's input (kept in `cache`)."""
-        cached = cache.routing_weights if isinstance(cache, MoefuseHeteroCache) else None
         router_logits = None
-        if routing_weights is None and cached is None:
-            if cache is not None and cache.get_seq_length() > 0:
-                raise MoeInputError(
-                    "moefuse_hetero: the cache holds tokens but no routing weights; pass routing_weights= or start "
-                    "from an empty MoefuseHeteroCache"
-                )
+        if self._must_route(routing_weights, cache):
             if self.config.routing == "perplexity":
                 routing_weights = self.route(input_ids, attention_mask, position_ids)
             else:
@@ -373,34 +322,13 @@ class MoefuseHeteroForCausalLM(MoefuseHeteroPreTrainedModel, GenerationMixin):
             routing_weights=routing_weights,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        logits, loss = self._logits_and_loss(
+            outputs.last_hidden_state, logits_to_keep, labels, self.config.vocab_size, **kwargs
+        )
         return MoefuseHeteroCausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, routing_weights=outputs.routing_weights,
             router_logits=router_logits,
         )
-
-    def _prepare_cache_for_generation(
-        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
-    ) -> None:
-        """`generate` gets a `MoefuseHeteroCache` (one dynamic cache per expert)."""
-        if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
-            return super()._prepare_cache_for_generation(
-                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
-            )
-        if generation_config.cache_implementation not in (None, "dynamic"):
-            raise MoeInputError(
-                f"moefuse_hetero: cache_implementation={generation_config.cache_implementation!r} is not supported; "
-                "use the default dynamic cache"
-            )
-        model_kwargs["cache"] = MoefuseHeteroCache(self.config)
 
 
 __all__ = [

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 import moefuse
 from moefuse.errors import MoefuseError, MoeInputError
 from moefuse.moe.config import MoeConfigError
-from moefuse.moe import modeling_moefuse
+from moefuse.moe import sequence_routing
 from moefuse.moe.modeling_moefuse import MoefuseCache, MoefuseMoeForCausalLM, perplexity_routing
 from tests.helpers import assert_close_fp32
 from tests.moe.moefuse_checkpoints import dense_model, noised, write_moe_checkpoint
@@ -97,7 +97,7 @@ def test_perplexity_routing_prefers_the_expert_that_fits_the_text(tmp_path, monk
         assert weights.argmax(dim=1).tolist() == [1, 1]
         assert (weights > 0).sum(dim=1).tolist() == [k, k]
         torch.testing.assert_close(weights, perplexity_routing(ppl, k, 1.0))
-    monkeypatch.setattr(modeling_moefuse, "NLL_CHUNK_LOGITS", 300)  # logits of one position at a time
+    monkeypatch.setattr(sequence_routing, "NLL_CHUNK_LOGITS", 300)  # logits of one position at a time
     torch.testing.assert_close(model.expert_perplexities(text), ppl)
 
 
