@@ -312,19 +312,11 @@ class MoefuseHeteroForCausalLM(SequenceRoutedCausalLM, MoefuseHeteroPreTrainedMo
                     raise MoeInputError("moefuse_hetero: pass input_ids or inputs_embeds")
                 router_logits = self.model.router_logits(inputs_embeds, attention_mask)
                 routing_weights = learned_routing(router_logits, self.config.num_experts_per_tok)
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            routing_weights=routing_weights,
-            **kwargs,
+        model_inputs = dict(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, routing_weights=routing_weights,
         )
-        logits, loss = self._logits_and_loss(
-            outputs.last_hidden_state, logits_to_keep, labels, self.config.vocab_size, **kwargs
-        )
+        outputs, logits, loss = self._run_and_score(model_inputs, labels, logits_to_keep, self.config.vocab_size, **kwargs)
         return MoefuseHeteroCausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, routing_weights=outputs.routing_weights,
             router_logits=router_logits,

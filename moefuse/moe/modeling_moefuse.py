@@ -326,19 +326,12 @@ class MoefuseMoeForCausalLM(SequenceRoutedCausalLM, MoefuseMoePreTrainedModel, G
             if input_ids is None:
                 raise MoeInputError("moefuse_moe: perplexity routing needs input_ids; or pass routing_weights=")
             routing_weights = self.route(input_ids, attention_mask, position_ids)
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            routing_weights=routing_weights,
-            **kwargs,
+        model_inputs = dict(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, routing_weights=routing_weights,
         )
-        logits, loss = self._logits_and_loss(
-            outputs.last_hidden_state, logits_to_keep, labels, self.config.base_config.vocab_size, **kwargs
-        )
+        vocab_size = self.config.base_config.vocab_size
+        outputs, logits, loss = self._run_and_score(model_inputs, labels, logits_to_keep, vocab_size, **kwargs)
         return MoefuseMoeCausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, routing_weights=outputs.routing_weights
         )

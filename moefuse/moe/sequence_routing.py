@@ -248,9 +248,12 @@ class SequenceRoutedCausalLM:
             )
         return True
 
-    def _logits_and_loss(self, hidden_states, logits_to_keep, labels, vocab_size: int, **kwargs):
-        """logits = lm_head(hidden_states) at the last `logits_to_keep` positions (all when 0) or at
-        the given indices, and the LM loss against `labels` (None without labels)."""
+    def _run_and_score(self, model_inputs: dict, labels, logits_to_keep, vocab_size: int, **kwargs):
+        """(outputs, logits, loss): outputs = model(**model_inputs, **kwargs); logits =
+        lm_head(last_hidden_state) at the last `logits_to_keep` positions (all when 0) or at the
+        given indices; the LM loss of the logits against `labels` (None without labels)."""
+        outputs = self.model(**model_inputs, **kwargs)
+        hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
         else:
@@ -259,7 +262,7 @@ class SequenceRoutedCausalLM:
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
-        return logits, loss
+        return outputs, logits, loss
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
