@@ -17,12 +17,9 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 import torch
-import transformers
-from tqdm import tqdm
 
-from moefuse.io.output import atomic_output_dir
+from moefuse.moe.fine_tuning import TrainingError, TrainResult, load_for_training, run_adamw, save_trained
 from moefuse.moe.modeling_hetero import MoefuseHeteroForCausalLM, sequence_load_balancing_loss
-from moefuse.moe.train_router import TrainingError, TrainResult
 
 TRAINABLE = {
     "router": ("model.router.",),
@@ -77,41 +74,27 @@ def train_moe(model_dir: Union[str, os.PathLike], text_file: Union[str, os.PathL
     tokenizer. `aux_loss_coef` defaults to the config's `router_aux_loss_coef`. Training runs in
     fp32 on `device` and is saved in the model's dtype. Returns the per-step total and
     load-balancing losses."""
-    if steps < 1 or batch_size < 1 or seq_len < 2 or learning_rate <= 0:
-        raise TrainingError("steps and batch_size must be >= 1, seq_len >= 2 and learning_rate > 0")
-    model_dir = Path(model_dir)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    except (OSError, ValueError) as error:
-        raise TrainingError(f"cannot load the model and tokenizer from {model_dir}: {error}") from None
+    tokenizer, model, saved_dtype = load_for_training(model_dir, steps=steps, batch_size=batch_size,
+                                                      seq_len=seq_len, learning_rate=learning_rate)
     if not isinstance(model, MoefuseHeteroForCausalLM):
-        raise TrainingError(f"{model_dir} ({type(model).__name__}) is not a heterogeneous MoE (moefuse_hetero); "
+        raise TrainingError(f"{Path(model_dir)} ({type(model).__name__}) is not a heterogeneous MoE (moefuse_hetero); "
                             "build one with mode: heterogeneous, or use train-router for token-routed MoEs")
-    saved_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
     samples = text_samples(Path(text_file), tokenizer, seq_len)
     coef = model.config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.config.routing = "learned"
     model.to(device).train()
     result = TrainResult(Path(out_dir), trained_parameters=_mark_trainable(model, train))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
-    generator = torch.Generator().manual_seed(seed)
     k = model.config.num_experts_per_tok
-    for _ in tqdm(range(steps), desc="training the MoE", disable=not progress):
+
+    def step_losses(generator: torch.Generator):
         chosen = torch.randint(len(samples), (batch_size,), generator=generator).tolist()
         ids, mask, labels = (t.to(device) for t in _batch([samples[i] for i in chosen], pad_id))
         output = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
         balance = sequence_load_balancing_loss(output.router_logits, k)
-        loss = output.loss + coef * balance
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        result.losses.append(loss.item())
-        result.balance_losses.append(balance.item())
-    model.eval()
-    with atomic_output_dir(out_dir, overwrite) as partial:
-        model.to("cpu", dtype=saved_dtype)
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
+        return output.loss + coef * balance, balance
+
+    run_adamw(model, step_losses, result, steps=steps, learning_rate=learning_rate, seed=seed, progress=progress,
+              desc="training the MoE")
+    save_trained(model, tokenizer, out_dir, saved_dtype, overwrite)
     return result

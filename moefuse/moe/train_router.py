@@ -10,34 +10,18 @@ or also the experts' FFNs (`"experts"`) or every parameter (`"all"`).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Union
+from typing import Union
 
 import torch
-import transformers
-from tqdm import tqdm
 
-from moefuse.errors import MoefuseError
-from moefuse.io.output import atomic_output_dir
+from moefuse.moe.fine_tuning import TrainingError, TrainResult, load_for_training, run_adamw, save_trained
 
 TRAINABLE = {
     "gates": (".gate.weight", "shared_expert_gate.weight"),
     "experts": (".gate.weight", "shared_expert_gate.weight", ".experts.", ".shared_expert."),
     "all": ("",),
 }
-
-
-class TrainingError(MoefuseError, ValueError):
-    """Router training cannot run with these inputs."""
-
-
-@dataclass
-class TrainResult:
-    out_dir: Path
-    losses: List[float] = field(default_factory=list)  # total loss per step
-    balance_losses: List[float] = field(default_factory=list)  # load-balancing loss per step
-    trained_parameters: int = 0
 
 
 def _token_windows(text_file: Path, tokenizer, length: int) -> torch.Tensor:
@@ -72,35 +56,22 @@ def train_router(model_dir: Union[str, os.PathLike], text_file: Union[str, os.Pa
                  device: str = "cpu", seed: int = 0, progress: bool = True, overwrite: bool = False) -> TrainResult:
     """Fine-tune the routers of the MoE in `model_dir` on `text_file`; save the result to `out_dir`
     (atomically, with the tokenizer). Training runs in fp32 and is saved in the model's dtype."""
-    if steps < 1 or batch_size < 1 or seq_len < 2 or learning_rate <= 0:
-        raise TrainingError("steps and batch_size must be >= 1, seq_len >= 2 and learning_rate > 0")
-    model_dir = Path(model_dir)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    except (OSError, ValueError) as error:
-        raise TrainingError(f"cannot load the model and tokenizer from {model_dir}: {error}") from None
-    saved_dtype = getattr(model.config, "dtype", None) or torch.float32
+    tokenizer, model, saved_dtype = load_for_training(model_dir, steps=steps, batch_size=batch_size,
+                                                      seq_len=seq_len, learning_rate=learning_rate)
     if not hasattr(model.config, "router_aux_loss_coef"):
-        raise TrainingError(f"{model_dir} ({type(model).__name__}) is not a token-routed MoE with a load-balancing loss; "
-                            "router training supports Mixtral, Qwen2-MoE and Qwen3-MoE checkpoints")
+        raise TrainingError(f"{Path(model_dir)} ({type(model).__name__}) is not a token-routed MoE with a "
+                            "load-balancing loss; router training supports Mixtral, Qwen2-MoE and Qwen3-MoE checkpoints")
     windows = _token_windows(Path(text_file), tokenizer, seq_len)
     model.config.router_aux_loss_coef = aux_loss_coef
     model.to(device).train()
     result = TrainResult(Path(out_dir), trained_parameters=_mark_trainable(model, train))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(steps), desc="training routers", disable=not progress):
+
+    def step_losses(generator: torch.Generator):
         batch = windows[torch.randint(len(windows), (batch_size,), generator=generator)].to(device)
         output = model(input_ids=batch, labels=batch, output_router_logits=True)
-        optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        optimizer.step()
-        result.losses.append(output.loss.item())
-        result.balance_losses.append(output.aux_loss.item())
-    model.eval()
-    with atomic_output_dir(out_dir, overwrite) as partial:
-        model.to("cpu", dtype=saved_dtype if isinstance(saved_dtype, torch.dtype) else torch.float32)
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
+        return output.loss, output.aux_loss
+
+    run_adamw(model, step_losses, result, steps=steps, learning_rate=learning_rate, seed=seed, progress=progress,
+              desc="training routers")
+    save_trained(model, tokenizer, out_dir, saved_dtype, overwrite)
     return result
