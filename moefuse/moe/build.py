@@ -108,7 +108,7 @@ class MoeBuilder:
                     "architecture. Experts of different architectures or sizes need a heterogeneous MoE "
                     "(MergeME's per-expert layer stacks with projectors): use mode: heterogeneous."
                 )
-            if fields["vocab_size"] != base_fields["vocab_size"] or not _same_vocabulary(expert.source_model, self.cfg.base_model):
+            if fields["vocab_size"] != base_fields["vocab_size"] or not same_vocabulary(expert.source_model, self.cfg.base_model):
                 raise MoeConfigError(
                     f"{group}[{index}] ({expert.source_model}) has a different vocabulary or tokenizer from the base "
                     f"{self.cfg.base_model} (vocab_size {fields['vocab_size']} vs {base_fields['vocab_size']}): "
@@ -297,7 +297,7 @@ def _vocabulary(folder: Path) -> Optional[str]:
     return json.dumps([model.get("vocab"), model.get("merges"), data.get("added_tokens")], sort_keys=True)
 
 
-def _same_vocabulary(folder: Path, reference: Path) -> bool:
+def same_vocabulary(folder: Path, reference: Path) -> bool:
     """Whether two tokenizers share a vocabulary (byte-identical tokenizer.json files do)."""
     mine, theirs = Path(folder) / "tokenizer.json", Path(reference) / "tokenizer.json"
     if mine.exists() and theirs.exists() and mine.read_bytes() == theirs.read_bytes():
@@ -318,7 +318,14 @@ def build_moe(config: Union[str, os.PathLike, dict, MoeBuildConfig], out_dir: Un
 
         return build_hetero_moe(config, out_dir, max_shard_size=max_shard_size, progress=progress,
                                 overwrite=overwrite, dry_run=dry_run)
-    builder = MoeBuilder(parse_moe_config(config))
+    return run_builder(MoeBuilder(parse_moe_config(config)), out_dir, max_shard_size=max_shard_size,
+                       progress=progress, overwrite=overwrite, dry_run=dry_run)
+
+
+def run_builder(builder, out_dir: Union[str, os.PathLike], *, max_shard_size, progress: bool, overwrite: bool,
+                dry_run: bool) -> Union[Path, str]:
+    """`builder.describe()` (the plan as text) with `dry_run`, else `builder.write(out_dir, ...)`
+    (the output folder); the builder's input readers are closed either way."""
     try:
         if dry_run:
             return builder.describe()

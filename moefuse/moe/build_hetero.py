@@ -48,7 +48,7 @@ from moefuse.io.output import DTYPE_CONFIG_NAMES, atomic_output_dir, copy_model_
 from moefuse.io.safetensors_reader import CheckpointReader
 from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, OutputTensor, ShardedWriter
 from moefuse.merge.config import DTYPES
-from moefuse.moe.build import _same_vocabulary
+from moefuse.moe.build import run_builder, same_vocabulary
 from moefuse.moe.config import MoeConfigError, read_config_mapping
 from moefuse.moe.configuration_hetero import MODEL_TYPE, PROJECTORS, ROUTING_MODES, MoefuseHeteroConfig
 
@@ -214,7 +214,7 @@ class HeteroMoeBuilder:
                 raise MoeConfigError(
                     f"{where}: no {HEAD_KEY} and tie_word_embeddings is not set; the checkpoint is incomplete"
                 )
-            if index and not _same_vocabulary(folder, reference):
+            if index and not same_vocabulary(folder, reference):
                 raise MoeConfigError(
                     f"{where} has a different tokenizer from experts[0] ({reference}): the experts of a heterogeneous "
                     "MoE share one embedding and head, so they must share a tokenizer (tokenizer.json vocabulary)"
@@ -339,10 +339,5 @@ def build_hetero_moe(config: Union[str, os.PathLike, dict, HeteroBuildConfig], o
     """Build a heterogeneous MoE checkpoint (`moefuse_hetero`) from the dense causal LMs described
     by `config` (YAML path, dict or `HeteroBuildConfig`; see the module docstring) into `out_dir`,
     written atomically. Returns the output folder, or with `dry_run` the plan as text."""
-    builder = HeteroMoeBuilder(parse_hetero_config(config))
-    try:
-        if dry_run:
-            return builder.describe()
-        return builder.write(Path(out_dir), max_shard_size=max_shard_size, progress=progress, overwrite=overwrite)
-    finally:
-        builder.close()
+    return run_builder(HeteroMoeBuilder(parse_hetero_config(config)), out_dir, max_shard_size=max_shard_size,
+                       progress=progress, overwrite=overwrite, dry_run=dry_run)
