@@ -29,6 +29,7 @@ from moefuse.moe.modeling_hetero import (
 )
 from moefuse.moe.modeling_moefuse import perplexity_routing
 from tests.helpers import assert_close_fp32
+from tests.moe.helpers import assert_left_padded_batch_matches_alone, greedy, torch_threads
 from tests.moe.tiny_models import SPECIAL, WORDS, save_dense_models, tiny_dense_config
 
 SHAPES = {"llama": dict(hidden=64, layers=2), "qwen2": dict(hidden=96, layers=3)}
@@ -37,10 +38,8 @@ SHAPES = {"llama": dict(hidden=64, layers=2), "qwen2": dict(hidden=96, layers=3)
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models run faster on one thread (thread synchronization dominates); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +67,6 @@ def tokens(batch: int, length: int, seed: int) -> torch.Tensor:
 
 def one_hot(e: int, batch: int, experts: int = 2) -> torch.Tensor:
     return F.one_hot(torch.full((batch,), e), experts).float()
-
-
-@torch.no_grad()
-def greedy(model, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
-    out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False,
-                         pad_token_id=0, eos_token_id=None, **kwargs)
-    return out[:, input_ids.shape[1]:]
 
 
 @pytest.mark.parametrize("family, projector", [("llama", "linear"), ("qwen2", "mlp")])
@@ -175,16 +167,7 @@ def test_generate_with_cache_equals_without(dense, tmp_path, routing):
 @pytest.mark.parametrize("routing", ["learned", "perplexity"])
 def test_batched_left_padding_equals_unbatched(dense, tmp_path, routing):
     model = load(build(tmp_path / "moe", [dense["llama"], dense["qwen2"]], experts_per_token=2, routing=routing))
-    prompts = [tokens(1, 5, seed=5)[0], tokens(1, 8, seed=6)[0]]
-    ids = torch.zeros(2, 8, dtype=torch.long)
-    mask = torch.zeros(2, 8, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, -len(prompt):] = prompt
-        mask[row, -len(prompt):] = 1
-    batched = greedy(model, ids, mask)
-    for row, prompt in enumerate(prompts):
-        assert torch.equal(batched[row], greedy(model, prompt[None])[0]), row
-        torch.testing.assert_close(model.route(ids, mask)[row], model.route(prompt[None])[0], rtol=1e-5, atol=1e-6)
+    assert_left_padded_batch_matches_alone(model, [tokens(1, 5, seed=5)[0], tokens(1, 8, seed=6)[0]])
 
 
 def test_cache_holds_one_cache_per_expert(dense, tmp_path):

@@ -13,6 +13,7 @@ import transformers
 from moefuse import build_hetero_moe
 from moefuse.errors import MoefuseError
 from moefuse.moe.train import text_samples, train_moe
+from tests.moe.helpers import torch_threads
 from tests.moe.tiny_models import WORDS, save_dense_models, word_tokenizer
 
 DOMAINS = (WORDS[WORDS.index("code"):WORDS.index("story")], WORDS[WORDS.index("story"):WORDS.index("json")])
@@ -54,10 +55,8 @@ def specialize(folder, lines, steps: int = 60) -> None:
 def one_thread():
     """Tiny models run faster on one thread (measured here: 10 ms vs 0.5 s per training step on a
     busy 2-core machine); the setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

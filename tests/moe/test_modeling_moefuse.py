@@ -19,6 +19,7 @@ from moefuse.moe.config import MoeConfigError
 from moefuse.moe import sequence_routing
 from moefuse.moe.modeling_moefuse import MoefuseCache, MoefuseMoeForCausalLM, perplexity_routing
 from tests.helpers import assert_close_fp32
+from tests.moe.helpers import assert_left_padded_batch_matches_alone, greedy
 from tests.moe.moefuse_checkpoints import dense_model, noised, write_moe_checkpoint
 
 E = 3
@@ -37,15 +38,6 @@ def one_hot(e: int, batch: int) -> torch.Tensor:
 
 def tokens(batch: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def greedy(model, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
-    out = model.generate(
-        input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
-        eos_token_id=None, **kwargs,
-    )
-    return out[:, input_ids.shape[1]:]
 
 
 IDENTICAL_CASES = [
@@ -162,16 +154,7 @@ def test_generate_with_cache_equals_without(tmp_path, family, separate_attention
 def test_batched_left_padding_equals_unbatched(tmp_path, separate_attention):
     denses = [dense_model("qwen3", seed=50 + e) for e in range(E)]
     model = load(write_moe_checkpoint(tmp_path, denses, 2, separate_attention))
-    prompts = [tokens(1, 5, seed=11)[0], tokens(1, 8, seed=12)[0]]
-    ids = torch.zeros(2, 8, dtype=torch.long)
-    mask = torch.zeros(2, 8, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, -len(prompt):] = prompt
-        mask[row, -len(prompt):] = 1
-    batched = greedy(model, ids, mask)
-    for row, prompt in enumerate(prompts):
-        assert torch.equal(batched[row], greedy(model, prompt[None])[0]), row
-        torch.testing.assert_close(model.route(ids, mask)[row], model.route(prompt[None])[0], rtol=1e-5, atol=1e-6)
+    assert_left_padded_batch_matches_alone(model, [tokens(1, 5, seed=11)[0], tokens(1, 8, seed=12)[0]])
 
 
 def test_cache_holds_one_slot_per_layer_and_expert(tmp_path):
