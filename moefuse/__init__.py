@@ -1,23 +1,43 @@
 """moefuse: fast, memory-frugal model merging and merged mixtures of experts.
 
-Importing moefuse needs neither a GPU nor the compiled extension; the fast backends load lazily.
+Importing moefuse needs neither a GPU nor the compiled extension, and it does not import
+transformers: the functions that need it (and the fast backends) load on first use.
 """
 
+import importlib
+
 from moefuse.errors import MergeConfigError, MergeInputError, MoefuseError
-from moefuse.integrations.transformers import apply_to
-from moefuse.merge import merge_checkpoints
 from moefuse.methods import get_method, method_names
 from moefuse.moe.auto_registration import install as _install_auto_registration
-from moefuse.moe.build import build_moe
-from moefuse.moe.build_hetero import build_hetero_moe
-from moefuse.ops.assignment import linear_assignment
-from moefuse.ops.grouped_moe import grouped_moe
 from moefuse.ops.merge import merge_tensors
 
 __version__ = "0.1.0"
 
-# AutoConfig / AutoModelForCausalLM learn the `moefuse_moe` model once transformers' Auto modules load
+# AutoConfig / AutoModelForCausalLM learn moefuse's model classes once transformers' Auto modules load
 _install_auto_registration()
+
+_LAZY = {
+    "apply_to": "moefuse.integrations.transformers",
+    "build_hetero_moe": "moefuse.moe.build_hetero",
+    "build_moe": "moefuse.moe.build",
+    "grouped_moe": "moefuse.ops.grouped_moe",
+    "linear_assignment": "moefuse.ops.assignment",
+    "merge_checkpoints": "moefuse.merge",
+}
+
+
+def __getattr__(name: str):
+    """The public functions of `_LAZY`, imported from their modules on first use."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'moefuse' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "MergeConfigError",

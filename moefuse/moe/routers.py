@@ -60,7 +60,7 @@ class LayerwiseModel:
         config = transformers.AutoConfig.from_pretrained(str(folder))
         config._attn_implementation = "sdpa"  # a mask of None then means causal
         with torch.device("meta"):
-            self.meta_model = transformers.AutoModelForCausalLM.from_config(config)
+            self.meta_model = _causal_lm(config)
         inner = self.meta_model.model
         self.num_layers = config.num_hidden_layers
         self.rotary = type(inner.rotary_emb)(config=config)
@@ -102,6 +102,15 @@ class LayerwiseModel:
         layer.to("meta")
         self.reader.release(keys)
         return output[0] if isinstance(output, tuple) else output
+
+
+def _causal_lm(config):
+    """The model config.json names, built from its family's module alone; else the Auto class's."""
+    for name in getattr(config, "architectures", None) or []:
+        model_class = getattr(transformers, name, None)
+        if model_class is not None:
+            return model_class(config)
+    return transformers.AutoModelForCausalLM.from_config(config)
 
 
 def _prompt_index(experts: Sequence[ExpertSpec]) -> Dict[str, int]:
