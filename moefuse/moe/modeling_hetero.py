@@ -284,7 +284,8 @@ class MoefuseHeteroForCausalLM(SequenceRoutedCausalLM, MoefuseHeteroPreTrainedMo
             return self._perplexity_routing(input_ids, attention_mask, position_ids)
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
-        return learned_routing(self.model.router_logits(inputs_embeds, attention_mask), self.config.num_experts_per_tok)
+        router_logits = self.model.router_logits(inputs_embeds, attention_mask)
+        return learned_routing(router_logits, self.config.num_experts_per_tok)
 
     def forward(
         self,
