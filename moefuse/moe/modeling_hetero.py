@@ -44,13 +44,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+from moefuse.moe import auto_registration
 from moefuse.errors import MoeInputError
 from moefuse.moe.configuration_hetero import MoefuseHeteroConfig
 from moefuse.moe.sequence_routing import (
     SequenceRoutedCausalLM,
     SequenceRoutedModel,
     SequenceRoutingCache,
-    active_experts,
     mix_expert_outputs,
     perplexity_per_expert,
 )
@@ -205,26 +205,22 @@ class MoefuseHeteroModel(SequenceRoutedModel, MoefuseHeteroPreTrainedModel):
     ) -> MoefuseHeteroModelOutputWithPast:
         """h = sum_e w_e P_out_e(Stack_e(P_in_e(x))) with `routing_weights` [batch, E] (default:
         the ones kept in `cache`)."""
-        inputs_embeds, cache, use_cache, past_length, position_ids = self._prepare_inputs(
-            input_ids, inputs_embeds, cache, use_cache, position_ids
-        )
-        weights = self._resolve_routing(routing_weights, cache, past_length, inputs_embeds.shape[0])
-        active = active_experts(weights)
+        run = self._routed_inputs(input_ids, inputs_embeds, cache, use_cache, position_ids, routing_weights)
         outputs = []
-        for e in active:
+        for e in run.active:
             hidden = self.experts[e](
-                inputs_embeds=self.projectors_in[e](inputs_embeds),
+                inputs_embeds=self.projectors_in[e](run.inputs_embeds),
                 attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache.experts[e] if cache is not None else None,
-                use_cache=use_cache,
+                position_ids=run.position_ids,
+                cache=run.cache.experts[e] if run.cache is not None else None,
+                use_cache=run.use_cache,
                 **kwargs,
             ).last_hidden_state
             outputs.append(self.projectors_out[e](hidden))
         return MoefuseHeteroModelOutputWithPast(
-            last_hidden_state=mix_expert_outputs(outputs, weights, active),
-            cache=cache if use_cache else None,
-            routing_weights=weights,
+            last_hidden_state=mix_expert_outputs(outputs, run.weights, run.active),
+            cache=run.cache if run.use_cache else None,
+            routing_weights=run.weights,
         )
 
 
@@ -317,7 +313,8 @@ class MoefuseHeteroForCausalLM(SequenceRoutedCausalLM, MoefuseHeteroPreTrainedMo
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
             inputs_embeds=inputs_embeds, use_cache=use_cache, routing_weights=routing_weights,
         )
-        outputs, logits, loss = self._run_and_score(model_inputs, labels, logits_to_keep, self.config.vocab_size, **kwargs)
+        vocab_size = self.config.vocab_size
+        outputs, logits, loss = self._run_and_score(model_inputs, labels, logits_to_keep, vocab_size, **kwargs)
         return MoefuseHeteroCausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, routing_weights=outputs.routing_weights,
             router_logits=router_logits,
@@ -334,3 +331,6 @@ __all__ = [
     "learned_routing",
     "sequence_load_balancing_loss",
 ]
+
+
+auto_registration.register_when_loaded()  # see auto_registration.register_models

@@ -35,13 +35,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+from moefuse.moe import auto_registration
 from moefuse.errors import MoeInputError
 from moefuse.moe.configuration_moefuse import MoefuseMoeConfig
 from moefuse.moe.sequence_routing import (
     SequenceRoutedCausalLM,
     SequenceRoutedModel,
     SequenceRoutingCache,
-    active_experts,
     check_routing_weights,
     mix_expert_outputs,
     next_token_nll,
@@ -221,31 +221,27 @@ class MoefuseMoeModel(SequenceRoutedModel, MoefuseMoePreTrainedModel):
         **kwargs,
     ) -> MoefuseMoeModelOutputWithPast:
         """Run the decoder stack with `routing_weights` [batch, E] (default: the ones kept in `cache`)."""
-        inputs_embeds, cache, use_cache, past_length, position_ids = self._prepare_inputs(
-            input_ids, inputs_embeds, cache, use_cache, position_ids
-        )
-        weights = self._resolve_routing(routing_weights, cache, past_length, inputs_embeds.shape[0])
-        active = active_experts(weights)
-        masks = self._masks(inputs_embeds, attention_mask, cache, position_ids, active[0])
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        run = self._routed_inputs(input_ids, inputs_embeds, cache, use_cache, position_ids, routing_weights)
+        masks = self._masks(run.inputs_embeds, attention_mask, run.cache, run.position_ids, run.active[0])
+        position_embeddings = self.rotary_emb(run.inputs_embeds, run.position_ids)
 
-        hidden_states = inputs_embeds
+        hidden_states = run.inputs_embeds
         for layer, layer_type in zip(self.layers, self.layer_types):
             hidden_states = layer(
                 hidden_states,
-                weights,
-                active,
+                run.weights,
+                run.active,
                 attention_mask=masks[layer_type],
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=use_cache,
+                position_ids=run.position_ids,
+                cache=run.cache,
+                use_cache=run.use_cache,
                 position_embeddings=position_embeddings,
                 **kwargs,
             )
         return MoefuseMoeModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
-            cache=cache if use_cache else None,
-            routing_weights=weights,
+            cache=run.cache if run.use_cache else None,
+            routing_weights=run.weights,
         )
 
     def _masks(self, inputs_embeds, attention_mask, cache, position_ids, expert: int) -> Dict[str, torch.Tensor]:
@@ -349,3 +345,6 @@ __all__ = [
     "next_token_nll",
     "perplexity_routing",
 ]
+
+
+auto_registration.register_when_loaded()  # see auto_registration.register_models

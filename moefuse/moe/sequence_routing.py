@@ -19,6 +19,7 @@ perplexity routing) `routing_temperature`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -148,6 +149,20 @@ class SequenceRoutingCache(DynamicCache):
             self.routing_weights = self.routing_weights[indices]
 
 
+@dataclass
+class RoutedInputs:
+    """What a routed decoder forward runs on: the embedded input [batch, T, D], the cache (None
+    without caching), whether to cache, the positions [1, T] (or as given), the routing weights
+    fp32 [batch, E] and the experts that run (a nonzero weight for some sequence)."""
+
+    inputs_embeds: torch.Tensor
+    cache: Optional[Cache]
+    use_cache: bool
+    position_ids: torch.Tensor
+    weights: torch.Tensor
+    active: List[int]
+
+
 class SequenceRoutedModel:
     """Mixin of a decoder model (before `PreTrainedModel` in the bases) that embeds with
     `embed_tokens`, runs with routing weights [batch, E] and keeps them in a `cache_class` cache.
@@ -162,10 +177,10 @@ class SequenceRoutedModel:
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def _prepare_inputs(self, input_ids, inputs_embeds, cache, use_cache, position_ids):
-        """(inputs_embeds, cache, use_cache, past_length, position_ids): the embedded input, the
-        cache (a new one when caching without one), the number of tokens it already holds, and
-        positions past_length + [0, T) [1, T] unless given."""
+    def _routed_inputs(self, input_ids, inputs_embeds, cache, use_cache, position_ids, routing_weights) -> RoutedInputs:
+        """The checked inputs of a forward: the embedded input, the cache (a new one when caching
+        without one), positions past_length + [0, T) unless given (past_length: the tokens the
+        cache holds), and the routing weights (`_resolve_routing`)."""
         name = self.config.model_type
         if (input_ids is None) == (inputs_embeds is None):
             raise MoeInputError(f"{name}: pass exactly one of input_ids and inputs_embeds")
@@ -180,7 +195,8 @@ class SequenceRoutedModel:
         past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length)[None]
-        return inputs_embeds, cache, use_cache, past_length, position_ids
+        weights = self._resolve_routing(routing_weights, cache, past_length, inputs_embeds.shape[0])
+        return RoutedInputs(inputs_embeds, cache, use_cache, position_ids, weights, active_experts(weights))
 
     def _resolve_routing(self, routing_weights, cache, past_length: int, batch: int) -> torch.Tensor:
         """The weights of this call: explicit ones, else the cache's; stored in an empty cache."""
