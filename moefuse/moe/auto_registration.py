@@ -30,9 +30,24 @@ def register_config() -> None:
     AutoConfig.register(configuration_hetero.MODEL_TYPE, configuration_hetero.MoefuseHeteroConfig, exist_ok=True)
 
 
-def register_models() -> None:
+MODELING_MODULES = ("moefuse.moe.modeling_moefuse", "moefuse.moe.modeling_hetero")
+
+
+def _initializing(name: str) -> bool:
+    """Whether module `name` is being imported right now (it is in sys.modules, half run)."""
+    spec = getattr(sys.modules.get(name), "__spec__", None)
+    return bool(getattr(spec, "_initializing", False))
+
+
+def register_models(finishing: str = "") -> None:
     """AutoModel and AutoModelForCausalLM: MoefuseMoeConfig -> MoefuseMoeModel / MoefuseMoeForCausalLM,
-    MoefuseHeteroConfig -> MoefuseHeteroModel / MoefuseHeteroForCausalLM."""
+    MoefuseHeteroConfig -> MoefuseHeteroModel / MoefuseHeteroForCausalLM.
+
+    When one of moefuse's modeling modules is itself what imported transformers' Auto module, its
+    classes do not exist yet: registration then waits for `register_when_loaded`, which each
+    modeling module calls as its last statement (naming itself as `finishing`: its classes exist)."""
+    if any(_initializing(name) for name in MODELING_MODULES if name != finishing):
+        return
     register_config()
     from transformers.models.auto.modeling_auto import AutoModel, AutoModelForCausalLM
 
@@ -46,6 +61,14 @@ def register_models() -> None:
 
 
 REGISTRATIONS = {CONFIG_AUTO: register_config, MODEL_AUTO: register_models}
+
+
+def register_when_loaded(module_name: str) -> None:
+    """Register the model classes if transformers' Auto modeling module is already loaded (called
+    as the last statement of each modeling module, `module_name`; otherwise the import hook
+    registers them later)."""
+    if MODEL_AUTO in sys.modules:
+        register_models(finishing=module_name)
 
 
 class _LoaderThenRegister(importlib.abc.Loader):

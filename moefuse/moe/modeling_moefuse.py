@@ -347,4 +347,4 @@ __all__ = [
 ]
 
 
-auto_registration.register_when_loaded()  # see auto_registration.register_models
+auto_registration.register_when_loaded(__name__)  # see auto_registration.register_models
