@@ -48,6 +48,6 @@ def test_build_moe(record, experts, gate_mode):
     for tool, (seconds, rss) in rows.items():
         record("build_moe", dict(
             config=f"4 experts of SmolLM2-135M, {gate_mode} gates: {tool}", tool=tool, gate_mode=gate_mode,
-            seconds=seconds, peak_rss_gb=rss / 1e9, output_gb=output_gb, tool_over_moefuse_time=seconds / moefuse_s,
-            tool_over_moefuse_rss=rss / moefuse_rss,
+            seconds=seconds, peak_rss_gb=rss / 1e9, output_gb=output_gb, moefuse_vs_tool=seconds / moefuse_s,
+            rss_ratio_to_moefuse=rss / moefuse_rss,
         ))
