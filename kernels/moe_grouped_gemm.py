@@ -69,6 +69,15 @@ def _block_coords(num_blocks_m, num_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 
 
 @triton.jit
+def _block_rows(sorted_ptr, pid_m, num_pairs, BLOCK_M: tl.constexpr):
+    """Row block pid_m of the aligned order: its rows, their (token, choice) pair ids, and which
+    rows hold a pair (the rest is padding, whose ids are >= num_pairs)."""
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_ptr + rows)
+    return rows, pairs, pairs < num_pairs
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr,
     num_pairs, num_blocks_m, top_k, inter, hidden,
@@ -80,9 +89,7 @@ def _gate_up_kernel(
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_ptr + rows)
-    row_ok = pairs < num_pairs
+    rows, pairs, row_ok = _block_rows(sorted_ptr, pid_m, num_pairs, BLOCK_M)
     tokens = (pairs // top_k).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < inter
@@ -121,9 +128,7 @@ def _down_kernel(
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_ptr + rows)
-    row_ok = pairs < num_pairs
+    rows, pairs, row_ok = _block_rows(sorted_ptr, pid_m, num_pairs, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
     ks = tl.arange(0, BLOCK_K)
