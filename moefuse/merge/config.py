@@ -57,11 +57,18 @@ class MergeConfig:
     align: bool = False  # permute each model's FFN neurons to match the reference before merging
 
 
-def _dtype(value: Any, key: str) -> Optional[torch.dtype]:
+def checkpoint_dtype(model_config: dict) -> Optional[torch.dtype]:
+    """The dtype a Hugging Face config.json names (`dtype`, or the older `torch_dtype`), if any."""
+    name = model_config.get("dtype") or model_config.get("torch_dtype")
+    return DTYPES.get(name) if isinstance(name, str) else None
+
+
+def parse_dtype(value: Any, key: str, error: Type[MoefuseError] = MergeConfigError) -> Optional[torch.dtype]:
+    """The torch dtype a config option names (None when unset); an unknown name raises `error`."""
     if value is None:
         return None
     if value not in DTYPES:
-        raise MergeConfigError(f"config: '{key}: {value}' is not supported; use one of {sorted(DTYPES)}")
+        raise error(f"config: '{key}: {value}' is not supported; use one of {sorted(DTYPES)}")
     return DTYPES[value]
 
 
@@ -146,8 +153,8 @@ def parse_config(source: Union[str, os.PathLike, dict]) -> MergeConfig:
         models=models,
         base_model=base,
         parameters=_parameters(data.get("parameters"), "parameters"),
-        dtype=_dtype(data.get("dtype"), "dtype"),
-        out_dtype=_dtype(data.get("out_dtype"), "out_dtype"),
+        dtype=parse_dtype(data.get("dtype"), "dtype"),
+        out_dtype=parse_dtype(data.get("out_dtype"), "out_dtype"),
         tokenizer_source=None if tokenizer_source in (None, "base") else _model_path(tokenizer_source, "tokenizer_source"),
     )
 

@@ -28,7 +28,7 @@ from moefuse.errors import MergeInputError, MoefuseError
 from moefuse.io.output import DTYPE_CONFIG_NAMES, atomic_output_dir, copy_model_files
 from moefuse.io.safetensors_reader import CheckpointReader
 from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, OutputTensor, ShardedWriter
-from moefuse.merge.config import DTYPES
+from moefuse.merge.config import checkpoint_dtype
 from moefuse.merge.plan import FLOAT_DTYPES, Source, matching_sources
 from moefuse.methods import get_method, resolve_params
 from moefuse.moe.config import (
@@ -66,11 +66,11 @@ class MoeBuilder:
         if not self.base_config:
             raise MergeInputError(f"{cfg.base_model} has no config.json; the base must be a Hugging Face model folder")
         self._check_compatible()
-        self._check_rules()
-        self.layout: Layout = select_layout(cfg, self.base_config.get("model_type"))
-        self.out_dtype = cfg.dtype or self._config_dtype() or self.base.info(self.base.keys()[0]).dtype
         # Models whose versions of the shared tensors are averaged or merged: each distinct expert model once.
         self.merge_readers = list({id(r): r for r in self.expert_readers + self.shared_readers}.values())
+        self._check_rules()
+        self.layout: Layout = select_layout(cfg, self.base_config.get("model_type"))
+        self.out_dtype = cfg.dtype or checkpoint_dtype(self.base_config) or self.base.info(self.base.keys()[0]).dtype
         self._noise = torch.Generator().manual_seed(cfg.seed + 1)
         self.gates: Optional[torch.Tensor] = None
         self.tasks = self._plan()
@@ -87,10 +87,6 @@ class MoeBuilder:
         if key not in self._readers:
             self._readers[key] = CheckpointReader(path)
         return self._readers[key]
-
-    def _config_dtype(self) -> Optional[torch.dtype]:
-        name = self.base_config.get("dtype") or self.base_config.get("torch_dtype")
-        return DTYPES.get(name) if isinstance(name, str) else None
 
     # ---- validation -------------------------------------------------------------------------
     def _check_compatible(self) -> None:
@@ -117,11 +113,10 @@ class MoeBuilder:
 
     def _check_rules(self) -> None:
         """Validate the shared-weight merge parameters now, not midway through writing."""
-        models = len({id(r) for r in self.expert_readers + self.shared_readers})
         for index, rule in enumerate(self.cfg.shared_weights):
             if rule.method not in SHARED_METHODS:
                 try:
-                    resolve_params(get_method(rule.method), models, dict(rule.parameters))
+                    resolve_params(get_method(rule.method), len(self.merge_readers), dict(rule.parameters))
                 except MoefuseError as error:
                     raise MoeConfigError(f"config: shared_weights[{index}] ({rule.method}): {error}") from None
 

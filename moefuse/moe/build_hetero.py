@@ -47,7 +47,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from moefuse.io.output import DTYPE_CONFIG_NAMES, atomic_output_dir, copy_model_files
 from moefuse.io.safetensors_reader import CheckpointReader
 from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, OutputTensor, ShardedWriter
-from moefuse.merge.config import DTYPES
+from moefuse.merge.config import checkpoint_dtype, parse_dtype
 from moefuse.moe.build import run_builder, same_vocabulary
 from moefuse.moe.config import MoeConfigError, read_config_mapping
 from moefuse.moe.configuration_hetero import MODEL_TYPE, PROJECTORS, ROUTING_MODES, MoefuseHeteroConfig
@@ -136,9 +136,7 @@ def parse_hetero_config(source: Union[str, os.PathLike, dict, HeteroBuildConfig]
     expert_tables = data.get("expert_tables", routing == "perplexity")
     if not isinstance(expert_tables, bool):
         raise MoeConfigError(f"config: expert_tables must be true or false, got {expert_tables!r}")
-    dtype = data.get("dtype")
-    if dtype is not None and dtype not in DTYPES:
-        raise MoeConfigError(f"config: 'dtype: {dtype}' is not supported; use one of {sorted(DTYPES)}")
+    dtype = parse_dtype(data.get("dtype"), "dtype", MoeConfigError)
     return HeteroBuildConfig(
         experts=experts,
         experts_per_token=per_token,
@@ -148,7 +146,7 @@ def parse_hetero_config(source: Union[str, os.PathLike, dict, HeteroBuildConfig]
         projector_hidden_size=_integer(data, "projector_hidden_size", None, 1),
         shared_embeddings=shared,
         expert_tables=expert_tables,
-        dtype=DTYPES[dtype] if dtype is not None else None,
+        dtype=dtype,
         seed=_integer(data, "seed", 0, 0),
     )
 
@@ -177,14 +175,10 @@ class HeteroMoeBuilder:
         self.widths = [reader.info(EMBED_KEY).shape[1] for reader in self.readers]
         self.hidden_size = max(self.widths)
         self.vocab_size = max(reader.info(EMBED_KEY).shape[0] for reader in self.readers)
-        self.out_dtype = cfg.dtype or self._config_dtype() or self.readers[0].info(EMBED_KEY).dtype
+        self.out_dtype = cfg.dtype or checkpoint_dtype(self.configs[0]) or self.readers[0].info(EMBED_KEY).dtype
         self.model_config = self._model_config()
         self._generator = torch.Generator().manual_seed(cfg.seed)
         self.tasks = self._plan()
-
-    def _config_dtype(self) -> Optional[torch.dtype]:
-        name = self.configs[0].get("dtype") or self.configs[0].get("torch_dtype")
-        return DTYPES.get(name) if isinstance(name, str) else None
 
     # ---- validation -------------------------------------------------------------------------
     def _check_experts(self) -> None:

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from moefuse.errors import MoefuseError
-from moefuse.merge.config import DTYPES, read_yaml_mapping
+from moefuse.merge.config import parse_dtype, read_yaml_mapping
 from moefuse.methods import get_method
 
 GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random", "perplexity")
@@ -230,9 +230,7 @@ def parse_moe_config(source: Union[str, os.PathLike, dict, MoeBuildConfig]) -> M
         if len(experts) > 1 and len(prompt_sets) == 1:
             raise MoeConfigError("config: every expert has the same prompts, so their gates would be identical; "
                                  "give each expert prompts for what should be routed to it")
-    dtype = data.get("dtype")
-    if dtype is not None and dtype not in DTYPES:
-        raise MoeConfigError(f"config: 'dtype: {dtype}' is not supported; use one of {sorted(DTYPES)}")
+    dtype = parse_dtype(data.get("dtype"), "dtype", MoeConfigError)
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise MoeConfigError(f"config: seed must be an integer, got {seed!r}")
@@ -249,7 +247,7 @@ def parse_moe_config(source: Union[str, os.PathLike, dict, MoeBuildConfig]) -> M
         base_model=_path(data["base_model"], "base_model"),
         experts=experts,
         gate_mode=gate_mode,
-        dtype=DTYPES[dtype] if dtype is not None else None,
+        dtype=dtype,
         experts_per_token=per_token,
         shared_experts=shared,
         architecture=architecture,

@@ -154,8 +154,8 @@ def gate_vectors(mode: str, experts: Sequence[ExpertSpec], base_folder: Path, re
     index = _prompt_index(experts)
     sequences = [tokenize_prompt(tokenizer, prompt) for prompt in index]
     if mode == "cheap_embed":
-        embedding = reader.tensor(EMBEDDING_KEY).float()
-        sums = torch.stack([embedding[ids].sum(dim=0) for ids in sequences])
+        embedding = reader.tensor(EMBEDDING_KEY)  # only the prompts' rows are converted to fp32
+        sums = torch.stack([embedding[ids].float().sum(dim=0) for ids in sequences])
         reader.release([EMBEDDING_KEY])
         # mergekit sums the prompts' embeddings, then normalizes: the sum's direction is the mean's.
         return _combine(sums[None].expand(num_layers, -1, -1), experts, index, normalize_each=True)
