@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Tuple, Union
+from typing import Callable, List, Mapping, Tuple, Union
 
 import torch
 import transformers
@@ -46,6 +46,27 @@ def load_for_training(model_dir: Union[str, os.PathLike], *, steps: int, batch_s
         raise TrainingError(f"cannot load the model and tokenizer from {Path(model_dir)}: {error}") from None
     dtype = getattr(model.config, "dtype", None)
     return tokenizer, model, dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def read_training_text(text_file: Union[str, os.PathLike]) -> str:
+    """The UTF-8 text of `text_file`; a missing file raises naming it."""
+    path = Path(text_file)
+    if not path.is_file():
+        raise TrainingError(f"training text {path} does not exist; pass a local UTF-8 text file")
+    return path.read_text(encoding="utf-8")
+
+
+def mark_trainable(model: torch.nn.Module, train: str, choices: Mapping[str, Tuple[str, ...]],
+                   match: Callable[[str, str], bool]) -> int:
+    """Let only the parameters whose name `match`es one of the patterns of `choices[train]` require
+    grad; returns how many entries they hold. An unknown `train` lists the choices."""
+    if train not in choices:
+        raise TrainingError(f"train='{train}' is not supported; use one of {', '.join(choices)}")
+    count = 0
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(any(match(name, pattern) for pattern in choices[train]))
+        count += parameter.numel() if parameter.requires_grad else 0
+    return count
 
 
 def run_adamw(model: torch.nn.Module, step_losses: StepLosses, result: TrainResult, *, steps: int,

@@ -18,7 +18,9 @@ from typing import List, Optional, Union
 
 import torch
 
-from moefuse.moe.fine_tuning import TrainingError, TrainResult, load_for_training, run_adamw, save_trained
+from moefuse.moe.fine_tuning import (
+    TrainingError, TrainResult, load_for_training, mark_trainable, read_training_text, run_adamw, save_trained,
+)
 from moefuse.moe.modeling_hetero import MoefuseHeteroForCausalLM, sequence_load_balancing_loss
 
 TRAINABLE = {
@@ -31,15 +33,12 @@ TRAINABLE = {
 def text_samples(text_file: Path, tokenizer, seq_len: int) -> List[List[int]]:
     """The token ids of each non-empty line of `text_file`, cut into pieces of <= seq_len tokens
     (pieces shorter than 2 tokens, which have no next-token target, are dropped)."""
-    path = Path(text_file)
-    if not path.is_file():
-        raise TrainingError(f"training text {path} does not exist; pass a local UTF-8 text file")
     samples = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_training_text(text_file).splitlines():
         ids = tokenizer(line, add_special_tokens=False)["input_ids"] if line.strip() else []
         samples.extend(piece for start in range(0, len(ids), seq_len) if len(piece := ids[start:start + seq_len]) >= 2)
     if not samples:
-        raise TrainingError(f"training text {path} has no line of 2 or more tokens; use a longer text")
+        raise TrainingError(f"training text {text_file} has no line of 2 or more tokens; use a longer text")
     return samples
 
 
@@ -52,16 +51,6 @@ def _batch(samples: List[List[int]], pad_id: int):
         ids[row, : len(sample)] = torch.tensor(sample)
         mask[row, : len(sample)] = 1
     return ids, mask, ids.masked_fill(mask == 0, -100)
-
-
-def _mark_trainable(model: torch.nn.Module, train: str) -> int:
-    if train not in TRAINABLE:
-        raise TrainingError(f"train='{train}' is not supported; use one of {', '.join(TRAINABLE)}")
-    count = 0
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(any(name.startswith(p) for p in TRAINABLE[train]))
-        count += parameter.numel() if parameter.requires_grad else 0
-    return count
 
 
 def train_moe(model_dir: Union[str, os.PathLike], text_file: Union[str, os.PathLike],
@@ -84,7 +73,7 @@ def train_moe(model_dir: Union[str, os.PathLike], text_file: Union[str, os.PathL
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.config.routing = "learned"
     model.to(device).train()
-    result = TrainResult(Path(out_dir), trained_parameters=_mark_trainable(model, train))
+    result = TrainResult(Path(out_dir), trained_parameters=mark_trainable(model, train, TRAINABLE, str.startswith))
     k = model.config.num_experts_per_tok
 
     def step_losses(generator: torch.Generator):

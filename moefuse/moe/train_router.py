@@ -15,7 +15,9 @@ from typing import Union
 
 import torch
 
-from moefuse.moe.fine_tuning import TrainingError, TrainResult, load_for_training, run_adamw, save_trained
+from moefuse.moe.fine_tuning import (
+    TrainingError, TrainResult, load_for_training, mark_trainable, read_training_text, run_adamw, save_trained,
+)
 
 TRAINABLE = {
     "gates": (".gate.weight", "shared_expert_gate.weight"),
@@ -25,25 +27,16 @@ TRAINABLE = {
 
 
 def _token_windows(text_file: Path, tokenizer, length: int) -> torch.Tensor:
-    path = Path(text_file)
-    if not path.is_file():
-        raise TrainingError(f"training text {path} does not exist; pass a local UTF-8 text file")
-    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(read_training_text(text_file), add_special_tokens=False)["input_ids"]
     if len(ids) < length + 1:
-        raise TrainingError(f"training text {path} has {len(ids)} tokens, fewer than one window of {length + 1}; "
+        raise TrainingError(f"training text {text_file} has {len(ids)} tokens, fewer than one window of {length + 1}; "
                             "use a longer text or a smaller --seq-len")
     count = len(ids) // length
     return torch.tensor(ids[: count * length], dtype=torch.long).reshape(count, length)
 
 
 def _mark_trainable(model: torch.nn.Module, train: str) -> int:
-    if train not in TRAINABLE:
-        raise TrainingError(f"train='{train}' is not supported; use one of {', '.join(TRAINABLE)}")
-    patterns = TRAINABLE[train]
-    count = 0
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(any(p in name for p in patterns))
-        count += parameter.numel() if parameter.requires_grad else 0
+    count = mark_trainable(model, train, TRAINABLE, str.__contains__)
     if count == 0:
         raise TrainingError(f"the model ({type(model).__name__}) has no router parameters to train; "
                             "router training needs a token-routed MoE (Mixtral, Qwen2-MoE, Qwen3-MoE)")
