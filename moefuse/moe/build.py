@@ -255,23 +255,8 @@ class MoeBuilder:
     def write(self, out_dir: Path, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
               overwrite: bool = False) -> Path:
         self.compute_gates()
-        total = sum(t.output.nbytes for t in self.tasks)
-        with atomic_output_dir(out_dir, overwrite) as partial, \
-                tqdm(total=total, unit="B", unit_scale=True, desc="building MoE", disable=not progress) as bar:
-            writer = ShardedWriter(partial, [t.output for t in self.tasks], max_shard_size, metadata={"producer": "moefuse"})
-            try:
-                for task in self.tasks:
-                    writer.write(task.output.key, task.produce())
-                    for source in task.sources:
-                        source.reader.release([source.key])
-                    bar.update(task.output.nbytes)
-            except BaseException:
-                writer.abort()
-                raise
-            writer.finish()
-            copy_model_files(self.cfg.base_model, self.cfg.base_model, partial, self.out_dtype)
-            (partial / "config.json").write_text(json.dumps(self.output_config(), indent=2) + "\n")
-        return Path(out_dir)
+        return write_tasks(self.tasks, out_dir, self.cfg.base_model, self.output_config(), self.out_dtype,
+                           max_shard_size=max_shard_size, progress=progress, overwrite=overwrite)
 
     def close(self) -> None:
         for reader in self._readers.values():
@@ -290,6 +275,30 @@ def _vocabulary(folder: Path) -> Optional[str]:
         raise MergeInputError(f"{path} is not valid JSON ({error})") from None
     model = data.get("model") or {}
     return json.dumps([model.get("vocab"), model.get("merges"), data.get("added_tokens")], sort_keys=True)
+
+
+def write_tasks(tasks: List[OutputTask], out_dir: Path, files_source: Path, model_config: dict,
+                out_dtype: torch.dtype, *, max_shard_size, progress: bool, overwrite: bool) -> Path:
+    """Produce and write every task's tensor, in order, into pre-planned shards of an atomically
+    renamed `out_dir`, dropping each task's input pages once it is written; then copy the
+    generation config and tokenizer of `files_source` and write `model_config` as config.json."""
+    total = sum(t.output.nbytes for t in tasks)
+    with atomic_output_dir(out_dir, overwrite) as partial, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="building MoE", disable=not progress) as bar:
+        writer = ShardedWriter(partial, [t.output for t in tasks], max_shard_size, metadata={"producer": "moefuse"})
+        try:
+            for task in tasks:
+                writer.write(task.output.key, task.produce())
+                for source in task.sources:
+                    source.reader.release([source.key])
+                bar.update(task.output.nbytes)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.finish()
+        copy_model_files(files_source, files_source, partial, out_dtype)
+        (partial / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
+    return Path(out_dir)
 
 
 def same_vocabulary(folder: Path, reference: Path) -> bool:

@@ -34,21 +34,20 @@ output, so the peak holds one output table plus a few input tensors.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Union
 
 import torch
-from tqdm import tqdm
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
-from moefuse.io.output import DTYPE_CONFIG_NAMES, atomic_output_dir, copy_model_files
+from moefuse.io.output import DTYPE_CONFIG_NAMES
 from moefuse.io.safetensors_reader import CheckpointReader
-from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, OutputTensor, ShardedWriter
+from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, OutputTensor
 from moefuse.merge.config import checkpoint_dtype, parse_dtype
-from moefuse.moe.build import run_builder, same_vocabulary
+from moefuse.merge.plan import Source
+from moefuse.moe.build import OutputTask, run_builder, same_vocabulary, write_tasks
 from moefuse.moe.config import MoeConfigError, read_config_mapping
 from moefuse.moe.configuration_hetero import MODEL_TYPE, PROJECTORS, ROUTING_MODES, MoefuseHeteroConfig
 
@@ -156,14 +155,6 @@ def _head_key(reader: CheckpointReader) -> str:
     return HEAD_KEY if HEAD_KEY in reader.keys() else EMBED_KEY
 
 
-@dataclass
-class _Task:
-    output: OutputTensor
-    produce: Callable[[], torch.Tensor]
-    sources: List[tuple]  # (reader, key) pairs whose pages are dropped afterwards
-    what: str
-
-
 class HeteroMoeBuilder:
     """Plans and writes one heterogeneous MoE build (see the module docstring)."""
 
@@ -239,7 +230,7 @@ class HeteroMoeBuilder:
         MoefuseHeteroConfig.from_dict(data)  # refuses what the model class could not load
         return data
 
-    def _plan(self) -> List[_Task]:
+    def _plan(self) -> List[OutputTask]:
         tasks = [self._table_task(EMBED_KEY, lambda reader: EMBED_KEY), self._table_task(HEAD_KEY, _head_key)]
         num_experts, width = len(self.readers), self.hidden_size
         tasks.append(self._generated("model.router.weight", (num_experts, width), self._normal, "N(0, 0.02^2)"))
@@ -261,36 +252,37 @@ class HeteroMoeBuilder:
                          for e, reader in enumerate(self.readers))
         return tasks
 
-    def _table_task(self, out_key: str, key_of: Callable[[CheckpointReader], str]) -> _Task:
+    def _table_task(self, out_key: str, key_of: Callable[[CheckpointReader], str]) -> OutputTask:
         """mean_e pad(table_e), or pad(table_i) with `shared_embeddings: i`."""
         shared = self.cfg.shared_embeddings
         chosen = list(enumerate(self.readers)) if shared == "average" else [(shared, self.readers[shared])]
-        sources = [(reader, key_of(reader)) for _, reader in chosen]
+        sources = [Source(reader, key_of(reader)) for _, reader in chosen]
         shape = (self.vocab_size, self.hidden_size)
 
         def produce() -> torch.Tensor:
             out = torch.empty(shape, dtype=self.out_dtype)
             for start in range(0, shape[0], TABLE_ROWS):  # fp32 sums of a few rows at a time
                 total = torch.zeros(min(TABLE_ROWS, shape[0] - start), shape[1])
-                for reader, key in sources:
-                    rows = reader.tensor(key)[start:start + TABLE_ROWS]
+                for source in sources:
+                    rows = source.reader.tensor(source.key)[start:start + TABLE_ROWS]
                     total[: rows.shape[0], : rows.shape[1]] += rows.float()
                 out[start:start + total.shape[0]] = total / len(sources)
             return out
         what = "average of the experts' (zero-padded)" if shared == "average" else f"expert {shared}'s (zero-padded)"
-        return _Task(OutputTensor(out_key, shape, self.out_dtype), produce, sources, what)
+        return OutputTask(OutputTensor(out_key, shape, self.out_dtype), produce, sources, what)
 
     def _normal(self, *shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=self._generator) * INIT_STD
 
-    def _generated(self, key: str, shape, make: Callable[..., torch.Tensor], what: str) -> _Task:
-        return _Task(OutputTensor(key, tuple(shape), self.out_dtype), lambda: make(*shape).to(self.out_dtype), [], what)
+    def _generated(self, key: str, shape, make: Callable[..., torch.Tensor], what: str) -> OutputTask:
+        return OutputTask(OutputTensor(key, tuple(shape), self.out_dtype), lambda: make(*shape).to(self.out_dtype), [],
+                          what)
 
-    def _copy_task(self, out_key: str, reader: CheckpointReader, key: str) -> _Task:
+    def _copy_task(self, out_key: str, reader: CheckpointReader, key: str) -> OutputTask:
         info = reader.info(key)
         dtype = self.out_dtype if info.dtype.is_floating_point else info.dtype
-        return _Task(OutputTensor(out_key, info.shape, dtype), lambda: reader.tensor(key).to(dtype), [(reader, key)],
-                     f"copy of {reader.folder}")
+        return OutputTask(OutputTensor(out_key, info.shape, dtype), lambda: reader.tensor(key).to(dtype),
+                          [Source(reader, key)], f"copy of {reader.folder}")
 
     # ---- output -----------------------------------------------------------------------------
     def describe(self) -> str:
@@ -303,24 +295,8 @@ class HeteroMoeBuilder:
 
     def write(self, out_dir: Path, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
               overwrite: bool = False) -> Path:
-        total = sum(t.output.nbytes for t in self.tasks)
-        with atomic_output_dir(out_dir, overwrite) as partial, \
-                tqdm(total=total, unit="B", unit_scale=True, desc="building MoE", disable=not progress) as bar:
-            writer = ShardedWriter(partial, [t.output for t in self.tasks], max_shard_size,
-                                   metadata={"producer": "moefuse"})
-            try:
-                for task in self.tasks:
-                    writer.write(task.output.key, task.produce())
-                    for reader, key in task.sources:
-                        reader.release([key])
-                    bar.update(task.output.nbytes)
-            except BaseException:
-                writer.abort()
-                raise
-            writer.finish()
-            copy_model_files(self.cfg.experts[0], self.cfg.experts[0], partial, self.out_dtype)
-            (partial / "config.json").write_text(json.dumps(self.model_config, indent=2) + "\n")
-        return Path(out_dir)
+        return write_tasks(self.tasks, out_dir, self.cfg.experts[0], self.model_config, self.out_dtype,
+                           max_shard_size=max_shard_size, progress=progress, overwrite=overwrite)
 
     def close(self) -> None:
         for reader in self.readers:
