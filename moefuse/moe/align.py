@@ -12,7 +12,7 @@ this for every layer of whole checkpoints (the `align: true` option of `moefuse 
 from __future__ import annotations
 
 import re
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -77,15 +77,25 @@ def match_ffn(reference: SwiGLU, other: SwiGLU, inputs: Optional[torch.Tensor] =
     it maximizes sum_k <phi_ref(k), phi_other(perm[k])> over permutations, with phi the neuron
     features of `neuron_features` (weights, plus activations on `inputs` if given). Apply it with
     `permute_ffn(other, perm)`: aligned neuron k is other's neuron perm[k]."""
+    return match_all(reference, [other], inputs, act)[0]
+
+
+def match_all(reference: SwiGLU, others: Sequence[SwiGLU], inputs: Optional[torch.Tensor] = None,
+              act=F.silu) -> List[torch.Tensor]:
+    """`match_ffn(reference, other)` for each of `others`, computing the reference's features once."""
     _check(reference, "reference FFN")
-    _check(other, "other FFN")
-    if reference.gate.shape != other.gate.shape:
-        raise MoeInputError(
-            f"cannot match FFNs of different shapes: gate {list(reference.gate.shape)} vs {list(other.gate.shape)}"
-        )
-    similarity = neuron_features(reference, inputs, act) @ neuron_features(other, inputs, act).t()
-    _, perm = linear_assignment(similarity.double().cpu(), maximize=True)
-    return perm.to(reference.gate.device)
+    reference_features = neuron_features(reference, inputs, act)
+    perms = []
+    for other in others:
+        _check(other, "other FFN")
+        if reference.gate.shape != other.gate.shape:
+            raise MoeInputError(
+                f"cannot match FFNs of different shapes: gate {list(reference.gate.shape)} vs {list(other.gate.shape)}"
+            )
+        similarity = reference_features @ neuron_features(other, inputs, act).t()
+        _, perm = linear_assignment(similarity.double().cpu(), maximize=True)
+        perms.append(perm.to(reference.gate.device))
+    return perms
 
 
 def permute_ffn(ffn: SwiGLU, perm: torch.Tensor) -> SwiGLU:
@@ -116,22 +126,22 @@ def ffn_prefixes(keys) -> List[str]:
 
 def checkpoint_ffn_permutations(reference, others) -> Dict[Tuple[int, str], Tuple[int, torch.Tensor]]:
     """Weight matching of every gated FFN of each checkpoint in `others` to `reference` (readers with
-    `.keys()` and `.tensor(key)`, as `moefuse.io.safetensors_reader.CheckpointReader`). Returns, for
-    (index in others, tensor key), the (dim, perm) to index that tensor with: rows of gate_proj and
-    up_proj, columns of down_proj. Keys without an entry are left as they are."""
+    `.keys()`, `.tensor(key)` and `.release(keys)`, as `moefuse.io.safetensors_reader.CheckpointReader`;
+    each layer's FFN pages are released once it is matched). Returns, for (index in others, tensor
+    key), the (dim, perm) to index that tensor with: rows of gate_proj and up_proj, columns of
+    down_proj. Keys without an entry are left as they are."""
     prefixes = ffn_prefixes(reference.keys())
     if not prefixes:
         raise MoeInputError("align: no gated FFN (*.gate_proj/up_proj/down_proj.weight) tensors found to align")
     result: Dict[Tuple[int, str], Tuple[int, torch.Tensor]] = {}
 
-    def ffn(reader, prefix: str) -> SwiGLU:
-        return SwiGLU(*(reader.tensor(f"{prefix}{name}_proj.weight") for name in ("gate", "up", "down")))
-
     for prefix in prefixes:
-        target = ffn(reference, prefix)
-        for index, other in enumerate(others):
-            perm = match_ffn(target, ffn(other, prefix))
-            result[(index, f"{prefix}gate_proj.weight")] = (0, perm)
-            result[(index, f"{prefix}up_proj.weight")] = (0, perm)
-            result[(index, f"{prefix}down_proj.weight")] = (1, perm)
+        keys = [f"{prefix}{name}_proj.weight" for name in ("gate", "up", "down")]
+        perms = match_all(SwiGLU(*(reference.tensor(k) for k in keys)),
+                          [SwiGLU(*(other.tensor(k) for k in keys)) for other in others])
+        for reader in (reference, *others):
+            reader.release(keys)
+        for index, perm in enumerate(perms):
+            for key, dim in zip(keys, (0, 0, 1)):
+                result[(index, key)] = (dim, perm)
     return result

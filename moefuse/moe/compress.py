@@ -32,7 +32,7 @@ from torch import nn
 
 from moefuse.errors import MoeInputError
 from moefuse.io.output import TOKENIZER_FILES, atomic_output_dir
-from moefuse.moe.align import SwiGLU, align_ffn
+from moefuse.moe.align import SwiGLU, match_all, permute_ffn
 
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts")
 
@@ -126,7 +126,8 @@ def group_experts(stats: RoutingStats, num_experts: int) -> List[List[int]]:
 def merge_group(experts: Sequence[SwiGLU], weights: torch.Tensor) -> SwiGLU:
     """Align experts[1:] to experts[0] and average all with `weights` (normalized; float32 math)."""
     dominant = SwiGLU(*(t.float() for t in experts[0]))
-    aligned = [dominant] + [align_ffn(dominant, SwiGLU(*(t.float() for t in e))) for e in experts[1:]]
+    rest = [SwiGLU(*(t.float() for t in e)) for e in experts[1:]]
+    aligned = [dominant] + [permute_ffn(e, perm) for e, perm in zip(rest, match_all(dominant, rest))]
     weights = weights.double()
     weights = weights / weights.sum() if float(weights.sum()) > 0 else torch.full_like(weights, 1 / len(weights))
     return SwiGLU(*(sum(float(w) * ffn[part] for w, ffn in zip(weights, aligned)) for part in range(3)))
