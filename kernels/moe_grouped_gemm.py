@@ -22,7 +22,7 @@ alignment).
 from __future__ import annotations
 
 import functools
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import triton
@@ -199,12 +199,12 @@ def gate_up_forward(
 
 def down_forward(
     h: torch.Tensor, down_proj: torch.Tensor, sorted_ids: torch.Tensor, block_experts: torch.Tensor,
-    topk_weights: torch.Tensor, config: Dict[str, int], autotune: bool = False, out: Optional[torch.Tensor] = None,
+    topk_weights: torch.Tensor, config: Dict[str, int], autotune: bool = False,
 ) -> torch.Tensor:
     """y fp32 [P, H]: row p = w_p * (down_proj[e_p] @ h_p), P = topk_weights.numel()."""
     num_pairs = topk_weights.numel()
     hidden, inter = down_proj.shape[1], down_proj.shape[2]
-    y = out if out is not None else torch.empty(num_pairs, hidden, dtype=torch.float32, device=h.device)
+    y = torch.empty(num_pairs, hidden, dtype=torch.float32, device=h.device)
     upcast, precision = _dot_mode(h.dtype)
     args = (
         h, down_proj, y, sorted_ids, block_experts, topk_weights.reshape(-1),

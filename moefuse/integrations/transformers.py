@@ -185,12 +185,12 @@ def _check_activation(name: str, module: nn.Module) -> None:
 
 
 def _fast_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    parts = self._moefuse_adapter.parts(self)
     tracked = torch.is_grad_enabled() and (
         hidden_states.requires_grad or any(p.requires_grad for p in self.parameters())
     )
     if self.training or tracked:
         return self._moefuse_original_forward(hidden_states)
+    parts = self._moefuse_adapter.parts(self)
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1])
     logits = F.linear(x, parts.router_weight)

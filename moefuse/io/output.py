@@ -65,7 +65,12 @@ def copy_model_files(config_source: Path, tokenizer_source: Path, dest: Path, dt
     generation = Path(config_source) / "generation_config.json"
     if generation.exists():
         shutil.copy2(generation, dest / generation.name)
+    copy_tokenizer_files(tokenizer_source, dest)
+
+
+def copy_tokenizer_files(source: Path, dest: Path) -> None:
+    """Copy the tokenizer files (TOKENIZER_FILES) that `source` has into `dest`."""
     for name in TOKENIZER_FILES:
-        path = Path(tokenizer_source) / name
+        path = Path(source) / name
         if path.exists():
             shutil.copy2(path, dest / name)

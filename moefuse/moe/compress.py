@@ -22,7 +22,6 @@ tokens, and is not supported here.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from moefuse.errors import MoeInputError
-from moefuse.io.output import TOKENIZER_FILES, atomic_output_dir
+from moefuse.io.output import atomic_output_dir, copy_tokenizer_files
 from moefuse.moe.align import SwiGLU, match_all, permute_ffn
 
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts")
@@ -231,7 +230,5 @@ def compress_moe(model_dir: Union[str, os.PathLike], out_dir: Union[str, os.Path
     compress_moe_model(model, num_experts, calibration_ids)
     with atomic_output_dir(out_dir, overwrite=overwrite) as staging:
         model.save_pretrained(staging)
-        for name in TOKENIZER_FILES:
-            if (model_dir / name).exists():
-                shutil.copy2(model_dir / name, staging / name)
+        copy_tokenizer_files(model_dir, staging)
     return Path(out_dir)

@@ -22,8 +22,8 @@ import torch
 from moefuse.errors import MoeInputError
 from moefuse.ops.grouped_moe_cpu import grouped_moe_cpu
 from moefuse.ops.grouped_moe_reference import grouped_moe_reference, route_reference
+from moefuse.ops.merge import SUPPORTED_DTYPES
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
