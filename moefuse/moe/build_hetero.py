@@ -48,7 +48,7 @@ from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, OutputTensor
 from moefuse.merge.config import checkpoint_dtype, parse_dtype
 from moefuse.merge.plan import Source
 from moefuse.moe.build import OutputTask, run_builder, same_vocabulary, write_tasks
-from moefuse.moe.config import MoeConfigError, read_config_mapping
+from moefuse.moe.config import MoeConfigError, check_experts_per_token, model_folder, read_config_mapping
 from moefuse.moe.configuration_hetero import MODEL_TYPE, PROJECTORS, ROUTING_MODES, MoefuseHeteroConfig
 
 HETERO_KEYS = ("mode", "experts", "experts_per_token", "routing", "routing_temperature", "projector",
@@ -100,9 +100,7 @@ def _expert_folder(entry, index: int) -> Path:
                 f"config: experts[{index}] must be a folder or {{source_model: <folder>}}, got {entry!r}"
             )
         entry = entry["source_model"]
-    if not isinstance(entry, (str, os.PathLike)):
-        raise MoeConfigError(f"config: experts[{index}] must be a path to a local model folder, got {entry!r}")
-    return Path(entry).expanduser()
+    return model_folder(entry, f"experts[{index}]")
 
 
 def parse_hetero_config(source: Union[str, os.PathLike, dict, HeteroBuildConfig]) -> HeteroBuildConfig:
@@ -120,9 +118,7 @@ def parse_hetero_config(source: Union[str, os.PathLike, dict, HeteroBuildConfig]
     if not experts:
         raise MoeConfigError("config: 'experts' must list at least one dense causal LM folder")
     per_token = _integer(data, "experts_per_token", 1, 1)
-    if per_token > len(experts):
-        raise MoeConfigError(f"config: experts_per_token is {per_token} but only {len(experts)} expert(s) are "
-                             f"listed; use at most {len(experts)} or add experts")
+    check_experts_per_token(per_token, len(experts))
     temperature = data.get("routing_temperature", 1.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise MoeConfigError(f"config: routing_temperature must be a number > 0, got {temperature!r}")

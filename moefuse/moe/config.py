@@ -108,7 +108,15 @@ class MoeBuildConfig:
         return SharedRule(None, "base")
 
 
-def _path(value: Any, where: str) -> Path:
+def check_experts_per_token(per_token: int, experts: int) -> None:
+    """experts_per_token may not exceed the number of experts."""
+    if per_token > experts:
+        raise MoeConfigError(f"config: experts_per_token is {per_token} but only {experts} expert(s) are listed; "
+                             f"use at most {experts} or add experts")
+
+
+def model_folder(value: Any, where: str) -> Path:
+    """A config's local model folder path; `where` names the option in the error."""
     if not isinstance(value, (str, os.PathLike)):
         raise MoeConfigError(f"config: {where} must be a path to a local model folder, got {value!r}")
     return Path(value).expanduser()
@@ -141,7 +149,7 @@ def _expert(entry: Any, where: str) -> ExpertSpec:
     if unknown:
         raise MoeConfigError(f"config: {where} has unknown key(s) {', '.join(unknown)}; valid: {', '.join(EXPERT_KEYS)}")
     return ExpertSpec(
-        source_model=_path(entry["source_model"], f"{where}.source_model"),
+        source_model=model_folder(entry["source_model"], f"{where}.source_model"),
         positive_prompts=_prompts(entry.get("positive_prompts"), f"{where}.positive_prompts"),
         negative_prompts=_prompts(entry.get("negative_prompts"), f"{where}.negative_prompts"),
         noise_scale=_number(entry.get("noise_scale"), f"{where}.noise_scale"),
@@ -214,11 +222,7 @@ def parse_moe_config(source: Union[str, os.PathLike, dict, MoeBuildConfig]) -> M
     per_token = data.get("experts_per_token", 2)
     if isinstance(per_token, bool) or not isinstance(per_token, int) or per_token < 1:
         raise MoeConfigError(f"config: experts_per_token must be a positive integer, got {per_token!r}")
-    if per_token > len(experts):
-        raise MoeConfigError(
-            f"config: experts_per_token is {per_token} but only {len(experts)} expert(s) are listed; "
-            f"use at most {len(experts)} or add experts"
-        )
+    check_experts_per_token(per_token, len(experts))
     if gate_mode in PROMPT_GATE_MODES:
         for i, expert in enumerate(experts):
             if not expert.positive_prompts:
@@ -244,7 +248,7 @@ def parse_moe_config(source: Union[str, os.PathLike, dict, MoeBuildConfig]) -> M
     if architecture is not None and not isinstance(architecture, str):
         raise MoeConfigError(f"config: architecture must be a name, got {architecture!r}")
     return MoeBuildConfig(
-        base_model=_path(data["base_model"], "base_model"),
+        base_model=model_folder(data["base_model"], "base_model"),
         experts=experts,
         gate_mode=gate_mode,
         dtype=dtype,

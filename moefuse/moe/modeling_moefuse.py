@@ -42,9 +42,7 @@ from moefuse.moe.sequence_routing import (
     SequenceRoutedCausalLM,
     SequenceRoutedModel,
     SequenceRoutingCache,
-    check_routing_weights,
     mix_expert_outputs,
-    next_token_nll,
     perplexity_per_expert,
     perplexity_routing,
 )
@@ -339,10 +337,8 @@ __all__ = [
     "MoefuseMoeForCausalLM",
     "MoefuseMoeModel",
     "MoefuseMoePreTrainedModel",
-    "check_routing_weights",
     "dense_family",
     "mix_expert_outputs",
-    "next_token_nll",
     "perplexity_routing",
 ]
 
