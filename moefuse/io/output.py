@@ -62,10 +62,15 @@ def copy_model_files(config_source: Path, tokenizer_source: Path, dest: Path, dt
             if "torch_dtype" in config:  # the older name, still read by older transformers
                 config["torch_dtype"] = config["dtype"]
         (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = Path(config_source) / "generation_config.json"
+    copy_generation_config(config_source, dest)
+    copy_tokenizer_files(tokenizer_source, dest)
+
+
+def copy_generation_config(source: Path, dest: Path) -> None:
+    """Copy generation_config.json from `source` into `dest`, if `source` has one."""
+    generation = Path(source) / "generation_config.json"
     if generation.exists():
         shutil.copy2(generation, dest / generation.name)
-    copy_tokenizer_files(tokenizer_source, dest)
 
 
 def copy_tokenizer_files(source: Path, dest: Path) -> None:

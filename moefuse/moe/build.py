@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from moefuse.errors import MergeInputError, MoefuseError
-from moefuse.io.output import DTYPE_CONFIG_NAMES, atomic_output_dir, copy_model_files
+from moefuse.io.output import DTYPE_CONFIG_NAMES, atomic_output_dir, copy_generation_config, copy_tokenizer_files
 from moefuse.io.safetensors_reader import CheckpointReader
 from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, OutputTensor, ShardedWriter
 from moefuse.merge.config import checkpoint_dtype
@@ -255,7 +255,7 @@ class MoeBuilder:
     def write(self, out_dir: Path, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
               overwrite: bool = False) -> Path:
         self.compute_gates()
-        return write_tasks(self.tasks, out_dir, self.cfg.base_model, self.output_config(), self.out_dtype,
+        return write_tasks(self.tasks, out_dir, self.cfg.base_model, self.output_config(),
                            max_shard_size=max_shard_size, progress=progress, overwrite=overwrite)
 
     def close(self) -> None:
@@ -277,8 +277,8 @@ def _vocabulary(folder: Path) -> Optional[str]:
     return json.dumps([model.get("vocab"), model.get("merges"), data.get("added_tokens")], sort_keys=True)
 
 
-def write_tasks(tasks: List[OutputTask], out_dir: Path, files_source: Path, model_config: dict,
-                out_dtype: torch.dtype, *, max_shard_size, progress: bool, overwrite: bool) -> Path:
+def write_tasks(tasks: List[OutputTask], out_dir: Path, files_source: Path, model_config: dict, *,
+                max_shard_size, progress: bool, overwrite: bool) -> Path:
     """Produce and write every task's tensor, in order, into pre-planned shards of an atomically
     renamed `out_dir`, dropping each task's input pages once it is written; then copy the
     generation config and tokenizer of `files_source` and write `model_config` as config.json."""
@@ -296,7 +296,8 @@ def write_tasks(tasks: List[OutputTask], out_dir: Path, files_source: Path, mode
             writer.abort()
             raise
         writer.finish()
-        copy_model_files(files_source, files_source, partial, out_dtype)
+        copy_generation_config(files_source, partial)
+        copy_tokenizer_files(files_source, partial)
         (partial / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
     return Path(out_dir)
 

@@ -291,7 +291,7 @@ class HeteroMoeBuilder:
 
     def write(self, out_dir: Path, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
               overwrite: bool = False) -> Path:
-        return write_tasks(self.tasks, out_dir, self.cfg.experts[0], self.model_config, self.out_dtype,
+        return write_tasks(self.tasks, out_dir, self.cfg.experts[0], self.model_config,
                            max_shard_size=max_shard_size, progress=progress, overwrite=overwrite)
 
     def close(self) -> None:
