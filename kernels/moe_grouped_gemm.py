@@ -154,8 +154,8 @@ _TUNED_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(kernel_name: str, block_m: int):
-    """`kernel_name` wrapped in triton.autotune over a few configs with BLOCK_M fixed."""
+def _autotuned(kernel, block_m: int):
+    """`kernel` wrapped in triton.autotune over a few configs with BLOCK_M fixed."""
     choices = [
         triton.Config(dict(BLOCK_M=block_m, BLOCK_N=n, BLOCK_K=k, GROUP_M=g), num_warps=w, num_stages=s)
         for n, k, g, w, s in (
@@ -163,18 +163,15 @@ def _autotuned(kernel_name: str, block_m: int):
             (128, 128, 8, 8, 3), (256, 64, 8, 8, 3), (64, 256, 1, 4, 3),
         )
     ]
-    kernel = {"gate_up": _gate_up_kernel, "down": _down_kernel}[kernel_name]
     return triton.autotune(configs=choices, key=["num_pairs", "num_blocks_m", "hidden", "inter"])(kernel)
 
 
-def _launch(kernel_name: str, config: Dict[str, int], autotune: bool, num_cols: int, args: tuple, upcast: bool,
-            precision: str) -> None:
-    num_blocks_m = args[7 if kernel_name == "down" else 6]
+def _launch(kernel, config: Dict[str, int], autotune: bool, num_blocks_m: int, num_cols: int, args: tuple,
+            upcast: bool, precision: str) -> None:
     grid = lambda meta: (num_blocks_m * triton.cdiv(num_cols, meta["BLOCK_N"]),)  # noqa: E731
     if autotune and not interpreted():
-        _autotuned(kernel_name, config["BLOCK_M"])[grid](*args, UPCAST=upcast, PRECISION=precision)
+        _autotuned(kernel, config["BLOCK_M"])[grid](*args, UPCAST=upcast, PRECISION=precision)
         return
-    kernel = {"gate_up": _gate_up_kernel, "down": _down_kernel}[kernel_name]
     meta = {key: config[key] for key in ("BLOCK_M",) + _TUNED_KEYS}
     kernel[grid](*args, UPCAST=upcast, PRECISION=precision, **meta)
 
@@ -193,7 +190,7 @@ def gate_up_forward(
         hidden.shape[0] * top_k, block_experts.numel(), top_k, inter, hidden.shape[1],
         hidden.stride(0), hidden.stride(1), *gate_up_proj.stride(), h.stride(0), h.stride(1),
     )
-    _launch("gate_up", config, autotune, inter, args, upcast, precision)
+    _launch(_gate_up_kernel, config, autotune, block_experts.numel(), inter, args, upcast, precision)
     return h
 
 
@@ -211,7 +208,7 @@ def down_forward(
         num_pairs, block_experts.numel(), hidden, inter,
         h.stride(0), h.stride(1), *down_proj.stride(), y.stride(0), y.stride(1),
     )
-    _launch("down", config, autotune, hidden, args, upcast, precision)
+    _launch(_down_kernel, config, autotune, block_experts.numel(), hidden, args, upcast, precision)
     return y
 
 
