@@ -1,17 +1,19 @@
 """Algebraic properties of the merge methods, checked with hypothesis.
 
-Inputs are small multiples of 1/8, so every fp32 sum is exact and the properties hold exactly
-whatever the order of summation.
+Inputs are small multiples of 1/8, so every fp32 sum of them is exact and the properties hold
+whatever the order of summation (Model Stock's weights are not dyadic: its cases are kept to
+|t| <= 1, where fp32 rounding stays below the tolerance).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import moefuse
+from moefuse.ops.merge_reference import gram_reference, model_stock_t
 
 SYMMETRIC = ["task_arithmetic", "ties", "breadcrumbs_ties", "dare_ties", "linear", "model_stock"]
 BACKENDS = ["reference", "cpu"]
@@ -73,8 +75,14 @@ def test_input_order_does_not_matter(backend, method, inputs, data):
         params["density"] = [1.0] * count
     permuted = {k: [v[i] for i in order] for k, v in params.items()}
     use_base = None if method == "linear" else base
-    if method == "model_stock" and count < 2:
-        return
+    if method == "model_stock":
+        if count < 2:
+            return
+        # Nearly opposite task vectors make Model Stock's t = N cos / (1 + (N - 1) cos) large, and
+        # out = (1 - t) base + (t / N) sum x_i then cancels terms of size |t|: fp32 rounding of
+        # those terms, not the order of the inputs, would decide the last digits.
+        t = model_stock_t(gram_reference(tensors, base)).item()
+        assume(abs(t) <= 1)
     first = moefuse.merge_tensors(use_base, tensors, method, backend=backend, **params)
     second = moefuse.merge_tensors(use_base, [tensors[i] for i in order], method, backend=backend, **permuted)
     torch.testing.assert_close(first, second, rtol=1e-6, atol=1e-6)
