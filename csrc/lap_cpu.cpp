@@ -18,6 +18,7 @@
 // Costs stay in their dtype (float32 matrices take half the memory traffic; int64 costs need no converted
 // copy); distances and prices are double, so inputs are solved as exactly as their float64 conversion.
 #include "lap_cpu.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -34,12 +35,6 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// The dense passes are compiled for AVX2 too and picked at load time (GCC function multiversioning).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MOEFUSE_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define MOEFUSE_SIMD_CLONES
-#endif
 
 // v[j] = min(v[j], c[j]) and arg[j] = i where c[j] is smaller (one row of the column-minimum sweep).
 template <typename T>

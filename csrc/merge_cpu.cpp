@@ -3,9 +3,14 @@
 // docstrings of moefuse/ops/gta_pipeline.py and moefuse/ops/select.py.
 //
 // Work is split into tiles of TILE entries handed to at::parallel_for; per-thread scratch is a
-// few tiles (and histograms), never a tensor-sized buffer.
+// few tiles (and histograms), never a tensor-sized buffer. Each tile is handled by a function
+// compiled for AVX2 and for the baseline ISA (simd.h) whose loops GCC vectorizes: 16-bit values
+// are converted with bit operations rather than through c10's scalar conversions.
+// `offset` arguments give the flat index of a slice's first entry in the whole tensor, so that a
+// tensor can be merged slice by slice with the same rank cuts and random draws.
 
 #include "merge_cpu.h"
+#include "simd.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -24,8 +29,27 @@ constexpr int64_t LEVEL1_BINS = 1 << 15;
 constexpr int64_t LEVEL2_BINS = 1 << 16;
 constexpr int64_t ALWAYS = int64_t(1) << 32;
 
-// Per-dtype conversions: the delta rounded to the input dtype, and its magnitude key (the bit
-// pattern of |delta| in that dtype).
+inline float float_from_bits(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline uint32_t bits_of(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return bits;
+}
+
+// float -> bfloat16 bits, rounding to nearest even and NaN -> 0x7FC0, exactly as c10::BFloat16.
+inline uint16_t round_to_bf16(float f) {
+  const uint32_t bits = bits_of(f);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return (bits & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : uint16_t(rounded);
+}
+
+// Per-dtype conversions: the value as float, the delta rounded to the input dtype with its
+// magnitude key (the bit pattern of |delta| in that dtype), and the float -> dtype cast.
 template <typename T>
 struct Elem;
 
@@ -33,30 +57,34 @@ template <>
 struct Elem<float> {
   static inline float value(float x) { return x; }
   static inline float delta(float x, float b, int32_t* key) {
-    float d = x - b;
-    int32_t bits;
-    std::memcpy(&bits, &d, sizeof(bits));
-    *key = bits & 0x7FFFFFFF;
+    const float d = x - b;
+    *key = static_cast<int32_t>(bits_of(d) & 0x7FFFFFFFu);
     return d;
   }
+  static inline float cast(float v) { return v; }
 };
 
-// bfloat16 and float16: round the fp32 difference to the 16-bit type; the key is its bit pattern.
-template <typename Half16>
-struct Elem16 {
-  static inline float value(Half16 x) { return static_cast<float>(x); }
-  static inline float delta(Half16 x, Half16 b, int32_t* key) {
-    Half16 d(static_cast<float>(x) - static_cast<float>(b));
+template <>
+struct Elem<c10::BFloat16> {
+  static inline float value(c10::BFloat16 x) { return float_from_bits(uint32_t(x.x) << 16); }
+  static inline float delta(c10::BFloat16 x, c10::BFloat16 b, int32_t* key) {
+    const uint16_t d = round_to_bf16(value(x) - value(b));
+    *key = d & 0x7FFF;
+    return float_from_bits(uint32_t(d) << 16);
+  }
+  static inline c10::BFloat16 cast(float v) { return c10::BFloat16(round_to_bf16(v), c10::BFloat16::from_bits()); }
+};
+
+template <>
+struct Elem<c10::Half> {
+  static inline float value(c10::Half x) { return static_cast<float>(x); }
+  static inline float delta(c10::Half x, c10::Half b, int32_t* key) {
+    const c10::Half d(static_cast<float>(x) - static_cast<float>(b));
     *key = d.x & 0x7FFF;
     return static_cast<float>(d);
   }
+  static inline c10::Half cast(float v) { return c10::Half(v); }
 };
-
-template <>
-struct Elem<c10::BFloat16> : Elem16<c10::BFloat16> {};
-
-template <>
-struct Elem<c10::Half> : Elem16<c10::Half> {};
 
 // Philox-4x32-10, first output word, key (seed lo, seed hi), counter (j lo, j hi, stream, 0).
 inline uint32_t philox(uint64_t seed, uint64_t j, uint32_t stream) {
@@ -101,10 +129,15 @@ inline void load_deltas(const T* x, const T* b, int64_t len, float* d, int32_t* 
   for (int64_t k = 0; k < len; ++k) d[k] = Elem<T>::delta(x[k], b[k], &keys[k]);
 }
 
+template <typename T>
+inline void load_keys(const T* x, const T* b, int64_t len, int32_t* keys) {
+  for (int64_t k = 0; k < len; ++k) Elem<T>::delta(x[k], b[k], &keys[k]);
+}
+
 // Number of NaN/Inf entries among x[0, len).
 template <typename T>
 inline int64_t count_bad(const T* x, int64_t len) {
-  int64_t bad = 0;
+  int32_t bad = 0;  // len <= TILE
   for (int64_t k = 0; k < len; ++k) bad += !std::isfinite(Elem<T>::value(x[k]));
   return bad;
 }
@@ -174,52 +207,181 @@ std::vector<int64_t> sum_per_thread(const std::vector<std::vector<int64_t>>& loc
                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)      \
                                          AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
+// ---- One tile (at most TILE entries) of each kernel: the vectorized inner loops. ----
+
+template <typename T>
+MOEFUSE_SIMD_CLONES int64_t nonfinite_tile(const T* x, int64_t len) {
+  return count_bad(x, len);
+}
+
+template <typename T>
+MOEFUSE_SIMD_CLONES void keys_tile(const T* x, const T* b, int64_t len, int32_t* keys) {
+  load_keys(x, b, len, keys);
+}
+
+// Adds the entries of x - b over [0, len) to h, binned by key >> shift.
+template <typename T>
+MOEFUSE_SIMD_CLONES void histogram_tile(const T* x, const T* b, int64_t len, int shift, int32_t* h) {
+  int32_t keys[TILE];
+  load_keys(x, b, len, keys);
+  for (int64_t k = 0; k < len; ++k) ++h[keys[k] >> shift];
+}
+
+template <typename T>
+MOEFUSE_SIMD_CLONES int64_t key_count_tile(const T* x, const T* b, int64_t len, int32_t key) {
+  int32_t keys[TILE];
+  load_keys(x, b, len, keys);
+  int32_t count = 0;
+  for (int64_t k = 0; k < len; ++k) count += keys[k] == key;
+  return count;
+}
+
+// Adds sum |d| and sum |kept d| over the tile of model `stream` (flat indices start..) to sums.
+template <typename T>
+MOEFUSE_SIMD_CLONES void l1_tile(const T* x, const T* b, int64_t start, int64_t len, const Rule& rule,
+                                 uint64_t seed, uint32_t stream, double* sums) {
+  float d[TILE];
+  int32_t keys[TILE];
+  load_deltas(x, b, len, d, keys);
+  float before = 0.f, after = 0.f;
+  for (int64_t k = 0; k < len; ++k) before += std::fabs(d[k]);
+  apply_rule(rule, start, len, seed, stream, keys, d);
+  for (int64_t k = 0; k < len; ++k) after += std::fabs(d[k]);
+  sums[0] += before;
+  sums[1] += after;
+}
+
+// One model's part of a fused tile: d[k] = c * delta_k where the rule keeps entry k (else 0),
+// total[k] += d[k]; returns the number of NaN/Inf entries of x. One loop, no intermediate buffers.
+template <typename T, bool kRanks, bool kRandom>
+inline int32_t kept_contributions(const T* x, const T* b, int64_t start, int64_t len, const Rule& rule,
+                                  uint64_t seed, uint32_t stream, float c, float* __restrict__ d,
+                                  float* __restrict__ total) {
+  const TileBound hi(rule.t_hi, rule.cut_hi, start, len), lo(rule.t_lo, rule.cut_lo, start, len);
+  uint32_t bits[kRandom ? TILE : 1];
+  if (kRandom) {
+    for (int64_t k = 0; k < len; ++k) bits[k] = philox(seed, uint64_t(start + k), stream);
+  }
+  const uint32_t threshold = static_cast<uint32_t>(rule.random_threshold);
+  int32_t bad = 0;
+  for (int32_t k = 0; k < len; ++k) {
+    int32_t key;
+    bad += !std::isfinite(Elem<T>::value(x[k]));
+    const float delta = Elem<T>::delta(x[k], b[k], &key);
+    bool keep = !kRanks || (hi.above(key, k) && !lo.above(key, k));
+    if (kRandom) keep = keep && bits[k] < threshold;
+    d[k] = keep ? delta * c : 0.f;
+    total[k] += d[k];
+  }
+  return bad;
+}
+
+struct FusedSpec {
+  std::vector<Rule> rules;
+  std::vector<float> coefficients, weights;
+  uint64_t seed;
+  bool consensus, normalize;
+  float weight_sum, lam;
+};
+
+// One tile of the fused GTA pass (flat indices start..): reads the base and every input once,
+// writes o once and adds the NaN/Inf counts (base, then inputs) to bad. scratch: (m + 3) TILE floats.
+template <typename in_t, typename out_t>
+MOEFUSE_SIMD_CLONES void fused_tile(const FusedSpec& spec, const in_t* b, const in_t* const* xs, out_t* o,
+                                    int64_t start, int64_t len, float* scratch, int64_t* bad) {
+  const int64_t m = spec.rules.size();
+  float* __restrict__ contrib = scratch;            // [m][TILE]: D_i = c_i * kept delta_i
+  float* __restrict__ total = contrib + m * TILE;   // S = sum_i D_i, then the merged delta
+  float* __restrict__ merged = total + TILE;        // M over agreeing entries
+  float* __restrict__ agreed_weight = merged + TILE;  // W over agreeing entries
+  std::fill(total, total + len, 0.f);
+  bad[0] += count_bad(b, len);
+  for (int64_t i = 0; i < m; ++i) {
+    const Rule& rule = spec.rules[i];
+    float* d = contrib + i * TILE;
+    const float c = spec.coefficients[i];
+    // Direct calls, so that each is inlined into this function's AVX2 clone.
+    if (rule.keeps_all()) {
+      bad[i + 1] += kept_contributions<in_t, false, false>(xs[i], b, start, len, rule, spec.seed, i, c, d, total);
+    } else if (rule.random_threshold < ALWAYS) {
+      bad[i + 1] += kept_contributions<in_t, true, true>(xs[i], b, start, len, rule, spec.seed, i, c, d, total);
+    } else {
+      bad[i + 1] += kept_contributions<in_t, true, false>(xs[i], b, start, len, rule, spec.seed, i, c, d, total);
+    }
+  }
+  if (spec.consensus) {
+    std::fill(merged, merged + len, 0.f);
+    std::fill(agreed_weight, agreed_weight + len, 0.f);
+    for (int64_t k = 0; k < len; ++k) total[k] = total[k] >= 0.f ? 1.f : -1.f;  // majority sign
+    for (int64_t i = 0; i < m; ++i) {
+      const float* __restrict__ d = contrib + i * TILE;
+      const float weight = spec.weights[i];
+      for (int64_t k = 0; k < len; ++k) {
+        const float agree = static_cast<float>(d[k] * total[k] > 0.f);
+        merged[k] += d[k] * agree;
+        agreed_weight[k] += weight * agree;
+      }
+    }
+    for (int64_t k = 0; k < len; ++k) {
+      const float divisor = agreed_weight[k] == 0.f ? 1.f : agreed_weight[k];
+      total[k] = spec.normalize ? merged[k] / divisor : merged[k];
+    }
+  } else if (spec.normalize) {
+    for (int64_t k = 0; k < len; ++k) total[k] = total[k] / spec.weight_sum;
+  }
+  for (int64_t k = 0; k < len; ++k) o[k] = Elem<out_t>::cast(Elem<in_t>::value(b[k]) + total[k] * spec.lam);
+}
+
+template <typename in_t, typename out_t>
+MOEFUSE_SIMD_CLONES void weighted_tile(const in_t* const* xs, const float* coefficients, int64_t m, int64_t len,
+                                       out_t* o, int64_t* bad) {
+  float acc[TILE];
+  std::fill(acc, acc + len, 0.f);
+  for (int64_t i = 0; i < m; ++i) {
+    bad[i] += count_bad(xs[i], len);
+    for (int64_t k = 0; k < len; ++k) acc[k] += Elem<in_t>::value(xs[i][k]) * coefficients[i];
+  }
+  for (int64_t k = 0; k < len; ++k) o[k] = Elem<out_t>::cast(acc[k]);
+}
+
+// Adds the tile's dot products <T_i - b, T_j - b> (i <= j; without b when b is null) to acc [m, m].
+template <typename T>
+MOEFUSE_SIMD_CLONES void gram_tile(const T* const* xs, const T* b, int64_t m, int64_t len, float* tile,
+                                   double* acc) {
+  for (int64_t i = 0; i < m; ++i) {
+    float* __restrict__ row = tile + i * TILE;
+    int32_t keys[TILE];
+    if (b) {
+      load_deltas(xs[i], b, len, row, keys);
+    } else {
+      for (int64_t k = 0; k < len; ++k) row[k] = Elem<T>::value(xs[i][k]);
+    }
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = i; j < m; ++j) {
+      float dot = 0.f;
+      for (int64_t k = 0; k < len; ++k) dot += tile[i * TILE + k] * tile[j * TILE + k];
+      acc[i * m + j] += dot;
+    }
+  }
+}
+
 }  // namespace
 
 std::vector<int64_t> count_nonfinite(const std::vector<at::Tensor>& tensors) {
   std::vector<int64_t> counts;
   for (const auto& tensor : tensors) {
     auto t = tensor.contiguous();
-    const int64_t threads = at::get_num_threads();
-    std::vector<int64_t> local(threads, 0);
+    std::vector<int64_t> local(at::get_num_threads(), 0);
     MOEFUSE_DISPATCH_FLOAT(t.scalar_type(), "count_nonfinite", [&] {
       const scalar_t* p = t.data_ptr<scalar_t>();
-      for_tiles(t.numel(), [&](int64_t thread, int64_t s, int64_t e) {
-        local[thread] += count_bad(p + s, e - s);
-      });
+      for_tiles(t.numel(), [&](int64_t thread, int64_t s, int64_t e) { local[thread] += nonfinite_tile(p + s, e - s); });
     });
     int64_t total = 0;
     for (auto c : local) total += c;
     counts.push_back(total);
   }
   return counts;
-}
-
-// Per-row histograms over the inputs' magnitude keys: row r counts bin_of(r, key) over input r
-// (a negative bin skips the entry). Threads fill private histograms that are summed at the end.
-template <typename T, typename BinOf>
-at::Tensor histogram_rows(const at::Tensor& base, const std::vector<at::Tensor>& inputs, int64_t bins,
-                          BinOf bin_of) {
-  const int64_t rows = inputs.size(), n = base.numel();
-  std::vector<std::vector<int64_t>> local(at::get_num_threads(), std::vector<int64_t>(rows * bins, 0));
-  const T* b = base.data_ptr<T>();
-  auto xs = pointers<T>(inputs);
-  for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
-    for (int64_t r = 0; r < rows; ++r) {
-      int64_t* h = local[thread].data() + r * bins;
-      for (int64_t j = s; j < e; ++j) {
-        int32_t key;
-        Elem<T>::delta(xs[r][j], b[j], &key);
-        const int64_t bin = bin_of(r, key);
-        if (bin >= 0) ++h[bin];
-      }
-    }
-  });
-  auto out = at::zeros({rows, bins}, at::kLong);
-  int64_t* o = out.data_ptr<int64_t>();
-  for (const auto& h : local)
-    for (int64_t k = 0; k < rows * bins; ++k) o[k] += h[k];
-  return out;
 }
 
 at::Tensor histogram_level1(const at::Tensor& base, const std::vector<at::Tensor>& inputs, int64_t shift,
@@ -236,12 +398,10 @@ at::Tensor histogram_level1(const at::Tensor& base, const std::vector<at::Tensor
     at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t start = std::min(n, r * size), stop = std::min(n, start + size);
-        for (int64_t i = 0; i < rows; ++i) {
-          int32_t* h = o + (i * ranges + r) * LEVEL1_BINS;
-          for (int64_t j = start; j < stop; ++j) {
-            int32_t key;
-            Elem<scalar_t>::delta(xs[i][j], b[j], &key);
-            ++h[key >> shift];
+        for (int64_t s = start; s < stop; s += TILE) {
+          const int64_t len = std::min(TILE, stop - s);
+          for (int64_t i = 0; i < rows; ++i) {
+            histogram_tile(xs[i] + s, b + s, len, int(shift), o + (i * ranges + r) * LEVEL1_BINS);
           }
         }
       }
@@ -254,9 +414,22 @@ at::Tensor histogram_level2(const at::Tensor& base, const std::vector<at::Tensor
                             const std::vector<int64_t>& prefixes) {
   check_same(base, inputs);
   TORCH_CHECK(base.scalar_type() == at::kFloat, "histogram_level2 is for float32 tensors");
-  return histogram_rows<float>(base, inputs, LEVEL2_BINS, [&prefixes](int64_t r, int32_t key) -> int64_t {
-    return (key >> 16) == prefixes[r] ? (key & 0xFFFF) : -1;
+  const int64_t rows = inputs.size(), n = base.numel();
+  std::vector<std::vector<int64_t>> local(at::get_num_threads(), std::vector<int64_t>(rows * LEVEL2_BINS, 0));
+  const float* b = base.data_ptr<float>();
+  auto xs = pointers<float>(inputs);
+  for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
+    int32_t keys[TILE];
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t* h = local[thread].data() + r * LEVEL2_BINS;
+      keys_tile(xs[r] + s, b + s, e - s, keys);
+      for (int64_t k = 0; k < e - s; ++k) {
+        if ((keys[k] >> 16) == prefixes[r]) ++h[keys[k] & 0xFFFF];
+      }
+    }
   });
+  auto out = at::tensor(sum_per_thread(local), at::kLong).reshape({rows, LEVEL2_BINS});
+  return out;
 }
 
 at::Tensor chunk_counts(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
@@ -274,10 +447,8 @@ at::Tensor chunk_counts(const at::Tensor& base, const std::vector<at::Tensor>& i
         const int64_t s = c * chunk, e = std::min(n, s + chunk);
         for (int64_t r = 0; r < q; ++r) {
           int64_t count = 0;
-          for (int64_t j = s; j < e; ++j) {
-            int32_t key;
-            Elem<scalar_t>::delta(xs[r][j], b[j], &key);
-            count += int64_t(key) == keys[r];
+          for (int64_t t = s; t < e; t += TILE) {
+            count += key_count_tile(xs[r] + t, b + t, std::min(TILE, e - t), int32_t(keys[r]));
           }
           o[r * chunks + c] = count;
         }
@@ -288,26 +459,17 @@ at::Tensor chunk_counts(const at::Tensor& base, const std::vector<at::Tensor>& i
 }
 
 std::tuple<at::Tensor, at::Tensor> l1_norms(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
-                                            const at::Tensor& rules_tensor, int64_t seed) {
+                                            const at::Tensor& rules_tensor, int64_t seed, int64_t offset) {
   check_same(base, inputs);
   const auto rules = read_rules(rules_tensor);
-  const int64_t m = inputs.size(), n = base.numel(), threads = at::get_num_threads();
-  std::vector<std::vector<double>> local(threads, std::vector<double>(2 * m, 0.0));
+  const int64_t m = inputs.size(), n = base.numel();
+  std::vector<std::vector<double>> local(at::get_num_threads(), std::vector<double>(2 * m, 0.0));
   MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "l1_norms", [&] {
     const scalar_t* b = base.data_ptr<scalar_t>();
     auto xs = pointers<scalar_t>(inputs);
     for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
-      float d[TILE];
-      int32_t keys[TILE];
-      const int64_t len = e - s;
       for (int64_t i = 0; i < m; ++i) {
-        load_deltas(xs[i] + s, b + s, len, d, keys);
-        float before = 0.f, after = 0.f;
-        for (int64_t k = 0; k < len; ++k) before += std::fabs(d[k]);
-        apply_rule(rules[i], s, len, uint64_t(seed), uint32_t(i), keys, d);
-        for (int64_t k = 0; k < len; ++k) after += std::fabs(d[k]);
-        local[thread][2 * i] += before;
-        local[thread][2 * i + 1] += after;
+        l1_tile(xs[i] + s, b + s, offset + s, e - s, rules[i], uint64_t(seed), uint32_t(i), &local[thread][2 * i]);
       }
     });
   });
@@ -324,13 +486,15 @@ std::tuple<at::Tensor, at::Tensor> l1_norms(const at::Tensor& base, const std::v
 std::tuple<at::Tensor, std::vector<int64_t>> fused_gta(
     const at::Tensor& base, const std::vector<at::Tensor>& inputs, const at::Tensor& rules_tensor, int64_t seed,
     const std::vector<double>& coefficients, const std::vector<double>& weights, bool consensus, bool normalize,
-    double weight_sum, double lam, at::ScalarType out_dtype) {
+    double weight_sum, double lam, at::ScalarType out_dtype, int64_t offset) {
   check_same(base, inputs);
-  const auto rules = read_rules(rules_tensor);
   const int64_t m = inputs.size(), n = base.numel();
   TORCH_CHECK(int64_t(coefficients.size()) == m && int64_t(weights.size()) == m, "one coefficient per input");
-  std::vector<float> coeff(coefficients.begin(), coefficients.end()), w(weights.begin(), weights.end());
-  const float lam_f = static_cast<float>(lam), weight_sum_f = static_cast<float>(weight_sum);
+  const FusedSpec spec{read_rules(rules_tensor),
+                       std::vector<float>(coefficients.begin(), coefficients.end()),
+                       std::vector<float>(weights.begin(), weights.end()),
+                       uint64_t(seed), consensus, normalize,
+                       static_cast<float>(weight_sum), static_cast<float>(lam)};
   auto out = at::empty(base.sizes(), base.options().dtype(out_dtype));
   const int64_t threads = at::get_num_threads();
   std::vector<std::vector<int64_t>> bad(threads, std::vector<int64_t>(m + 1, 0));  // base, then inputs
@@ -339,51 +503,13 @@ std::tuple<at::Tensor, std::vector<int64_t>> fused_gta(
     const in_t* b = base.data_ptr<in_t>();
     auto xs = pointers<in_t>(inputs);
     MOEFUSE_DISPATCH_FLOAT(out_dtype, "fused_gta_out", [&] {
-      scalar_t* __restrict__ o = out.data_ptr<scalar_t>();
+      scalar_t* o = out.data_ptr<scalar_t>();
       std::vector<std::vector<float>> scratch(threads, std::vector<float>((m + 3) * TILE));
+      std::vector<std::vector<const in_t*>> tile_inputs(threads, std::vector<const in_t*>(m));
       for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
-        const int64_t len = e - s;
-        float* __restrict__ contrib = scratch[thread].data();  // [m][TILE]: D_i = c_i * kept delta_i
-        float* __restrict__ total = contrib + m * TILE;         // S = sum_i D_i, then merged delta
-        float* __restrict__ merged = total + TILE;              // M over agreeing entries
-        float* __restrict__ agreed_weight = merged + TILE;      // W over agreeing entries
-        int32_t keys[TILE];
-        std::fill(total, total + len, 0.f);
-        bad[thread][0] += count_bad(b + s, len);
-        for (int64_t i = 0; i < m; ++i) {
-          float* __restrict__ d = contrib + i * TILE;
-          bad[thread][i + 1] += count_bad(xs[i] + s, len);
-          load_deltas(xs[i] + s, b + s, len, d, keys);
-          apply_rule(rules[i], s, len, uint64_t(seed), uint32_t(i), keys, d);
-          const float c = coeff[i];
-          for (int64_t k = 0; k < len; ++k) {
-            d[k] *= c;
-            total[k] += d[k];
-          }
-        }
-        if (consensus) {
-          std::fill(merged, merged + len, 0.f);
-          std::fill(agreed_weight, agreed_weight + len, 0.f);
-          for (int64_t k = 0; k < len; ++k) total[k] = total[k] >= 0.f ? 1.f : -1.f;  // majority sign
-          for (int64_t i = 0; i < m; ++i) {
-            const float* __restrict__ d = contrib + i * TILE;
-            const float weight = w[i];
-            for (int64_t k = 0; k < len; ++k) {
-              const float agree = static_cast<float>(d[k] * total[k] > 0.f);
-              merged[k] += d[k] * agree;
-              agreed_weight[k] += weight * agree;
-            }
-          }
-          for (int64_t k = 0; k < len; ++k) {
-            const float divisor = agreed_weight[k] == 0.f ? 1.f : agreed_weight[k];
-            total[k] = normalize ? merged[k] / divisor : merged[k];
-          }
-        } else if (normalize) {
-          for (int64_t k = 0; k < len; ++k) total[k] = total[k] / weight_sum_f;
-        }
-        for (int64_t k = 0; k < len; ++k) {
-          o[s + k] = static_cast<scalar_t>(Elem<in_t>::value(b[s + k]) + total[k] * lam_f);
-        }
+        for (int64_t i = 0; i < m; ++i) tile_inputs[thread][i] = xs[i] + s;
+        fused_tile(spec, b + s, tile_inputs[thread].data(), o + s, offset + s, e - s, scratch[thread].data(),
+                   bad[thread].data());
       });
     });
   });
@@ -404,14 +530,10 @@ std::tuple<at::Tensor, std::vector<int64_t>> weighted_sum(const std::vector<at::
     auto xs = pointers<in_t>(tensors);
     MOEFUSE_DISPATCH_FLOAT(out_dtype, "weighted_sum_out", [&] {
       scalar_t* o = out.data_ptr<scalar_t>();
+      std::vector<std::vector<const in_t*>> tile_inputs(at::get_num_threads(), std::vector<const in_t*>(m));
       for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
-        float acc[TILE];
-        std::fill(acc, acc + (e - s), 0.f);
-        for (int64_t i = 0; i < m; ++i) {
-          bad[thread][i] += count_bad(xs[i] + s, e - s);
-          for (int64_t k = 0; k < e - s; ++k) acc[k] += Elem<in_t>::value(xs[i][s + k]) * coeff[i];
-        }
-        for (int64_t k = 0; k < e - s; ++k) o[s + k] = static_cast<scalar_t>(acc[k]);
+        for (int64_t i = 0; i < m; ++i) tile_inputs[thread][i] = xs[i] + s;
+        weighted_tile(tile_inputs[thread].data(), coeff.data(), m, e - s, o + s, bad[thread].data());
       });
     });
   });
@@ -427,22 +549,11 @@ at::Tensor gram(const std::vector<at::Tensor>& tensors, const c10::optional<at::
   MOEFUSE_DISPATCH_FLOAT(first.scalar_type(), "gram", [&] {
     auto xs = pointers<scalar_t>(tensors);
     const scalar_t* b = base.has_value() ? base->data_ptr<scalar_t>() : nullptr;
+    std::vector<std::vector<float>> scratch(threads, std::vector<float>(m * TILE));
+    std::vector<std::vector<const scalar_t*>> tile_inputs(threads, std::vector<const scalar_t*>(m));
     for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
-      std::vector<float> tile(m * TILE);
-      for (int64_t i = 0; i < m; ++i) {
-        for (int64_t k = 0; k < e - s; ++k) {
-          int32_t key;
-          tile[i * TILE + k] = b ? Elem<scalar_t>::delta(xs[i][s + k], b[s + k], &key)
-                                 : Elem<scalar_t>::value(xs[i][s + k]);
-        }
-      }
-      for (int64_t i = 0; i < m; ++i) {
-        for (int64_t j = i; j < m; ++j) {
-          float dot = 0.f;
-          for (int64_t k = 0; k < e - s; ++k) dot += tile[i * TILE + k] * tile[j * TILE + k];
-          local[thread][i * m + j] += dot;
-        }
-      }
+      for (int64_t i = 0; i < m; ++i) tile_inputs[thread][i] = xs[i] + s;
+      gram_tile(tile_inputs[thread].data(), b ? b + s : nullptr, m, e - s, scratch[thread].data(), local[thread].data());
     });
   });
   auto out = at::zeros({m, m}, at::kDouble);

@@ -17,14 +17,15 @@ at::Tensor histogram_level2(const at::Tensor& base, const std::vector<at::Tensor
                             const std::vector<int64_t>& prefixes);
 at::Tensor chunk_counts(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
                         const std::vector<int64_t>& keys, int64_t chunk);
+// `offset`: the flat index of the slice's first entry in the whole tensor (rank cuts, draws).
 std::tuple<at::Tensor, at::Tensor> l1_norms(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
-                                            const at::Tensor& rules, int64_t seed);
+                                            const at::Tensor& rules, int64_t seed, int64_t offset);
 // The fused pass and the weighted sum also return the NaN/Inf count of each input read
 // (fused_gta: the base first, then the inputs).
 std::tuple<at::Tensor, std::vector<int64_t>> fused_gta(
     const at::Tensor& base, const std::vector<at::Tensor>& inputs, const at::Tensor& rules, int64_t seed,
     const std::vector<double>& coefficients, const std::vector<double>& weights, bool consensus, bool normalize,
-    double weight_sum, double lam, at::ScalarType out_dtype);
+    double weight_sum, double lam, at::ScalarType out_dtype, int64_t offset);
 std::tuple<at::Tensor, std::vector<int64_t>> weighted_sum(const std::vector<at::Tensor>& tensors,
                                                           const std::vector<double>& coefficients,
                                                           at::ScalarType out_dtype);

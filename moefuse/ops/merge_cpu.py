@@ -36,15 +36,15 @@ def chunk_counts(base, inputs, models: Sequence[int], keys: Sequence[int], chunk
     return _C.chunk_counts(base, [inputs[i] for i in models], list(keys), chunk)
 
 
-def l1_norms(base, inputs, rules: torch.Tensor, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _C.l1_norms(base, list(inputs), rules, seed)
+def l1_norms(base, inputs, rules: torch.Tensor, seed: int, offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _C.l1_norms(base, list(inputs), rules, seed, offset)
 
 
 def fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize, weight_sum, lam,
-              out_dtype) -> Tuple[torch.Tensor, List[int]]:
+              out_dtype, offset: int = 0) -> Tuple[torch.Tensor, List[int]]:
     out, nonfinite = _C.fused_gta(
         base, list(inputs), rules, seed, list(coefficients), list(weights), consensus, normalize,
-        weight_sum, lam, out_dtype,
+        weight_sum, lam, out_dtype, offset,
     )
     return out, list(nonfinite)
 
