@@ -385,10 +385,10 @@ std::vector<int64_t> count_nonfinite(const std::vector<at::Tensor>& tensors) {
 }
 
 at::Tensor histogram_level1(const at::Tensor& base, const std::vector<at::Tensor>& inputs, int64_t shift,
-                            int64_t ranges) {
+                            int64_t size) {
   check_same(base, inputs);
-  TORCH_CHECK(ranges > 0, "ranges must be positive");
-  const int64_t rows = inputs.size(), n = base.numel(), size = (n + ranges - 1) / ranges;
+  TORCH_CHECK(size > 0, "range size must be positive");
+  const int64_t rows = inputs.size(), n = base.numel(), ranges = std::max<int64_t>(1, (n + size - 1) / size);
   auto out = at::zeros({rows, ranges, LEVEL1_BINS}, at::kInt);
   int32_t* o = out.data_ptr<int32_t>();
   MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "histogram_level1", [&] {

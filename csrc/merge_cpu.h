@@ -9,10 +9,10 @@
 namespace moefuse {
 
 std::vector<int64_t> count_nonfinite(const std::vector<at::Tensor>& tensors);
-// Level-1 histograms per range: int32 [inputs, ranges, 32768]; range r covers the flat entries
-// [r * ceil(n / ranges), (r + 1) * ceil(n / ranges)).
+// Level-1 histograms per range: int32 [inputs, max(1, ceil(n / size)), 32768]; range r covers
+// the flat entries [r * size, (r + 1) * size).
 at::Tensor histogram_level1(const at::Tensor& base, const std::vector<at::Tensor>& inputs, int64_t shift,
-                            int64_t ranges);
+                            int64_t size);
 at::Tensor histogram_level2(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
                             const std::vector<int64_t>& prefixes);
 at::Tensor chunk_counts(const at::Tensor& base, const std::vector<at::Tensor>& inputs,

@@ -133,14 +133,15 @@ def _count_nonfinite(x, count_ptr):
 
 
 @triton.jit
-def _contribution(table_ptr, rules_ptr, coef_ptr, model, base_f32, offs, mask, seed, DTYPE: tl.constexpr,
+def _contribution(table_ptr, rules_ptr, coef_ptr, model, base_f32, offs, offset, mask, seed, DTYPE: tl.constexpr,
                   ALIGNED: tl.constexpr, count_ptr, COUNT: tl.constexpr):
-    """D_i = keep_i ? c_i * d_i : 0 in fp32 (with COUNT, also count x_i's NaN/Inf at count_ptr)."""
+    """D_i = keep_i ? c_i * d_i : 0 in fp32 (with COUNT, also count x_i's NaN/Inf at count_ptr);
+    the rules see flat indices offs + offset."""
     x = _load_tile(table_ptr, model, offs, mask, DTYPE, ALIGNED)
     if COUNT:
         _count_nonfinite(x, count_ptr)
     d, key = _delta_and_key(x, base_f32)
-    keep = _keep(key, offs, rules_ptr, model, seed)
+    keep = _keep(key, offs + offset, rules_ptr, model, seed)
     return tl.where(keep, d * tl.load(coef_ptr + model), 0.0)
 
 
@@ -196,9 +197,10 @@ def _chunk_count_kernel(base_ptr, table_ptr, key_ptr, count_ptr, n, chunk, num_c
 
 
 @triton.jit
-def _l1_norm_kernel(base_ptr, table_ptr, rules_ptr, partial_ptr, n, num_models, seed, ALIGNED: tl.constexpr,
+def _l1_norm_kernel(base_ptr, table_ptr, rules_ptr, partial_ptr, n, num_models, seed, offset, ALIGNED: tl.constexpr,
                     BLOCK: tl.constexpr):
-    """partial[tile, i] = (sum_j |d_ij|, sum_j keep_ij |d_ij|) over this tile, in fp64."""
+    """partial[tile, i] = (sum_j |d_ij|, sum_j keep_ij |d_ij|) over this tile, in fp64; the rules
+    see flat indices offs + offset."""
     offs = _tile(BLOCK)
     mask = offs < n
     base = _load_f32(base_ptr, offs, mask)
@@ -207,14 +209,14 @@ def _l1_norm_kernel(base_ptr, table_ptr, rules_ptr, partial_ptr, n, num_models, 
         x = _load_tile(table_ptr, i, offs, mask, base_ptr.dtype.element_ty, ALIGNED)
         d, key = _delta_and_key(x, base)
         magnitude = tl.abs(d).to(tl.float64)
-        keep = _keep(key, offs, rules_ptr, i, seed)
+        keep = _keep(key, offs + offset, rules_ptr, i, seed)
         tl.store(out + 2 * i, tl.sum(magnitude))
         tl.store(out + 2 * i + 1, tl.sum(tl.where(keep, magnitude, 0.0)))
 
 
 @triton.jit
 def _fused_gta_kernel(base_ptr, table_ptr, rules_ptr, coef_ptr, weight_ptr, out_ptr, count_ptr, n, num_models, seed,
-                      weight_sum, lam, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, ALIGNED: tl.constexpr,
+                      offset, weight_sum, lam, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, ALIGNED: tl.constexpr,
                       BLOCK: tl.constexpr):
     """out = base + lam * M / W with M, W from the kept, weighted deltas (module docstring);
     count[0] += NaN/Inf entries of the base, count[1 + i] those of input i."""
@@ -226,14 +228,14 @@ def _fused_gta_kernel(base_ptr, table_ptr, rules_ptr, coef_ptr, weight_ptr, out_
     base = _to_f32(raw_base)
     total = tl.zeros([BLOCK], tl.float32)
     for i in range(num_models):
-        total += _contribution(table_ptr, rules_ptr, coef_ptr, i, base, offs, mask, seed, DTYPE, ALIGNED,
+        total += _contribution(table_ptr, rules_ptr, coef_ptr, i, base, offs, offset, mask, seed, DTYPE, ALIGNED,
                                count_ptr + 1 + i, True)
     if CONSENSUS:
         positive = total >= 0
         mixed = tl.zeros([BLOCK], tl.float32)
         divisor = tl.zeros([BLOCK], tl.float32)
         for i in range(num_models):
-            D = _contribution(table_ptr, rules_ptr, coef_ptr, i, base, offs, mask, seed, DTYPE, ALIGNED,
+            D = _contribution(table_ptr, rules_ptr, coef_ptr, i, base, offs, offset, mask, seed, DTYPE, ALIGNED,
                               count_ptr, False)
             agree = ((D > 0) & positive) | ((D < 0) & ~positive)
             mixed += D * agree.to(tl.float32)  # NaN propagates, as in the reference
@@ -344,14 +346,15 @@ def chunk_counts(base: torch.Tensor, rows: Sequence[torch.Tensor], keys: Sequenc
 
 
 def l1_norm_partials(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor,
-                     seed: int) -> torch.Tensor:
-    """float64 [tiles, N, 2]: per-tile sums of |d_i| and of keep_i |d_i|."""
+                     seed: int, offset: int = 0) -> torch.Tensor:
+    """float64 [tiles, N, 2]: per-tile sums of |d_i| and of keep_i |d_i| (entry j at flat index
+    offset + j)."""
     n = base.numel()
     partials = torch.zeros(_blocks(n), len(inputs), 2, dtype=torch.float64, device=base.device)
     if n and inputs:
         table, aligned = _pointer_table(inputs, base.device)
         _l1_norm_kernel[(_blocks(n),)](
-            base, table, rules.to(base.device), partials, n, len(inputs), seed, ALIGNED=aligned, BLOCK=BLOCK,
+            base, table, rules.to(base.device), partials, n, len(inputs), seed, offset, ALIGNED=aligned, BLOCK=BLOCK,
             **_LAUNCH,
         )
     return partials
@@ -359,9 +362,9 @@ def l1_norm_partials(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: 
 
 def fused_gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor, seed: int,
               coefficients: Sequence[float], weights: Sequence[float], consensus: bool, normalize: bool,
-              weight_sum: float, lam: float, out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The fused GTA pass: reads base and each input once, writes the merged tensor once.
-    Also returns int64 [1 + N] NaN/Inf counts (base first)."""
+              weight_sum: float, lam: float, out_dtype: torch.dtype, offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The fused GTA pass: reads base and each input once, writes the merged tensor once (entry j
+    at flat index offset + j). Also returns int64 [1 + N] NaN/Inf counts (base first)."""
     out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     counts = torch.zeros(1 + len(inputs), dtype=torch.int64, device=base.device)
     n = base.numel()
@@ -370,7 +373,7 @@ def fused_gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.T
         table, aligned = _pointer_table(inputs, device)
         _fused_gta_kernel[(_blocks(n),)](
             base, table, rules.to(device), torch.tensor(list(coefficients), dtype=torch.float32, device=device),
-            torch.tensor(list(weights), dtype=torch.float32, device=device), out, counts, n, len(inputs), seed,
+            torch.tensor(list(weights), dtype=torch.float32, device=device), out, counts, n, len(inputs), seed, offset,
             float(weight_sum), float(lam), CONSENSUS=consensus, NORMALIZE=normalize, ALIGNED=aligned, BLOCK=BLOCK,
             **_LAUNCH,
         )

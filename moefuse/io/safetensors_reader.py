@@ -94,7 +94,7 @@ def read_header(path: Path) -> Dict[str, TensorInfo]:
         numel = 1
         for d in shape:
             numel *= d
-        expected = numel * torch.empty((), dtype=dtype).element_size()
+        expected = numel * dtype.itemsize
         if end - begin != expected or begin < 0:
             raise CheckpointError(
                 f"{path}: tensor '{key}' of shape {list(shape)} and dtype {entry['dtype']} should take "
@@ -172,7 +172,7 @@ class CheckpointReader:
     def tensor(self, key: str) -> torch.Tensor:
         """A zero-copy view of tensor `key` (writes stay private to this process)."""
         info = self.tensors[key]
-        numel = info.nbytes // max(1, torch.empty((), dtype=info.dtype).element_size())
+        numel = info.nbytes // max(1, info.dtype.itemsize)
         if numel == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         with warnings.catch_warnings():
@@ -180,20 +180,29 @@ class CheckpointReader:
             flat = torch.frombuffer(self._map(info.file), dtype=info.dtype, count=numel, offset=info.start)
         return flat.reshape(info.shape)
 
-    def _advise(self, keys: Iterable[str], advice: int) -> None:
-        for key in keys:
-            info = self.tensors[key]
-            start = info.start - info.start % PAGE
-            if info.stop > start:
-                self._map(info.file).madvise(advice, start, info.stop - start)
+    def _advise(self, info: TensorInfo, start: int, stop: int, advice: int) -> None:
+        """madvise the file bytes [start, stop) (widened to whole pages)."""
+        start -= start % PAGE
+        if stop > start:
+            self._map(info.file).madvise(advice, start, stop - start)
 
     def prefetch(self, keys: Iterable[str]) -> None:
         """Ask the kernel to read these tensors ahead (asynchronous, costs no resident memory)."""
-        self._advise(keys, mmap.MADV_WILLNEED)
+        for key in keys:
+            info = self.tensors[key]
+            self._advise(info, info.start, info.stop, mmap.MADV_WILLNEED)
 
     def release(self, keys: Iterable[str]) -> None:
         """Drop these tensors' pages from this process (they are re-read if used again)."""
-        self._advise(keys, mmap.MADV_DONTNEED)
+        for key in keys:
+            self.release_entries(key, 0, None)
+
+    def release_entries(self, key: str, start: int, stop) -> None:
+        """Drop the pages of flat entries [start, stop) of tensor `key` (stop None: to the end)."""
+        info = self.tensors[key]
+        size = info.dtype.itemsize
+        end = info.stop if stop is None else min(info.stop, info.start + stop * size)
+        self._advise(info, info.start + start * size, end, mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         for mapped in self._maps.values():

@@ -45,7 +45,7 @@ class OutputTensor:
         numel = 1
         for d in self.shape:
             numel *= d
-        return numel * torch.empty((), dtype=self.dtype).element_size()
+        return numel * self.dtype.itemsize
 
 
 @dataclass
@@ -100,23 +100,52 @@ class ShardedWriter:
         self._next = 0
         self._handle: Optional[BinaryIO] = None
         self._open_shard = -1
+        self._written = 0  # bytes of the current tensor
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        shard_index, expected = self._order[self._next]
-        if key != expected.key or tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
+        """Write the next planned tensor whole."""
+        expected = self._order[self._next][1]
+        if tuple(tensor.shape) != expected.shape:
             raise MoefuseError(
-                f"internal error: expected tensor '{expected.key}' {list(expected.shape)} {expected.dtype}, "
-                f"got '{key}' {list(tensor.shape)} {tensor.dtype}"
+                f"internal error: tensor '{key}' should have shape {list(expected.shape)}, got {list(tensor.shape)}"
             )
+        self.begin(key)
+        self.append(tensor)
+        self.end()
+
+    def begin(self, key: str) -> None:
+        """Start the next planned tensor, to be written in flat pieces with `append`."""
+        shard_index, expected = self._order[self._next]
+        if key != expected.key:
+            raise MoefuseError(f"internal error: expected tensor '{expected.key}' next, got '{key}'")
         if shard_index != self._open_shard:
             self._close_handle()
             shard = self.shards[shard_index]
             self._handle = open(self.folder / shard.name, "wb")
             self._handle.write(_header(shard, self.metadata))
             self._open_shard = shard_index
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        self._written = 0
+
+    def append(self, piece: torch.Tensor) -> None:
+        """Write the next entries of the current tensor (in flat order)."""
+        expected = self._order[self._next][1]
+        if piece.dtype != expected.dtype or self._written + piece.numel() * piece.element_size() > expected.nbytes:
+            raise MoefuseError(
+                f"internal error: a {piece.dtype} piece of {piece.numel()} entries does not fit tensor "
+                f"'{expected.key}' ({expected.dtype}, {self._written} of {expected.nbytes} bytes written)"
+            )
+        data = piece.detach().to("cpu").contiguous().reshape(-1)
         if data.numel():
             self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+        self._written += data.numel() * data.element_size()
+
+    def end(self) -> None:
+        """Finish the current tensor, checking that all its bytes were written."""
+        expected = self._order[self._next][1]
+        if self._written != expected.nbytes:
+            raise MoefuseError(
+                f"internal error: tensor '{expected.key}' got {self._written} of its {expected.nbytes} bytes"
+            )
         self._next += 1
 
     def _close_handle(self) -> None:

@@ -20,6 +20,7 @@ from moefuse.io.safetensors_writer import OutputTensor
 from moefuse.merge.config import MergeConfig, evaluate_setting
 from moefuse.methods import get_method, resolve_params
 from moefuse.methods.base import GLOBAL_SCOPE
+from moefuse.ops.merge import merges_whole
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -41,6 +42,11 @@ class Source:
             return tensor
         dim, perm = self.permutation
         return tensor.index_select(dim, perm)
+
+    def release(self, start: int = 0, stop: Optional[int] = None) -> None:
+        """Drop the pages of flat entries [start, stop) (all by default) from memory; a permuted
+        input is an in-memory copy, whose pages belong to the reader only while it is built."""
+        self.reader.release_entries(self.key, start, stop) if self.permutation is None else self.reader.release([self.key])
 
 
 @dataclass
@@ -78,10 +84,18 @@ class MergePlan:
     def output_bytes(self) -> int:
         return sum(task.output.nbytes for task in self.tasks)
 
-    def peak_bytes_estimate(self) -> int:
-        """Inputs of the largest tensor, its output and the previous output being written."""
-        largest = max((t.output.nbytes for t in self.tasks), default=0)
-        return (len(self.models) + 3) * largest
+    def peak_bytes_estimate(self, piece_entries: int) -> int:
+        """Merged tensors stream in pieces of `piece_entries`: the inputs' pieces, the output
+        piece being computed and the one being written, in the compute dtype (fp32 scratch is
+        per tile). Tensors merged whole (DELLA, filter-wise Model Stock) or aligned count whole."""
+        def piece_bytes(task: TensorTask) -> int:
+            numel = task.output.nbytes // max(1, task.output.dtype.itemsize)
+            whole = self.config.align or not task.merge or merges_whole(self.config.merge_method, task.params)
+            entries = numel if whole else min(numel, piece_entries)
+            itemsize = (self.compute_dtype or task.out_dtype).itemsize
+            return entries * (itemsize * (len(task.sources) + 1) + task.out_dtype.itemsize * 2)
+
+        return max((piece_bytes(t) for t in self.tasks), default=0)
 
     def close(self) -> None:
         for reader in ([self.base] if self.base else []) + self.models:
@@ -226,16 +240,17 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def describe(plan: MergePlan) -> str:
-    """A human-readable summary of the plan (for --dry-run)."""
+def describe(plan: MergePlan, piece_entries: int) -> str:
+    """A human-readable summary of the plan (for --dry-run), merging in pieces of `piece_entries`."""
     lines = [
         f"method: {plan.config.merge_method}",
         f"base: {plan.base.folder if plan.base else '(none)'}",
         *[f"model {i}: {m.folder}" for i, m in enumerate(plan.models)],
         f"tensors: {len(plan.tasks)} ({sum(not t.merge for t in plan.tasks)} copied from the base), "
         f"output {plan.output_bytes / 1e9:.3f} GB",
-        f"expected peak memory: about {plan.peak_bytes_estimate() / 1e9:.3f} GB "
-        "((models + 3) x the largest tensor) plus runtime overhead",
+        f"expected peak memory: about {plan.peak_bytes_estimate(piece_entries) / 1e9:.3f} GB of tensor "
+        "data (the largest tensor's pieces: its inputs, the output being merged and the one being written) "
+        "plus the runtime (about 0.25 GB for Python and torch)",
         "parameters:",
     ]
     if plan.config.align:

@@ -1,20 +1,23 @@
 """Execute a merge plan: stream tensors from memory-mapped inputs, merge, write shards.
 
-While tensor i is merged, a worker thread prepares tensor i + 1: it asks the kernel to read its
-pages ahead (madvise WILLNEED, which costs no resident memory until the pages are used) and, on
-CUDA, stages it through pinned host memory onto the GPU on a side stream. Once tensor i is
-merged its input pages are dropped, and a writer thread writes it while tensor i + 1 is merged.
-Resident memory therefore stays near (models + 3) x the largest tensor (inputs, the output being
-computed and the one being written), whatever the model size.
+On the CPU each merged tensor streams in flat pieces of PIECE_ENTRIES entries: every pass reads
+one piece of each input from the memory map and then drops its pages, and each output piece is
+written (on a writer thread, while the next piece is merged) as soon as it is produced. Resident
+memory therefore stays near (models + 3) pieces plus a fixed overhead, whatever the tensor or
+model size. Meanwhile a worker thread asks the kernel to read the next tensor ahead (madvise
+WILLNEED, which costs no resident memory).
+
+With --device cuda each tensor is merged whole on the GPU: the worker thread stages the next
+tensor through pinned host memory onto the GPU on a side stream while the current one is merged.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from tqdm import tqdm
@@ -24,11 +27,14 @@ from moefuse.io.output import atomic_output_dir, copy_model_files
 from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
 from moefuse.merge.config import MergeConfig, parse_config
 from moefuse.merge.plan import MergePlan, TensorTask, align_plan, build_plan, describe
-from moefuse.ops.merge import merge_tensors
+from moefuse.ops.merge import merge_streamed, merge_tensors
+
+PIECE_ENTRIES = 1 << 22  # 8 MB of bf16 per input and pass
 
 
 class _Loader:
-    """Produces a task's input tensors on the target device, one task ahead."""
+    """Produces a task's input tensors one task ahead: memory-map views on the CPU (read ahead by
+    the kernel), or copies on the GPU in the compute dtype."""
 
     def __init__(self, device: torch.device, compute_dtype: Optional[torch.dtype]):
         self.device = device
@@ -40,13 +46,14 @@ class _Loader:
         for source in task.sources:
             source.reader.prefetch([source.key])
         tensors = [source.read() for source in task.sources]
-        if task.merge and self.compute_dtype is not None:
-            tensors = [t.to(self.compute_dtype) for t in tensors]
         if self._stream is None:
             return tensors
+        if task.merge and self.compute_dtype is not None:
+            tensors = [t.to(self.compute_dtype) for t in tensors]
         with torch.cuda.stream(self._stream):
             staged = [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
         self._stream.synchronize()
+        _release_all(task)
         return staged
 
     def start(self, task: TensorTask) -> Future:
@@ -56,19 +63,78 @@ class _Loader:
         self._pool.shutdown(wait=True)
 
 
-def _release(task: TensorTask) -> None:
-    """Drop the task's input pages from this process."""
+class _Output:
+    """Writes tensors piece by piece on one thread, at most one piece in flight, and advances the
+    progress bar by the bytes written."""
+
+    def __init__(self, writer: ShardedWriter, bar: tqdm):
+        self.writer = writer
+        self.bar = bar
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: Optional[Future] = None
+        self._started = time.perf_counter()
+        self._tensors = 0
+
+    def _submit(self, call, *args) -> None:
+        self.flush()
+        self._pending = self._pool.submit(call, *args)
+
+    def begin(self, key: str) -> None:
+        self._submit(self.writer.begin, key)
+
+    def append(self, piece: torch.Tensor) -> None:
+        def write():
+            self.writer.append(piece)
+            self.bar.update(piece.numel() * piece.element_size())
+        self._submit(write)
+
+    def end(self, after=None) -> None:
+        def finish():
+            self.writer.end()
+            if after is not None:
+                after()
+            self._tensors += 1
+            self.bar.set_postfix(tensors_per_s=f"{self._tensors / (time.perf_counter() - self._started):.1f}")
+        self._submit(finish)
+
+    def flush(self) -> None:
+        """Wait for the write in flight (re-raising its error)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Wait for the last write; after a failure elsewhere its own error is not raised."""
+        try:
+            self.flush()
+        except Exception:
+            if raise_errors:
+                raise
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _release_all(task: TensorTask) -> None:
     for source in task.sources:
-        source.reader.release([source.key])
+        source.release()
 
 
-def _merge_task(plan: MergePlan, task: TensorTask, tensors: List[torch.Tensor], backend: str) -> torch.Tensor:
-    if not task.merge:
-        return tensors[0]
+def _merge_task(plan: MergePlan, task: TensorTask, tensors: List[torch.Tensor], backend: str, output: _Output) -> None:
+    """Merge one tensor into `output`: streamed on the CPU, whole on the GPU."""
     base = tensors[0] if task.base is not None else None
     inputs = tensors[1:] if task.base is not None else tensors
+    method = plan.config.merge_method
     try:
-        return merge_tensors(base, inputs, plan.config.merge_method, out_dtype=task.out_dtype, backend=backend, **task.params)
+        if tensors[0].device.type == "cpu":
+            def release(start: int, stop: int) -> None:
+                for source in task.sources:
+                    source.release(start, stop)
+
+            merge_streamed(base, inputs, method, output.append, piece_size=PIECE_ENTRIES, release=release,
+                           compute_dtype=plan.compute_dtype, out_dtype=task.out_dtype, backend=backend, **task.params)
+        else:
+            output.append(merge_tensors(base, inputs, method, out_dtype=task.out_dtype, backend=backend,
+                                        **task.params).reshape(-1))
     except MoefuseError as error:
         raise type(error)(f"tensor '{task.key}': {error}") from None
 
@@ -85,41 +151,29 @@ def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str
         raise MoefuseError(f"tokenizer_source {tokenizer_source} is not a folder")
     out_dtypes = {t.out_dtype for t in plan.tasks if t.merge}
     loader = _Loader(target, plan.compute_dtype)
-    write_pool = ThreadPoolExecutor(max_workers=1)  # writes overlap the next tensor's merge
     bar = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress)
-    started = time.perf_counter()
-    writing: Optional[Tuple[Future, TensorTask]] = None
-
-    def finish_write(done: int) -> None:
-        future, task = writing
-        future.result()
-        if not task.merge:  # a copied tensor is written straight from its input pages
-            _release(task)
-        bar.update(task.output.nbytes)
-        bar.set_postfix(tensors_per_s=f"{done / (time.perf_counter() - started):.1f}")
-
     try:
         align_plan(plan)
         with atomic_output_dir(out_dir, overwrite) as partial:
             writer = ShardedWriter(partial, [t.output for t in plan.tasks], max_shard_size,
                                    metadata={"producer": "moefuse"})
-            pending = loader.start(plan.tasks[0])
+            output = _Output(writer, bar)
             try:
+                pending = loader.start(plan.tasks[0])
                 for index, task in enumerate(plan.tasks):
                     tensors = pending.result()
                     if index + 1 < len(plan.tasks):
                         pending = loader.start(plan.tasks[index + 1])
-                    merged = _merge_task(plan, task, tensors, backend).to(task.out_dtype)
-                    del tensors
+                    output.begin(task.key)
                     if task.merge:
-                        _release(task)
-                    if writing is not None:
-                        finish_write(index)
-                    writing = (write_pool.submit(writer.write, task.key, merged), task)
-                    del merged
-                finish_write(len(plan.tasks))
+                        _merge_task(plan, task, tensors, backend, output)
+                    else:  # copied as stored, straight from its input pages
+                        output.append(tensors[0].reshape(-1))
+                    del tensors
+                    output.end(after=lambda task=task: _release_all(task))
+                output.close()
             except BaseException:
-                wait([writing[0]] if writing else [])  # let the folder be removed with no write in flight
+                output.close(raise_errors=False)  # let the folder be removed with no write in flight
                 writer.abort()
                 raise
             writer.finish()
@@ -127,7 +181,6 @@ def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str
                              out_dtypes.pop() if len(out_dtypes) == 1 else None)
     finally:
         bar.close()
-        write_pool.shutdown(wait=True)
         loader.close()
         plan.close()
     return Path(out_dir)
@@ -144,7 +197,7 @@ def merge_checkpoints(config: Union[str, os.PathLike, Dict, MergeConfig], out_di
     parsed = config if isinstance(config, MergeConfig) else parse_config(config)
     plan = build_plan(parsed)
     if dry_run:
-        text = describe(plan)
+        text = describe(plan, PIECE_ENTRIES)
         plan.close()
         return text
     return execute(plan, Path(out_dir), device=device, backend=backend, max_shard_size=max_shard_size,

@@ -4,11 +4,15 @@
     2. norms       per-model L1 norms before/after the mask, only for rescale "l1"
     3. fused pass  read base and every input once, write the output once
 
+Each pass walks the flat inputs in `Pieces`; the fused pass hands each output piece to `emit`.
 A backend module supplies the kernels named in `moefuse.ops.select` plus
 
-    l1_norms(base, inputs, rules, seed) -> (float64 [N], float64 [N])
+    l1_norms(base, inputs, rules, seed, offset) -> (float64 [N], float64 [N])
     fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize,
-              weight_sum, lam, out_dtype) -> (Tensor, [NaN/Inf count of base, input 0, ...])
+              weight_sum, lam, out_dtype, offset) -> (Tensor, [NaN/Inf count of base, input 0, ...])
+
+where `offset` is the flat index of the slice's first entry (rank cuts and random draws use
+indices into the whole tensor).
 
 `rules` is an int64 [N, 5] tensor (see `encode_rules`); the per-entry semantics are those of
 `moefuse.ops.merge_reference.gta_reference`.
@@ -16,10 +20,11 @@ A backend module supplies the kernels named in `moefuse.ops.select` plus
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence
 
 import torch
 
+from moefuse.ops.pieces import Pieces
 from moefuse.ops.plan import KEEP_ALL, KEEP_NONE, KEEP_RANDOM, KEEP_RANKS, GtaPlan, l1_rescale
 from moefuse.ops.select import EVERYTHING, NOTHING, NOTHING_KEY, rank_thresholds
 
@@ -53,22 +58,30 @@ def weight_sum_divisor(plan: GtaPlan) -> float:
     return 1.0 if abs(total) < 1e-8 else total
 
 
-def run_gta(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: GtaPlan,
-            out_dtype: torch.dtype) -> Tuple[torch.Tensor, List[int]]:
-    """The merged tensor and the NaN/Inf count of the base and of each input (counted by the
-    fused pass itself, so checking inputs costs no extra read)."""
-    base = base.contiguous()
-    inputs = [x.contiguous() for x in inputs]
-    rules = encode_rules(plan, rank_thresholds(backend, base, inputs, plan))
+def run_gta(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: GtaPlan, out_dtype: torch.dtype,
+            pieces: Pieces, emit: Callable[[torch.Tensor], None]) -> List[int]:
+    """Merge flat `base` and `inputs`, passing the output to `emit` piece by piece; returns the
+    NaN/Inf count of the base and of each input (counted by the fused pass itself, so checking
+    inputs costs no extra read)."""
+    rules = encode_rules(plan, rank_thresholds(backend, base, inputs, plan, pieces))
     scales = plan.static_scales()
     if scales is None:
-        before, after = backend.l1_norms(base, inputs, rules, plan.seed)
+        before, after = torch.zeros(plan.num_models, dtype=torch.float64), torch.zeros(plan.num_models, dtype=torch.float64)
+        for start, _, (piece_base, *piece_inputs) in pieces.walk([base, *inputs]):
+            piece_before, piece_after = backend.l1_norms(piece_base, piece_inputs, rules, plan.seed, start)
+            before += piece_before
+            after += piece_after
         scales = [
             l1_rescale(float(b), float(a)) if rule.sparse else 1.0
             for b, a, rule in zip(before.tolist(), after.tolist(), plan.rules)
         ]
     coefficients = [w * s for w, s in zip(plan.weights, scales)]
-    return backend.fused_gta(
-        base, inputs, rules, plan.seed, coefficients, list(plan.weights), plan.consensus,
-        plan.normalize, weight_sum_divisor(plan), plan.lam, out_dtype,
-    )
+    counts = [0] * (1 + len(inputs))
+    for start, _, (piece_base, *piece_inputs) in pieces.walk([base, *inputs]):
+        out, piece_counts = backend.fused_gta(
+            piece_base, piece_inputs, rules, plan.seed, coefficients, list(plan.weights), plan.consensus,
+            plan.normalize, weight_sum_divisor(plan), plan.lam, out_dtype, start,
+        )
+        emit(out)
+        counts = [a + b for a, b in zip(counts, piece_counts)]
+    return counts

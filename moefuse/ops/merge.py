@@ -10,13 +10,14 @@ Backends:
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from moefuse.errors import MergeConfigError, MergeInputError
 from moefuse.methods import MethodSpec, get_method, resolve_params
 from moefuse.ops import backends
+from moefuse.ops.gta_pipeline import run_gta
 from moefuse.ops.merge_reference import (
     gram_reference,
     gta_reference,
@@ -26,9 +27,11 @@ from moefuse.ops.merge_reference import (
     slerp_coefficients,
     weighted_sum_reference,
 )
+from moefuse.ops.pieces import Pieces
 from moefuse.ops.plan import KEEP_DELLA, gta_plan
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+Emit = Callable[[torch.Tensor], None]
 
 
 def merge_tensors(
@@ -58,77 +61,158 @@ def merge_tensors(
     Returns:
         The merged tensor, shape of the inputs, dtype `out_dtype` or the inputs' dtype.
     """
+    pieces: List[torch.Tensor] = []
+    shape = _merge(base, list(tensors), method, pieces.append, None, out_dtype, backend, allow_nonfinite, params)
+    return pieces[0].reshape(shape)  # an in-memory merge emits a single piece
+
+
+def merge_streamed(
+    base: Optional[torch.Tensor],
+    tensors: Sequence[torch.Tensor],
+    method: str,
+    emit: Emit,
+    *,
+    piece_size: int,
+    release: Optional[Callable[[int, int], None]] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
+    allow_nonfinite: bool = False,
+    **params: Any,
+) -> None:
+    """`merge_tensors` for tensors too large to hold twice: the flattened output is handed to
+    `emit` as consecutive pieces of `piece_size` entries (rounded up to a power of two, at least
+    65536; the last piece may be shorter), in order.
+
+    Every pass over the inputs reads them one flat range at a time, cast to `compute_dtype`
+    (default: their own dtype), and then calls `release(start, stop)` for that range, so that
+    a caller reading memory-mapped files can drop the pages: with the CPU extension, resident
+    memory is a few pieces whatever the tensor size. The numbers equal `merge_tensors`' on the
+    cast inputs. DELLA, filter-wise Model Stock and the reference backend still merge the
+    whole tensor in memory (and emit it as one piece).
+    """
+    _merge(base, list(tensors), method, emit, (piece_size, release, compute_dtype), out_dtype, backend,
+           allow_nonfinite, params)
+
+
+def _merge(base, tensors: List[torch.Tensor], method: str, emit: Emit, streaming, out_dtype, backend: str,
+           allow_nonfinite: bool, params) -> torch.Size:
+    """Shared body of merge_tensors (streaming None) and merge_streamed; returns the shape."""
     if "lambda_" in params:
         params["lambda"] = params.pop("lambda_")
     spec = get_method(method)
-    tensors = list(tensors)
     reference_input = _check_inputs(spec, base, tensors)
     resolved = resolve_params(spec, len(tensors), params)
-    out_dtype = _check_out_dtype(out_dtype or reference_input.dtype)
+    n = reference_input.numel()
+    if streaming is None:
+        pieces = Pieces.whole(n)
+    else:
+        piece_size, release, compute_dtype = streaming
+        if compute_dtype is not None and compute_dtype not in SUPPORTED_DTYPES:
+            raise MergeConfigError(f"compute dtype {compute_dtype} is not supported; use float32, bfloat16 or float16")
+        cast = compute_dtype if compute_dtype not in (None, reference_input.dtype) else None
+        pieces = Pieces.streaming(n, piece_size, release, cast)
+    out_dtype = _check_out_dtype(out_dtype or pieces.cast or reference_input.dtype)
     impl = _pick_backend(backend, reference_input.device)
     names = (["base"] if base is not None else []) + [f"tensors[{i}]" for i in range(len(tensors))]
     # The fast backends count NaN/Inf while they read (no extra pass); the reference checks first.
     check = (lambda counts, labels: None) if allow_nonfinite else _raise_if_nonfinite
-    if impl is None:
-        check([int((~torch.isfinite(t)).sum()) for t in ([base] if base is not None else []) + tensors], names)
+    flat_base = base.contiguous().reshape(-1) if base is not None else None
+    flat = [t.contiguous().reshape(-1) for t in tensors]
+
+    plan = gta_plan(spec, resolved, n) if spec.family == "gta" and tensors else None
+    if impl is None or _reference_only(spec, resolved, plan):
+        whole = pieces.read(([flat_base] if base is not None else []) + flat, 0, n)
+        whole = [t.reshape(reference_input.shape) for t in whole]
+        check([int((~torch.isfinite(t)).sum()) for t in whole], names)
+        emit(_reference(spec, resolved, plan, whole[0] if base is not None else None,
+                        whole[1:] if base is not None else whole).to(out_dtype).reshape(-1))
+        return reference_input.shape
 
     if spec.family == "gta":
         if not tensors:
-            return base.to(out_dtype, copy=True)
-        plan = gta_plan(spec, resolved, base.numel())
-        if impl is not None and any(rule.kind == KEEP_DELLA for rule in plan.rules):
-            check(impl.count_nonfinite([base, *tensors]), names)
-            impl = None
-        if impl is None:
-            return gta_reference(base, tensors, plan).to(out_dtype)
-        out, counts = impl.gta(base, tensors, plan, out_dtype)
-        check(counts, names)
-        return out
-
-    if spec.family == "linear":
-        if resolved.shared["normalize"] and sum(resolved.per_model["weight"]) == 0:
-            raise MergeConfigError(
-                "method 'linear': the weights sum to zero, so they cannot be normalized; "
-                "change the weights or set normalize: false"
-            )
+            for _, _, (piece,) in pieces.walk([flat_base]):
+                emit(piece.to(out_dtype, copy=True))
+        else:
+            check(run_gta(impl, flat_base, flat, plan, out_dtype, pieces, emit), names)
+    elif spec.family == "linear":
+        _check_linear_weights(resolved)
         coefficients = linear_coefficients(resolved.per_model["weight"], resolved.shared["normalize"])
-        return _weighted_sum(impl, tensors, coefficients, out_dtype, check, names)
+        _weighted_sum(impl, flat, coefficients, out_dtype, check, names, pieces, emit)
+    elif spec.family == "slerp":
+        pair = [flat_base, flat[0]]
+        coefficients = slerp_coefficients(_gram(impl, pair, None, check, names, pieces), resolved.shared["t"])
+        _weighted_sum(impl, pair, coefficients, out_dtype, check, names, pieces, emit)
+    elif spec.family == "model_stock":
+        t = model_stock_t(_gram(impl, flat, flat_base, check, names, pieces)).item()
+        coefficients = [1 - t] + [t / len(tensors)] * len(tensors)
+        _weighted_sum(impl, [flat_base, *flat], coefficients, out_dtype, check, names, pieces, emit)
+    else:
+        raise AssertionError(f"unhandled method family {spec.family!r}")
+    return reference_input.shape
 
+
+def merges_whole(method: str, params: Dict[str, Any]) -> bool:
+    """Whether `merge_streamed` holds whole tensors for this method: DELLA's row-wise ranks and
+    filter-wise Model Stock run on the reference path (`params` as given to the merge)."""
+    spec = get_method(method)
+    return spec.sparsifier == "della" or (spec.family == "model_stock" and bool(params.get("filter_wise")))
+
+
+def _reference_only(spec: MethodSpec, resolved, plan) -> bool:
+    """Methods the fast backends leave to the reference: DELLA's row-wise ranks and filter-wise
+    Model Stock."""
+    if plan is not None:
+        return any(rule.kind == KEEP_DELLA for rule in plan.rules)
+    return spec.family == "model_stock" and bool(resolved.shared["filter_wise"])
+
+
+def _reference(spec: MethodSpec, resolved, plan, base, tensors: List[torch.Tensor]) -> torch.Tensor:
+    """The whole merge with the plain-PyTorch reference."""
+    if spec.family == "gta":
+        return base.clone() if not tensors else gta_reference(base, tensors, plan)
+    if spec.family == "linear":
+        _check_linear_weights(resolved)
+        coefficients = linear_coefficients(resolved.per_model["weight"], resolved.shared["normalize"])
+        return weighted_sum_reference(tensors, coefficients)
     if spec.family == "slerp":
         pair = [base, tensors[0]]
-        gram = _gram(impl, pair, None, check, names)
-        coefficients = slerp_coefficients(gram, resolved.shared["t"])
-        return _weighted_sum(impl, pair, coefficients, out_dtype, check, names)
-
+        return weighted_sum_reference(pair, slerp_coefficients(gram_reference(pair), resolved.shared["t"]))
     if spec.family == "model_stock":
-        if impl is not None and resolved.shared["filter_wise"]:
-            check(impl.count_nonfinite([base, *tensors]), names)
-            impl = None
-        if impl is None:
-            return model_stock_reference(base, tensors, resolved.shared["filter_wise"]).to(out_dtype)
-        t = model_stock_t(_gram(impl, tensors, base, check, names)).item()
-        coefficients = [1 - t] + [t / len(tensors)] * len(tensors)
-        return _weighted_sum(impl, [base, *tensors], coefficients, out_dtype, check, names)
-
+        return model_stock_reference(base, tensors, resolved.shared["filter_wise"])
     raise AssertionError(f"unhandled method family {spec.family!r}")
 
 
-def _weighted_sum(impl, tensors: List[torch.Tensor], coefficients: List[float], out_dtype, check, names) -> torch.Tensor:
-    if impl is None:
-        return weighted_sum_reference(tensors, coefficients).to(out_dtype)
-    out, counts = impl.weighted_sum(tensors, coefficients, out_dtype)
-    check(counts, names)
-    return out
+def _check_linear_weights(resolved) -> None:
+    if resolved.shared["normalize"] and sum(resolved.per_model["weight"]) == 0:
+        raise MergeConfigError(
+            "method 'linear': the weights sum to zero, so they cannot be normalized; "
+            "change the weights or set normalize: false"
+        )
 
 
-def _gram(impl, tensors: List[torch.Tensor], base, check, names) -> torch.Tensor:
-    """Gram matrix; a non-finite one means non-finite inputs, which are then counted and named."""
-    if impl is None:
-        return gram_reference(tensors, base)
-    gram = impl.gram(tensors, base)
+def _weighted_sum(impl, tensors: List[torch.Tensor], coefficients: List[float], out_dtype, check, names,
+                  pieces: Pieces, emit: Emit) -> None:
+    counts = [0] * len(tensors)
+    for _, _, piece in pieces.walk(tensors):
+        out, piece_counts = impl.weighted_sum(piece, coefficients, out_dtype)
+        emit(out)
+        counts = [a + b for a, b in zip(counts, piece_counts)]
+    check(counts, names[-len(tensors):])
+
+
+def _gram(impl, tensors: List[torch.Tensor], base, check, names, pieces: Pieces) -> torch.Tensor:
+    """Gram matrix (summed over pieces); a non-finite one means non-finite inputs, which are
+    then counted and named."""
+    everything = ([base] if base is not None else []) + list(tensors)
+    gram = torch.zeros(len(tensors), len(tensors), dtype=torch.float64)
+    for _, _, piece in pieces.walk(everything):
+        gram += impl.gram(piece[-len(tensors):], piece[0] if base is not None else None)
     if not torch.isfinite(gram).all():
-        everything = ([base] if base is not None else []) + list(tensors)
-        check(impl.count_nonfinite(everything), names[-len(everything):])
+        counts = [0] * len(everything)
+        for _, _, piece in pieces.walk(everything):
+            counts = [a + b for a, b in zip(counts, impl.count_nonfinite(piece))]
+        check(counts, names[-len(everything):])
     return gram
 
 

@@ -6,26 +6,23 @@ then falls back to the reference. Kernel semantics: `moefuse.ops.gta_pipeline`.
 
 from __future__ import annotations
 
-import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from moefuse import _C
-from moefuse.ops.gta_pipeline import run_gta
-from moefuse.ops.plan import GtaPlan
-from moefuse.ops.select import level1_ranges, level1_shift
+from moefuse.ops.select import level1_shift
 
 
 def count_nonfinite(tensors: Sequence[torch.Tensor]) -> List[int]:
     return list(_C.count_nonfinite([t.contiguous() for t in tensors]))
 
 
-def histogram_level1(base: torch.Tensor, inputs: Sequence[torch.Tensor], models: Sequence[int]) -> torch.Tensor:
-    """Per-range level-1 histograms (int32 [models, level1_ranges(n), bins]): they also locate
-    threshold ties, which spares the tie-count pass for 16-bit dtypes."""
-    return _C.histogram_level1(base, [inputs[i] for i in models], level1_shift(base.dtype),
-                               level1_ranges(base.numel()))
+def histogram_level1(base: torch.Tensor, inputs: Sequence[torch.Tensor], models: Sequence[int],
+                     range_size: int) -> torch.Tensor:
+    """Per-range level-1 histograms (int32 [models, ceil(n / range_size), bins]): they also
+    locate threshold ties, which spares the tie-count pass for 16-bit dtypes."""
+    return _C.histogram_level1(base, [inputs[i] for i in models], level1_shift(base.dtype), range_size)
 
 
 def histogram_level2(base, inputs, models: Sequence[int], prefixes: Sequence[int]) -> torch.Tensor:
@@ -36,12 +33,12 @@ def chunk_counts(base, inputs, models: Sequence[int], keys: Sequence[int], chunk
     return _C.chunk_counts(base, [inputs[i] for i in models], list(keys), chunk)
 
 
-def l1_norms(base, inputs, rules: torch.Tensor, seed: int, offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def l1_norms(base, inputs, rules: torch.Tensor, seed: int, offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return _C.l1_norms(base, list(inputs), rules, seed, offset)
 
 
 def fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize, weight_sum, lam,
-              out_dtype, offset: int = 0) -> Tuple[torch.Tensor, List[int]]:
+              out_dtype, offset: int) -> Tuple[torch.Tensor, List[int]]:
     out, nonfinite = _C.fused_gta(
         base, list(inputs), rules, seed, list(coefficients), list(weights), consensus, normalize,
         weight_sum, lam, out_dtype, offset,
@@ -58,8 +55,3 @@ def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float],
 def gram(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor]) -> torch.Tensor:
     base = base.contiguous() if base is not None else None
     return _C.gram([t.contiguous() for t in tensors], base)
-
-
-def gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: GtaPlan,
-        out_dtype: torch.dtype) -> Tuple[torch.Tensor, List[int]]:
-    return run_gta(sys.modules[__name__], base, inputs, plan, out_dtype)

@@ -8,15 +8,12 @@ pipeline of `moefuse.ops.gta_pipeline` (selection, optional L1 norms, one fused 
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import ContextManager, List, Optional, Sequence, Tuple
 
 import torch
 
 from moefuse.errors import MergeInputError
 from moefuse.kernels import merge_gta as kernels
-from moefuse.ops.gta_pipeline import run_gta
-from moefuse.ops.plan import GtaPlan
 from moefuse.ops.select import LEVEL1_BINS, LEVEL2_BINS, level1_shift
 
 
@@ -52,8 +49,10 @@ def count_nonfinite(tensors: Sequence[torch.Tensor]) -> List[int]:
         return kernels.count_nonfinite(tensors).tolist()
 
 
-def histogram_level1(base: torch.Tensor, inputs: Sequence[torch.Tensor], models: Sequence[int]) -> torch.Tensor:
-    """int64 [len(models), 32768]: row q counts key >> level1_shift over model models[q]."""
+def histogram_level1(base: torch.Tensor, inputs: Sequence[torch.Tensor], models: Sequence[int],
+                     range_size: int) -> torch.Tensor:
+    """int64 [len(models), 32768]: row q counts key >> level1_shift over model models[q] (one
+    histogram for the whole slice: no per-range counts, so `range_size` is not used)."""
     base, *rows = _prepared([base] + [inputs[i] for i in models])
     with _device_of(base):
         return kernels.histogram(base, rows, level1_shift(base.dtype), LEVEL1_BINS)
@@ -78,23 +77,25 @@ def chunk_counts(base: torch.Tensor, inputs: Sequence[torch.Tensor], models: Seq
 
 
 def l1_norms(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor,
-             seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """float64 [N] pair (CPU): sum_j |d_ij| and sum_j keep_ij |d_ij|."""
+             seed: int, offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float64 [N] pair (CPU): sum_j |d_ij| and sum_j keep_ij |d_ij| (entry j of the slice has
+    flat index offset + j)."""
     base, *inputs = _prepared([base, *inputs])
     with _device_of(base):
-        totals = kernels.l1_norm_partials(base, inputs, rules, seed).sum(dim=0).cpu()
+        totals = kernels.l1_norm_partials(base, inputs, rules, seed, offset).sum(dim=0).cpu()
     return totals[:, 0].contiguous(), totals[:, 1].contiguous()
 
 
 def fused_gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor, seed: int,
               coefficients: Sequence[float], weights: Sequence[float], consensus: bool, normalize: bool,
-              weight_sum: float, lam: float, out_dtype: torch.dtype) -> Tuple[torch.Tensor, List[int]]:
+              weight_sum: float, lam: float, out_dtype: torch.dtype, offset: int) -> Tuple[torch.Tensor, List[int]]:
     """out = base + lam * M (/ W if normalize), M and W as in `moefuse.methods.gta`, with
-    D_i = keep_i * coefficients[i] * d_i; and the NaN/Inf counts of the base and each input."""
+    D_i = keep_i * coefficients[i] * d_i; and the NaN/Inf counts of the base and each input.
+    Entry j of the slice has flat index offset + j."""
     base, *inputs = _prepared([base, *inputs])
     with _device_of(base):
         out, counts = kernels.fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize,
-                                        weight_sum, lam, out_dtype)
+                                        weight_sum, lam, out_dtype, offset)
     return out, counts.tolist()
 
 
@@ -117,9 +118,3 @@ def gram(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = None) -
     with _device_of(tensors[0]):
         upper = kernels.gram_partials(tensors, base).sum(dim=0).cpu()
     return upper + upper.triu(1).T
-
-
-def gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: GtaPlan,
-        out_dtype: torch.dtype) -> Tuple[torch.Tensor, List[int]]:
-    """Generalized task arithmetic with this module's kernels (and NaN/Inf counts)."""
-    return run_gta(sys.modules[__name__], base, inputs, plan, out_dtype)

@@ -8,12 +8,15 @@ order like |d|. The entry of descending rank r (ties by increasing flat index) i
 3. when the threshold key is shared by several entries, per-chunk counts of that key, then a
    scan of one chunk, to find the flat index where the r-th entry sits.
 
+Every pass walks the inputs in `Pieces` (moefuse.ops.pieces): histograms add up over pieces, and
+per-range level-1 histograms come from the backend (one piece) or from groups of pieces.
+
 The result is a `Threshold(key, cut)`: an entry is among the top r iff
 `key_e > key or (key_e == key and index_e < cut)`. Backends supply three kernels:
 
-    histogram_level1(base, inputs, models) -> int64 [len(models), 32768], or counts per range
-        [len(models), R, 32768] with R = level1_ranges(n) (range r: flat entries
-        [r size, (r + 1) size), size = ceil(n / R)), which also locate ties for 16-bit dtypes
+    histogram_level1(base, inputs, models, range_size) -> int64 [len(models), 32768], or counts
+        per range [len(models), ceil(n / range_size), 32768] (range r: flat entries
+        [r range_size, (r + 1) range_size)), which also locate ties for 16-bit dtypes
     histogram_level2(base, inputs, models, prefixes) -> int64 [len(models), 65536]
         (low 16 bits of keys whose high bits equal the prefix; fp32 only)
     chunk_counts(base, inputs, models, keys, chunk) -> int64 [len(models), ceil(n / chunk)]
@@ -23,17 +26,17 @@ The result is a `Threshold(key, cut)`: an entry is among the top r iff
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from moefuse.ops.merge_reference import magnitude_keys
+from moefuse.ops.pieces import TIE_CHUNK, Pieces
 from moefuse.ops.plan import KEEP_RANKS, GtaPlan
 
 LEVEL1_BINS = 1 << 15
 LEVEL2_BINS = 1 << 16
-TIE_CHUNK = 1 << 16
 MAX_RANGES = 32
 MIN_RANGE = 1 << 20  # entries per range: keeps the per-range histograms small next to the tensor
 NOTHING_KEY = 1 << 32  # larger than every key: no entry is inside
@@ -50,9 +53,13 @@ NOTHING = Threshold(NOTHING_KEY, 0)
 EVERYTHING = Threshold(EVERYTHING_KEY, 0)
 
 
-def level1_ranges(n: int) -> int:
-    """How many ranges a backend may split level-1 histograms into (1: no split)."""
-    return max(1, min(MAX_RANGES, n // MIN_RANGE))
+def level1_range_size(n: int) -> int:
+    """Entries per level-1 range: a power of two of at least MIN_RANGE, with at most MAX_RANGES
+    ranges; powers of two tile with the pieces (`Pieces.streaming`)."""
+    size = 1 << max(0, MIN_RANGE - 1).bit_length()
+    while size * MAX_RANGES < n:
+        size *= 2
+    return size
 
 
 def level1_shift(dtype: torch.dtype) -> int:
@@ -68,9 +75,33 @@ def _locate(histogram: torch.Tensor, rank: int) -> Tuple[int, int]:
     return b, int(from_top[k] - counts[b])
 
 
-def rank_thresholds(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: GtaPlan) -> Dict[Tuple[int, int], Threshold]:
+def _level1(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], models: List[int],
+            pieces: Pieces) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
+    """Level-1 histograms: totals [models, bins] and, when the backend gives them, per-range
+    counts [models, R, bins] over ranges of `range_size` flat entries."""
+    range_size = level1_range_size(pieces.n)
+    totals = torch.zeros(len(models), LEVEL1_BINS, dtype=torch.int64)
+    per_range: Optional[torch.Tensor] = torch.zeros(
+        len(models), -(-pieces.n // range_size), LEVEL1_BINS, dtype=torch.int32)
+    for start, _, (piece_base, *piece_inputs) in pieces.walk([base, *inputs]):
+        hist = backend.histogram_level1(piece_base, piece_inputs, models, range_size).cpu()
+        if hist.dim() == 3 and per_range is not None:
+            first = start // range_size
+            per_range[:, first:first + hist.shape[1]] += hist
+        else:
+            per_range = None
+            totals += hist.reshape(len(models), -1, LEVEL1_BINS).sum(dim=1)
+    if per_range is not None:
+        totals = per_range.sum(dim=1, dtype=torch.int64)
+    return totals, per_range, range_size
+
+
+def rank_thresholds(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: GtaPlan,
+                    pieces: Optional[Pieces] = None) -> Dict[Tuple[int, int], Threshold]:
     """Thresholds for every (model, rank) the plan's KEEP_RANKS rules need."""
+    base, inputs = base.reshape(-1), [x.reshape(-1) for x in inputs]
     n = base.numel()
+    pieces = pieces or Pieces.whole(n)
     wanted: Dict[Tuple[int, int], Threshold] = {}
     queries: List[Tuple[int, int]] = []
     for i, rule in enumerate(plan.rules):
@@ -87,19 +118,18 @@ def rank_thresholds(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor],
         return wanted
 
     models = sorted({i for i, _ in queries})
-    hist1 = backend.histogram_level1(base, inputs, models).cpu()
-    per_range = hist1 if hist1.dim() == 3 and hist1.shape[1] > 1 else None
-    hist1 = hist1.reshape(len(models), -1, LEVEL1_BINS).sum(dim=1, dtype=torch.int64)
+    hist1, per_range, range_size = _level1(backend, base, inputs, models, pieces)
     located = []  # (model, rank, key prefix, rank left inside the prefix)
     for i, rank in queries:
         b, above = _locate(hist1[models.index(i)], rank)
         located.append((i, rank, b, rank - above))
 
-    shift = level1_shift(base.dtype)
+    compute_dtype = pieces.cast or base.dtype
+    shift = level1_shift(compute_dtype)
     if shift:
-        hist2 = backend.histogram_level2(
-            base, inputs, [q[0] for q in located], [q[2] for q in located]
-        ).cpu()
+        rows, prefixes = [q[0] for q in located], [q[2] for q in located]
+        hist2 = sum(backend.histogram_level2(piece_base, piece_inputs, rows, prefixes).cpu()
+                    for _, _, (piece_base, *piece_inputs) in pieces.walk([base, *inputs]))
         refined = []
         for row, (i, rank, b, left) in enumerate(located):
             low, above = _locate(hist2[row], left)
@@ -113,30 +143,44 @@ def rank_thresholds(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor],
         if left == 0 or key == 0:
             wanted[(i, rank)] = Threshold(key, 0)
     if tied and per_range is not None and not shift:  # exact 16-bit keys: counts per range exist
-        size = -(-n // per_range.shape[1])
         for i, rank, key, left in tied:
             counts = per_range[models.index(i), :, key].to(torch.int64)
-            wanted[(i, rank)] = Threshold(key, _cut_index(base, inputs[i], key, left, counts, size))
+            wanted[(i, rank)] = Threshold(key, _cut_index(backend, pieces, base, inputs[i], key, left, counts, range_size))
     elif tied:
-        counts = backend.chunk_counts(
-            base, inputs, [q[0] for q in tied], [q[2] for q in tied], TIE_CHUNK
-        ).cpu()
+        rows, keys = [q[0] for q in tied], [q[2] for q in tied]
+        counts = torch.cat([backend.chunk_counts(piece_base, piece_inputs, rows, keys, TIE_CHUNK).cpu()
+                            for _, _, (piece_base, *piece_inputs) in pieces.walk([base, *inputs])], dim=1)
         for row, (i, rank, key, left) in enumerate(tied):
-            wanted[(i, rank)] = Threshold(key, _cut_index(base, inputs[i], key, left, counts[row], TIE_CHUNK))
+            wanted[(i, rank)] = Threshold(key, _cut_index(backend, pieces, base, inputs[i], key, left, counts[row], TIE_CHUNK))
     return wanted
 
 
-def _cut_index(base: torch.Tensor, x: torch.Tensor, key: int, left: int, counts: torch.Tensor, chunk: int) -> int:
-    """Flat index of the `left`-th (0-based) entry whose key equals `key`, given the number of
-    such entries in each chunk of `chunk` flat entries (the chunk is scanned in small pieces)."""
-    cumulative = torch.cumsum(counts, 0)
+def _nth_chunk(counts: torch.Tensor, left: int) -> Tuple[int, int]:
+    """The chunk holding the `left`-th (0-based) counted entry, and its rank inside the chunk."""
+    cumulative = torch.cumsum(counts.to(torch.int64), 0)
     index = int(torch.searchsorted(cumulative, left, right=True))
-    left -= int(cumulative[index - 1]) if index else 0
-    flat_x, flat_base = x.reshape(-1), base.reshape(-1)
-    for start in range(index * chunk, min((index + 1) * chunk, base.numel()), TIE_CHUNK):
-        stop = min(start + TIE_CHUNK, (index + 1) * chunk, base.numel())
-        positions = torch.nonzero(magnitude_keys(flat_x[start:stop] - flat_base[start:stop]) == key).reshape(-1)
-        if left < positions.numel():
-            return start + int(positions[left])
-        left -= positions.numel()
+    return index, left - (int(cumulative[index - 1]) if index else 0)
+
+
+def _cut_index(backend, pieces: Pieces, base: torch.Tensor, x: torch.Tensor, key: int, left: int,
+               counts: torch.Tensor, chunk: int) -> int:
+    """Flat index of the `left`-th (0-based) entry whose key equals `key`, given the number of
+    such entries in each chunk of `chunk` flat entries: the backend counts them per TIE_CHUNK
+    inside that chunk (a piece at a time), then one TIE_CHUNK is scanned here."""
+    n = base.numel()
+    index, left = _nth_chunk(counts, left)
+    start, stop = index * chunk, min((index + 1) * chunk, n)
+    for first in range(start, stop, max(pieces.size, TIE_CHUNK)):
+        last = min(stop, first + max(pieces.size, TIE_CHUNK))
+        piece_x, piece_base = pieces.read([x, base], first, last)
+        fine = backend.chunk_counts(piece_base, [piece_x], [0], [key], TIE_CHUNK).cpu()[0]
+        if left < int(fine.sum()):
+            sub, left = _nth_chunk(fine, left)
+            sub_start = sub * TIE_CHUNK
+            keys = magnitude_keys(piece_x[sub_start:sub_start + TIE_CHUNK] - piece_base[sub_start:sub_start + TIE_CHUNK])
+            positions = torch.nonzero(keys.cpu() == key).reshape(-1)
+            pieces.release(first, last)
+            return first + sub_start + int(positions[left])
+        left -= int(fine.sum())
+        pieces.release(first, last)
     raise AssertionError("tie counts and the data disagree")

@@ -148,7 +148,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, models):
 
 def test_failure_midway_leaves_nothing_that_looks_complete(tmp_path, models, monkeypatch):
     calls = {"n": 0}
-    real = merge_run.merge_tensors
+    real = merge_run.merge_streamed
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -156,7 +156,7 @@ def test_failure_midway_leaves_nothing_that_looks_complete(tmp_path, models, mon
             raise MoefuseError("disk on fire")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(merge_run, "merge_tensors", failing)
+    monkeypatch.setattr(merge_run, "merge_streamed", failing)
     with pytest.raises(MoefuseError, match="disk on fire"):
         merge_checkpoints(_ties(models), tmp_path / "out", progress=False)
     assert _leftovers(tmp_path) == []
@@ -168,10 +168,10 @@ def test_process_killed_midway_leaves_nothing_that_looks_complete(tmp_path, mode
     script = (
         "import time, sys\n"
         "from moefuse.merge import run\n"
-        "real = run.merge_tensors\n"
+        "real = run.merge_streamed\n"
         "def slow(*a, **k):\n"
         "    print('tensor', flush=True); time.sleep(0.2); return real(*a, **k)\n"
-        "run.merge_tensors = slow\n"
+        "run.merge_streamed = slow\n"
         f"run.merge_checkpoints({str(config_path)!r}, {str(tmp_path / 'out')!r}, progress=False)\n"
     )
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,

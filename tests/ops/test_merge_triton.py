@@ -213,7 +213,7 @@ def selection_case(dtype: torch.dtype):
 def test_histogram_level1(dtype):
     base, inputs = selection_case(dtype)
     models = [2, 0, 1]
-    hist = merge_triton.histogram_level1(base, inputs, models).cpu()
+    hist = merge_triton.histogram_level1(base, inputs, models, 1 << 20).cpu()
     shift = select.level1_shift(dtype)
     for row, i in enumerate(models):
         expected = torch.bincount(keys_of(base, inputs[i]) >> shift, minlength=select.LEVEL1_BINS)
@@ -279,7 +279,7 @@ def test_l1_norms(dtype, monkeypatch):
              KeepRule(KEEP_ALL), KeepRule(KEEP_NONE))
     plan = GtaPlan(rules, (1.0,) * 4, consensus=False, normalize=False, lam=1.0, rescale="l1", seed=2**33 + 9)
     encoded = encode_rules(plan, select.rank_thresholds(merge_triton, base, inputs, plan))
-    before, after = merge_triton.l1_norms(base, inputs, encoded, plan.seed)
+    before, after = merge_triton.l1_norms(base, inputs, encoded, plan.seed, 0)
     assert before.dtype == after.dtype == torch.float64 and before.shape == after.shape == (4,)
     for i, (x, rule) in enumerate(zip(inputs, rules)):
         delta = (x - base).cpu().double().abs()
