@@ -133,7 +133,9 @@ LAUNCHER = (
 
 
 def run_measured(command) -> tuple:
-    """(seconds, peak RSS bytes) of one tool run."""
+    """(seconds, peak RSS bytes) of one tool run. Dirty pages of earlier runs are flushed first,
+    so that no run pays for another's writeback."""
+    os.sync()
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True)
     seconds = time.perf_counter() - start

@@ -81,13 +81,18 @@ def _level1(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], models:
     counts [models, R, bins] over ranges of `range_size` flat entries."""
     range_size = level1_range_size(pieces.n)
     totals = torch.zeros(len(models), LEVEL1_BINS, dtype=torch.int64)
-    per_range: Optional[torch.Tensor] = torch.zeros(
-        len(models), -(-pieces.n // range_size), LEVEL1_BINS, dtype=torch.int32)
+    ranges = -(-pieces.n // range_size)
+    shared = range_size > pieces.size  # several pieces add up into each range
+    per_range: Optional[torch.Tensor] = (torch.zeros if shared else torch.empty)(
+        len(models), ranges, LEVEL1_BINS, dtype=torch.int32)
     for start, _, (piece_base, *piece_inputs) in pieces.walk([base, *inputs]):
         hist = backend.histogram_level1(piece_base, piece_inputs, models, range_size).cpu()
         if hist.dim() == 3 and per_range is not None:
             first = start // range_size
-            per_range[:, first:first + hist.shape[1]] += hist
+            if shared:
+                per_range[:, first:first + hist.shape[1]] += hist
+            else:
+                per_range[:, first:first + hist.shape[1]] = hist
         else:
             per_range = None
             totals += hist.reshape(len(models), -1, LEVEL1_BINS).sum(dim=1)
