@@ -9,7 +9,7 @@ import importlib
 from moefuse.errors import MergeConfigError, MergeInputError, MoefuseError
 from moefuse.methods import get_method, method_names
 from moefuse.moe.auto_registration import install as _install_auto_registration
-from moefuse.ops.merge import merge_tensors
+from moefuse.ops.merge import merge_streamed, merge_tensors
 
 __version__ = "0.1.0"
 
@@ -50,6 +50,7 @@ __all__ = [
     "grouped_moe",
     "linear_assignment",
     "merge_checkpoints",
+    "merge_streamed",
     "merge_tensors",
     "method_names",
     "__version__",
