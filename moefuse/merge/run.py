@@ -30,7 +30,7 @@ from moefuse.merge.config import MergeConfig, parse_config
 from moefuse.merge.plan import MergePlan, TensorTask, align_plan, build_plan, describe
 from moefuse.ops.merge import merge_streamed, merge_tensors
 
-PIECE_ENTRIES = 1 << 22  # 8 MB of bf16 per input and pass
+PIECE_ENTRIES = 1 << 21  # 4 MB of bf16 per input and pass
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 

@@ -37,7 +37,7 @@ from moefuse.ops.plan import KEEP_RANKS, GtaPlan
 
 LEVEL1_BINS = 1 << 15
 LEVEL2_BINS = 1 << 16
-MAX_RANGES = 32
+MAX_RANGES = 16
 MIN_RANGE = 1 << 20  # entries per range: keeps the per-range histograms small next to the tensor
 NOTHING_KEY = 1 << 32  # larger than every key: no entry is inside
 EVERYTHING_KEY = -1  # smaller than every key: every entry is inside
