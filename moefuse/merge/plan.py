@@ -93,7 +93,7 @@ class MergePlan:
             whole = self.config.align or not task.merge or merges_whole(self.config.merge_method, task.params)
             entries = numel if whole else min(numel, piece_entries)
             itemsize = (self.compute_dtype or task.out_dtype).itemsize
-            return entries * (itemsize * (len(task.sources) + 1) + task.out_dtype.itemsize * 2)
+            return entries * (itemsize * len(task.sources) + task.out_dtype.itemsize * 2)
 
         return max((piece_bytes(t) for t in self.tasks), default=0)
 
