@@ -149,20 +149,6 @@ inline int64_t count_bad(const T* x, int64_t len) {
   return bad;
 }
 
-// Zeroes the entries of d[0, len) (flat indices start..) that model `stream`'s rule drops.
-inline void apply_rule(const Rule& rule, int64_t start, int64_t len, uint64_t seed, uint32_t stream,
-                       const int32_t* keys, float* d) {
-  if (rule.keeps_all()) return;
-  const TileBound hi(rule.t_hi, rule.cut_hi, start, len), lo(rule.t_lo, rule.cut_lo, start, len);
-  for (int32_t k = 0; k < len; ++k) d[k] = hi.above(keys[k], k) && !lo.above(keys[k], k) ? d[k] : 0.f;
-  if (rule.random_threshold < ALWAYS) {
-    uint32_t bits[TILE];
-    draw_tile(seed, start, len, stream, bits);
-    const uint32_t threshold = static_cast<uint32_t>(rule.random_threshold);
-    for (int64_t k = 0; k < len; ++k) d[k] = bits[k] < threshold ? d[k] : 0.f;
-  }
-}
-
 std::vector<Rule> read_rules(const at::Tensor& rules) {
   TORCH_CHECK(rules.dtype() == at::kLong && rules.dim() == 2 && rules.size(1) == 5,
               "rules must be an int64 [N, 5] tensor");
@@ -243,21 +229,6 @@ MOEFUSE_SIMD_CLONES int64_t key_count_tile(const T* x, const T* b, int64_t len, 
   return count;
 }
 
-// Adds sum |d| and sum |kept d| over the tile of model `stream` (flat indices start..) to sums.
-template <typename T>
-MOEFUSE_SIMD_CLONES void l1_tile(const T* x, const T* b, int64_t start, int64_t len, const Rule& rule,
-                                 uint64_t seed, uint32_t stream, double* sums) {
-  float d[TILE];
-  int32_t keys[TILE];
-  load_deltas(x, b, len, d, keys);
-  float before = 0.f, after = 0.f;
-  for (int64_t k = 0; k < len; ++k) before += std::fabs(d[k]);
-  apply_rule(rule, start, len, seed, stream, keys, d);
-  for (int64_t k = 0; k < len; ++k) after += std::fabs(d[k]);
-  sums[0] += before;
-  sums[1] += after;
-}
-
 // One model's part of a fused tile: d[k] = c * delta_k where the rule keeps entry k (else 0),
 // total[k] += d[k]; returns the number of NaN/Inf entries of x. One loop, no intermediate buffers.
 template <typename T, bool kRanks, bool kRandom>
@@ -281,6 +252,35 @@ inline int32_t kept_contributions(const T* x, const T* b, int64_t start, int64_t
   return bad;
 }
 
+// kept_contributions for `rule`, instantiated for its kind (called directly, so that each call is
+// inlined into the caller's AVX-512/AVX2 clone).
+template <typename T>
+inline int32_t add_kept(const T* x, const T* b, int64_t start, int64_t len, const Rule& rule, uint64_t seed,
+                        uint32_t stream, float c, float* __restrict__ d, float* __restrict__ total) {
+  if (rule.keeps_all()) return kept_contributions<T, false, false>(x, b, start, len, rule, seed, stream, c, d, total);
+  if (rule.random_threshold < ALWAYS) {
+    return kept_contributions<T, true, true>(x, b, start, len, rule, seed, stream, c, d, total);
+  }
+  return kept_contributions<T, true, false>(x, b, start, len, rule, seed, stream, c, d, total);
+}
+
+// Adds sum |d| and sum |kept d| over the tile of model `stream` (flat indices start..) to sums.
+template <typename T>
+MOEFUSE_SIMD_CLONES void l1_tile(const T* x, const T* b, int64_t start, int64_t len, const Rule& rule,
+                                 uint64_t seed, uint32_t stream, double* sums) {
+  float d[TILE], kept[TILE];
+  std::fill(kept, kept + len, 0.f);
+  add_kept(x, b, start, len, rule, seed, stream, 1.f, d, kept);
+  float before = 0.f, after = 0.f;
+  for (int64_t k = 0; k < len; ++k) {
+    int32_t key;
+    before += std::fabs(Elem<T>::delta(x[k], b[k], &key));
+    after += std::fabs(kept[k]);
+  }
+  sums[0] += before;
+  sums[1] += after;
+}
+
 struct FusedSpec {
   std::vector<Rule> rules;
   std::vector<float> coefficients, weights;
@@ -302,17 +302,8 @@ MOEFUSE_SIMD_CLONES void fused_tile(const FusedSpec& spec, const in_t* b, const 
   std::fill(total, total + len, 0.f);
   bad[0] += count_bad(b, len);
   for (int64_t i = 0; i < m; ++i) {
-    const Rule& rule = spec.rules[i];
-    float* d = contrib + i * TILE;
-    const float c = spec.coefficients[i];
-    // Direct calls, so that each is inlined into this function's AVX2 clone.
-    if (rule.keeps_all()) {
-      bad[i + 1] += kept_contributions<in_t, false, false>(xs[i], b, start, len, rule, spec.seed, i, c, d, total);
-    } else if (rule.random_threshold < ALWAYS) {
-      bad[i + 1] += kept_contributions<in_t, true, true>(xs[i], b, start, len, rule, spec.seed, i, c, d, total);
-    } else {
-      bad[i + 1] += kept_contributions<in_t, true, false>(xs[i], b, start, len, rule, spec.seed, i, c, d, total);
-    }
+    bad[i + 1] += add_kept(xs[i], b, start, len, spec.rules[i], spec.seed, uint32_t(i), spec.coefficients[i],
+                           contrib + i * TILE, total);
   }
   if (spec.consensus) {
     std::fill(merged, merged + len, 0.f);
