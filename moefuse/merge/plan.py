@@ -6,6 +6,7 @@ unknown parameter) is reported before any data is read or written.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from dataclasses import dataclass, field, replace
@@ -41,12 +42,15 @@ class Source:
         if self.permutation is None:
             return tensor
         dim, perm = self.permutation
-        return tensor.index_select(dim, perm)
+        permuted = tensor.index_select(dim, perm)
+        self.reader.release([self.key])  # only the in-memory copy is read from here on
+        return permuted
 
     def release(self, start: int = 0, stop: Optional[int] = None) -> None:
-        """Drop the pages of flat entries [start, stop) (all by default) from memory; a permuted
-        input is an in-memory copy, whose pages belong to the reader only while it is built."""
-        self.reader.release_entries(self.key, start, stop) if self.permutation is None else self.reader.release([self.key])
+        """Drop the pages of flat entries [start, stop) (all by default) from memory (a permuted
+        input's pages were dropped when its copy was made)."""
+        if self.permutation is None:
+            self.reader.release_entries(self.key, start, stop)
 
 
 @dataclass
@@ -89,7 +93,7 @@ class MergePlan:
         piece being computed and the one being written, in the compute dtype (fp32 scratch is
         per tile). Tensors merged whole (DELLA, filter-wise Model Stock) or aligned count whole."""
         def piece_bytes(task: TensorTask) -> int:
-            numel = task.output.nbytes // max(1, task.output.dtype.itemsize)
+            numel = math.prod(task.shape)
             whole = self.config.align or not task.merge or merges_whole(self.config.merge_method, task.params)
             entries = numel if whole else min(numel, piece_entries)
             itemsize = (self.compute_dtype or task.out_dtype).itemsize

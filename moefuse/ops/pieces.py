@@ -44,10 +44,6 @@ class Pieces:
         size = 1 << (max(size, TIE_CHUNK) - 1).bit_length()
         return Pieces(n, size, release or _keep_pages, cast)
 
-    @property
-    def count(self) -> int:
-        return max(1, -(-self.n // self.size))
-
     def ranges(self) -> Iterator[Tuple[int, int]]:
         """The ranges [start, stop) in order (one empty range when n == 0)."""
         for start in range(0, max(self.n, 1), self.size):

@@ -175,17 +175,19 @@ def _cut_index(backend, pieces: Pieces, base: torch.Tensor, x: torch.Tensor, key
     n = base.numel()
     index, left = _nth_chunk(counts, left)
     start, stop = index * chunk, min((index + 1) * chunk, n)
-    for first in range(start, stop, max(pieces.size, TIE_CHUNK)):
-        last = min(stop, first + max(pieces.size, TIE_CHUNK))
+    step = max(pieces.size, TIE_CHUNK)
+    for first in range(start, stop, step):
+        last = min(stop, first + step)
         piece_x, piece_base = pieces.read([x, base], first, last)
         fine = backend.chunk_counts(piece_base, [piece_x], [0], [key], TIE_CHUNK).cpu()[0]
-        if left < int(fine.sum()):
+        found = int(fine.sum())
+        if left < found:
             sub, left = _nth_chunk(fine, left)
             sub_start = sub * TIE_CHUNK
             keys = magnitude_keys(piece_x[sub_start:sub_start + TIE_CHUNK] - piece_base[sub_start:sub_start + TIE_CHUNK])
             positions = torch.nonzero(keys.cpu() == key).reshape(-1)
             pieces.release(first, last)
             return first + sub_start + int(positions[left])
-        left -= int(fine.sum())
+        left -= found
         pieces.release(first, last)
     raise AssertionError("tie counts and the data disagree")
