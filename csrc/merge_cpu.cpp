@@ -385,24 +385,31 @@ at::Tensor histogram_level1(const at::Tensor& base, const std::vector<at::Tensor
   check_same(base, inputs);
   TORCH_CHECK(size > 0, "range size must be positive");
   const int64_t rows = inputs.size(), n = base.numel(), ranges = std::max<int64_t>(1, (n + size - 1) / size);
-  auto out = at::zeros({rows, ranges, LEVEL1_BINS}, at::kInt);
-  int32_t* o = out.data_ptr<int32_t>();
+  const int64_t tiles_per_range = (size + TILE - 1) / TILE;  // tiles never straddle two ranges
+  // Each thread counts into its own histograms (zeroed on first use), summed at the end; a
+  // contiguous block of tiles touches few ranges, so a thread's working set stays small.
+  std::vector<std::vector<int32_t>> local(at::get_num_threads());
   MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "histogram_level1", [&] {
     const scalar_t* b = base.data_ptr<scalar_t>();
     auto xs = pointers<scalar_t>(inputs);
-    // Each range owns its histograms, so threads never share a counter.
-    at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t start = std::min(n, r * size), stop = std::min(n, start + size);
-        for (int64_t s = start; s < stop; s += TILE) {
-          const int64_t len = std::min(TILE, stop - s);
-          for (int64_t i = 0; i < rows; ++i) {
-            histogram_tile(xs[i] + s, b + s, len, int(shift), o + (i * ranges + r) * LEVEL1_BINS);
-          }
+    at::parallel_for(0, ranges * tiles_per_range, 64, [&](int64_t t0, int64_t t1) {
+      auto& h = local[at::get_thread_num()];
+      if (h.empty()) h.assign(rows * ranges * LEVEL1_BINS, 0);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r = t / tiles_per_range, s = r * size + (t % tiles_per_range) * TILE;
+        const int64_t len = std::min({TILE, n - s, (r + 1) * size - s});
+        if (len <= 0) continue;
+        for (int64_t i = 0; i < rows; ++i) {
+          histogram_tile(xs[i] + s, b + s, len, int(shift), h.data() + (i * ranges + r) * LEVEL1_BINS);
         }
       }
     });
   });
+  auto out = at::zeros({rows, ranges, LEVEL1_BINS}, at::kInt);
+  int32_t* o = out.data_ptr<int32_t>();
+  for (const auto& h : local) {
+    for (size_t k = 0; k < h.size(); ++k) o[k] += h[k];
+  }
   return out;
 }
 

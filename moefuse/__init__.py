@@ -1,7 +1,8 @@
 """moefuse: fast, memory-frugal model merging and merged mixtures of experts.
 
-Importing moefuse needs neither a GPU nor the compiled extension, and it does not import
-transformers: the functions that need it (and the fast backends) load on first use.
+Importing moefuse needs neither a GPU nor the compiled extension, and it imports neither torch
+nor transformers: the public functions load their modules on first use (so that the CLI can set
+OpenMP's environment before torch starts its thread pool).
 """
 
 import importlib
@@ -9,7 +10,6 @@ import importlib
 from moefuse.errors import MergeConfigError, MergeInputError, MoefuseError
 from moefuse.methods import get_method, method_names
 from moefuse.moe.auto_registration import install as _install_auto_registration
-from moefuse.ops.merge import merge_streamed, merge_tensors
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,8 @@ _LAZY = {
     "grouped_moe": "moefuse.ops.grouped_moe",
     "linear_assignment": "moefuse.ops.assignment",
     "merge_checkpoints": "moefuse.merge",
+    "merge_streamed": "moefuse.ops.merge",
+    "merge_tensors": "moefuse.ops.merge",
 }
 
 

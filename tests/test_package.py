@@ -34,3 +34,26 @@ def test_every_method_is_documented():
         assert spec.doc and "out" in spec.doc, spec.name
         for param in spec.params:
             assert param.doc, (spec.name, param.name)
+
+
+def test_cli_merge_lets_idle_threads_sleep(tmp_path):
+    """`import moefuse` does not start torch, so `moefuse merge` can still choose OpenMP's passive
+    wait policy (a user's own choice is kept)."""
+    code = (
+        "import os, sys\n"
+        "import moefuse, moefuse.cli\n"
+        "print('torch' in sys.modules)\n"
+        "moefuse.cli.main(['merge', sys.argv[1], sys.argv[2], '--dry-run', '--quiet'])\n"
+        "print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))\n"
+    )
+    b = tmp_path / "b"
+    b.mkdir()
+    config = tmp_path / "merge.yml"
+    config.write_text(f"merge_method: linear\nmodels:\n  - model: {b}\n    parameters: {{weight: 1.0}}\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = lambda env: subprocess.run([sys.executable, "-c", code, str(config), str(tmp_path / "out")],
+                                     capture_output=True, text=True, env=env)
+    result = run(env)
+    assert result.stdout.split("\n")[:2] == ["False", "True PASSIVE"], result.stderr
+    result = run(dict(env, OMP_WAIT_POLICY="ACTIVE"))
+    assert result.stdout.split("\n")[1] == "True ACTIVE", result.stderr

@@ -175,3 +175,24 @@ def test_sparse_task_vectors(backend, dtype, method):
     if method == "breadcrumbs_ties":
         params["gamma"] = 0.05
     _merge_both(backend, base, tensors, method, **params)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,range_size", [(1, 64), (5000, 64), (5000, 1000), (3000, 4096), (70001, 3000)])
+def test_cpu_level1_histograms_per_range(dtype, n, range_size):
+    """Per-range level-1 counts equal bincount of the magnitude keys, whatever the range size
+    (not a multiple of the kernel's tile) and however the threads split the tiles."""
+    if not backends.available("cpu"):
+        pytest.fail(f"C++ extension missing: {backends.cpu_unavailable_reason()}")
+    from moefuse.ops import merge_cpu
+
+    generator = torch.Generator().manual_seed(n)
+    base, *inputs = [torch.randn(n, generator=generator).to(dtype) for _ in range(3)]
+    hist = merge_cpu.histogram_level1(base, inputs, [0, 1], range_size)
+    assert hist.shape == (2, -(-n // range_size), select.LEVEL1_BINS)
+    shift = select.level1_shift(dtype)
+    for row, x in enumerate(inputs):
+        keys = select.magnitude_keys(x - base) >> shift
+        for r in range(hist.shape[1]):
+            expected = torch.bincount(keys[r * range_size:(r + 1) * range_size], minlength=select.LEVEL1_BINS)
+            assert torch.equal(hist[row, r].long(), expected)
