@@ -4,6 +4,7 @@
 #include "lap_cpu.h"
 #include "lap_cuda_launch.h"
 #include "merge_cpu.h"
+#include "moe_cpu.h"
 
 namespace py = pybind11;
 
@@ -18,6 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_gta", &moefuse::fused_gta, nogil);
   m.def("weighted_sum", &moefuse::weighted_sum, nogil);
   m.def("gram", &moefuse::gram, py::arg("tensors"), py::arg("base") = py::none(), nogil);
+  m.def("expert_rows_linear", &moefuse::expert_rows_linear, nogil);
   m.def("linear_assignment", &moefuse::linear_assignment_cpu, py::arg("cost"), py::arg("maximize"), nogil);
 #ifdef MOEFUSE_CUDA
   m.def("linear_assignment_cuda", &moefuse::linear_assignment_cuda, py::arg("cost"), py::arg("maximize"),

@@ -1,15 +1,30 @@
 """CPU path of `grouped_moe`: sort the token-expert pairs by expert, gather each expert's tokens
-once, run one gate-up and one down matmul per non-empty expert into two preallocated sorted
-buffers, then weight all rows and add them back into token order with one accumulating
-`index_put_`. Same math as `grouped_moe_reference` (fp32 accumulation in the matmuls, the
-intermediate in the input dtype; the down projection is also rounded to it before weighting);
-no [T, E, H] tensor and no per-token weight copies.
+once, run the gate-up and the down projections into two preallocated sorted buffers, then weight
+all rows and add them back into token order with one accumulating `index_put_`. Same math as
+`grouped_moe_reference` (fp32 accumulation in the matmuls, the intermediate in the input dtype; the
+down projection is also rounded to it before weighting); no [T, E, H] tensor and no per-token
+weight copies.
+
+An expert with few rows (decoding) is bound by reading its weights, and a BLAS matmul first packs
+them: those experts go, all in one call, through the extension's row kernel
+(`moefuse._C.expert_rows_linear`), which streams each weight row once. Experts with more rows use
+one `torch.mm` each.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Callable, List, Optional
+
 import torch
 import torch.nn.functional as F
+
+# Most rows per expert for which the row kernel beat torch.mm on the 2-core AMD EPYC (AVX-512)
+# development machine (weights not in cache, 1 and 2 threads): fp32 1.1-3.9x up to 16 rows, bf16
+# 1.7-2.2x up to 2 rows and even at 3-4, fp16 1.3-1.9x from 4 to 32 rows (torch's fp16 matmul is
+# slow on CPUs without native fp16; one row: 0.7x).
+ROW_KERNEL_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 3, torch.float16: 32}
+
 
 def grouped_moe_cpu(
     hidden: torch.Tensor,
@@ -26,22 +41,44 @@ def grouped_moe_cpu(
     counts = torch.bincount(flat_ids, minlength=gate_up_proj.shape[0]).tolist()
     tokens = order // top_k
     x = hidden.index_select(0, tokens)
-    h = torch.empty(x.shape[0], inter, dtype=hidden.dtype)
-    y = torch.empty_like(x)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count:
-            end = start + count
-            _expert(x[start:end], gate_up_proj[expert], down_proj[expert], inter, h[start:end], y[start:end])
-            start = end
+    projected = _experts_linear(x, gate_up_proj, counts)
+    h = F.silu(projected[:, :inter]).mul_(projected[:, inter:])
+    y = _experts_linear(h, down_proj, counts)
     weights = topk_weights.reshape(-1).index_select(0, order).float()
     out = torch.zeros(hidden.shape, dtype=torch.float32)
     out.index_put_((tokens,), y.float().mul_(weights[:, None]), accumulate=True)
     return out.to(hidden.dtype)
 
 
-def _expert(x, gate_up, down, inter, h, y) -> None:
-    """y = down @ (silu(g) * u) with [g; u] = gate_up @ x, for one expert's rows x (into h and y)."""
-    projected = torch.mm(x, gate_up.t())  # [M, 2I]
-    torch.mul(F.silu(projected[:, :inter]), projected[:, inter:], out=h)
-    torch.mm(h, down.t(), out=y)
+def _experts_linear(x: torch.Tensor, weight: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    """out[rows of e] = x[rows of e] @ weight[e]^T for x's rows sorted by expert (counts[e] each)."""
+    out = torch.empty(x.shape[0], weight.shape[1], dtype=x.dtype)
+    small = _row_kernel_limit(weight)
+    if small:
+        _row_kernel()(x, weight, counts, small, out)
+    start = 0
+    for expert, count in enumerate(counts):
+        end = start + count
+        if count > small:
+            torch.mm(x[start:end], weight[expert].t(), out=out[start:end])
+        start = end
+    return out
+
+
+def _row_kernel_limit(weight: torch.Tensor) -> int:
+    """ROW_KERNEL_MAX_ROWS for weight's dtype, or 0 where the row kernel cannot run (no extension,
+    weight rows not contiguous)."""
+    rows_contiguous = weight.stride(2) == 1 and weight.stride(1) == weight.shape[2]
+    if not rows_contiguous or _row_kernel() is None:
+        return 0
+    return ROW_KERNEL_MAX_ROWS.get(weight.dtype, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _row_kernel() -> Optional[Callable]:
+    """`moefuse._C.expert_rows_linear`, or None when the extension was not built."""
+    try:
+        from moefuse import _C
+    except ImportError:
+        return None
+    return _C.expert_rows_linear

@@ -94,6 +94,55 @@ def test_cpu_path_matches_reference(case, dtype):
     assert_moe_close(grouped_moe(*problem, backend="cpu"), grouped_moe_reference(*problem), ulps=3)
 
 
+@pytest.mark.parametrize("max_rows", [0, 2, 1000], ids=["matmul-only", "mixed", "row-kernel-only"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cpu_row_kernel_and_matmul_split(case, dtype, max_rows, monkeypatch):
+    """Experts with few rows go through the extension's row kernel, the others through torch.mm:
+    either way, and mixed within one call, the result matches the reference."""
+    from moefuse.ops import grouped_moe_cpu
+
+    if grouped_moe_cpu._row_kernel() is None:
+        pytest.fail("C++ extension missing")
+    monkeypatch.setitem(grouped_moe_cpu.ROW_KERNEL_MAX_ROWS, dtype, max_rows)
+    problem = [t.cpu() for t in _problem(case, dtype, seed=1)]
+    assert_moe_close(grouped_moe(*problem, backend="cpu"), grouped_moe_reference(*problem), ulps=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("rows,n,k", [(1, 1, 1), (3, 5, 15), (4, 64, 16), (5, 67, 33), (9, 130, 1000)])
+def test_expert_rows_linear_kernel(dtype, rows, n, k):
+    """The row kernel against an fp64 matmul: K and N off the vector and block sizes, more rows
+    than one pass takes, an expert with no rows, and rows of an expert above max_rows untouched."""
+    from moefuse.ops import grouped_moe_cpu
+
+    kernel = grouped_moe_cpu._row_kernel()
+    if kernel is None:
+        pytest.fail("C++ extension missing")
+    generator = torch.Generator().manual_seed(rows * n * k)
+    weight = torch.randn(4, n, k, generator=generator).to(dtype)
+    counts = [rows, 0, 2, rows + 3]  # the last expert has more than max_rows = rows + 2 rows
+    x = torch.randn(sum(counts), k, generator=generator).to(dtype)
+    out = torch.full((sum(counts), n), 7.0, dtype=dtype)
+    kernel(x, weight, counts, rows + 2, out)
+    start = 0
+    for expert, count in enumerate(counts[:3]):
+        expected = (x[start:start + count].double() @ weight[expert].double().t()).to(dtype)
+        torch.testing.assert_close(out[start:start + count], expected, rtol=2e-2 if dtype != torch.float32 else 1e-5,
+                                   atol=1e-2 if dtype != torch.float32 else 1e-4)
+        start += count
+    assert bool((out[start:] == 7.0).all())
+
+
+def test_cpu_path_with_transposed_expert_weights():
+    """Weights stored [E, H, 2I] (transformers' is_transposed layout) are read through strided
+    views: the row kernel declines them and torch.mm runs."""
+    x, gate_up, down, ids, weights = [t.cpu() for t in _problem(CASES[1], torch.float32)]
+    strided = [w.transpose(1, 2).contiguous().transpose(1, 2) for w in (gate_up, down)]
+    assert_moe_close(grouped_moe(x, *strided, ids, weights, backend="cpu"),
+                     grouped_moe_reference(x, gate_up, down, ids, weights), ulps=3)
+
+
 @pytest.mark.parametrize("case", CASES[:4], ids=CASE_IDS[:4])
 def test_reference_matches_transformers_experts(case):
     from transformers import MixtralConfig
