@@ -31,7 +31,7 @@ def extension_build():
 
     sources = sorted(glob.glob("csrc/*.cpp"))
     # -fno-trapping-math lets GCC if-convert the select loops; IEEE results are unchanged.
-    args = {"cxx": ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math"]}
+    args = {"cxx": ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math", "-Wno-psabi"]}
     if os.environ.get("MOEFUSE_BUILD_CUDA") == "1":
         sources += sorted(glob.glob("csrc/*.cu"))
         args["nvcc"] = ["-O3", "-std=c++17"]

@@ -20,6 +20,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weighted_sum", &moefuse::weighted_sum, nogil);
   m.def("gram", &moefuse::gram, py::arg("tensors"), py::arg("base") = py::none(), nogil);
   m.def("expert_rows_linear", &moefuse::expert_rows_linear, nogil);
+  m.def("has_bf16_dot", &moefuse::has_bf16_dot);
   m.def("linear_assignment", &moefuse::linear_assignment_cpu, py::arg("cost"), py::arg("maximize"), nogil);
 #ifdef MOEFUSE_CUDA
   m.def("linear_assignment_cuda", &moefuse::linear_assignment_cuda, py::arg("cost"), py::arg("maximize"),

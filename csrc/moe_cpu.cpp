@@ -14,8 +14,13 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace moefuse {
@@ -96,17 +101,57 @@ MOEFUSE_SIMD_CLONES void rows_times_weight(const float* x, const T* w, int64_t n
   }
 }
 
-template <typename T>
-void rows_times_weight_any(int64_t rows, const float* x, const T* w, int64_t n_rows, int64_t k_size, T* y,
-                           int64_t ldy) {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MOEFUSE_BF16_DOT 1
+
+// rows_times_weight for bf16 on CPUs with AVX512-BF16: vdpbf16ps multiplies pairs of bf16 values
+// exactly and adds them into fp32 lanes, so x and the weights are used as stored, 32 per step.
+// (Like oneDNN's bf16 kernels, it reads bf16 subnormals as zero.)
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_times_weight_bf16_dot(
+    const c10::BFloat16* x, const c10::BFloat16* w, int64_t n_rows, int64_t k_size, c10::BFloat16* y,
+    int64_t ldy) {
+  for (int64_t n = 0; n < n_rows; ++n) {
+    const c10::BFloat16* wn = w + n * k_size;
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < k_size; k += 32) {
+      const int64_t left = k_size - k;
+      const __mmask32 mask = left >= 32 ? ~__mmask32(0) : __mmask32((1u << left) - 1);
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, wn + k);
+      for (int r = 0; r < R; ++r) {
+        acc[r] = _mm512_dpbf16_ps(acc[r], wv, (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * k_size + k));
+      }
+    }
+    for (int r = 0; r < R; ++r) y[r * ldy + n] = Elem<c10::BFloat16>::cast(_mm512_reduce_add_ps(acc[r]));
+  }
+}
+
+#endif
+
+}  // namespace
+
+bool has_bf16_dot() {
+#ifdef MOEFUSE_BF16_DOT
+  static const bool supported = __builtin_cpu_supports("avx512bf16");
+  return supported;
+#else
+  return false;
+#endif
+}
+
+namespace {
+
+// Calls kernel(std::integral_constant<int, R>(), r) for consecutive groups [r, r + R) of `rows`
+// rows, R <= ROW_GROUP.
+template <typename Kernel>
+void for_row_groups(int64_t rows, Kernel kernel) {
   for (int64_t r = 0; r < rows; r += ROW_GROUP) {
-    const float* xr = x + r * k_size;
-    T* yr = y + r * ldy;
     switch (std::min(ROW_GROUP, rows - r)) {
-      case 1: rows_times_weight<1>(xr, w, n_rows, k_size, yr, ldy); break;
-      case 2: rows_times_weight<2>(xr, w, n_rows, k_size, yr, ldy); break;
-      case 3: rows_times_weight<3>(xr, w, n_rows, k_size, yr, ldy); break;
-      default: rows_times_weight<4>(xr, w, n_rows, k_size, yr, ldy); break;
+      case 1: kernel(std::integral_constant<int, 1>(), r); break;
+      case 2: kernel(std::integral_constant<int, 2>(), r); break;
+      case 3: kernel(std::integral_constant<int, 3>(), r); break;
+      default: kernel(std::integral_constant<int, 4>(), r); break;
     }
   }
 }
@@ -114,7 +159,7 @@ void rows_times_weight_any(int64_t rows, const float* x, const T* w, int64_t n_r
 }  // namespace
 
 void expert_rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::vector<int64_t>& counts,
-                        int64_t max_rows, at::Tensor& out) {
+                        int64_t max_rows, at::Tensor& out, bool bf16_dot) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 3 && out.dim() == 2, "x [R, K], weight [E, N, K], out [R, N]");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && out.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type() && out.scalar_type() == x.scalar_type(),
@@ -129,8 +174,7 @@ void expert_rows_linear(const at::Tensor& x, const at::Tensor& weight, const std
   for (int64_t e = 0; e < experts; ++e) first[e + 1] = first[e] + counts[e];
   TORCH_CHECK(first[experts] == x.size(0), "counts must add up to the rows of x");
 
-  // x rows in fp32, converted once (only the rows of the experts this call covers).
-  std::vector<int64_t> items;  // (expert, weight block) pairs, flattened
+  std::vector<int64_t> items;  // (expert, block of weight rows), flattened as e * blocks + block
   const int64_t blocks = (n_size + WEIGHT_BLOCK - 1) / WEIGHT_BLOCK;
   for (int64_t e = 0; e < experts; ++e) {
     if (counts[e] > 0 && counts[e] <= max_rows) {
@@ -138,18 +182,33 @@ void expert_rows_linear(const at::Tensor& x, const at::Tensor& weight, const std
     }
   }
   if (items.empty()) return;
-  auto x_float = x.contiguous().to(at::kFloat);
-  const float* xf = x_float.data_ptr<float>();
+  const auto x_rows = x.contiguous();
+  TORCH_CHECK(!bf16_dot || (x.scalar_type() == at::kBFloat16 && has_bf16_dot()),
+              "bf16_dot needs bf16 tensors and a CPU with AVX512-BF16");
+  // Otherwise the rows of x in fp32, converted once.
+  const auto x_float = bf16_dot ? at::Tensor() : x_rows.to(at::kFloat);
   MOEFUSE_DISPATCH_FLOAT(x.scalar_type(), "expert_rows_linear", [&] {
     const scalar_t* w = weight.data_ptr<scalar_t>();
     scalar_t* y = out.data_ptr<scalar_t>();
-    const int64_t expert_stride = weight.stride(0);
     at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t e = items[i] / blocks, n0 = (items[i] % blocks) * WEIGHT_BLOCK;
         const int64_t n_rows = std::min(WEIGHT_BLOCK, n_size - n0);
-        rows_times_weight_any(counts[e], xf + first[e] * k_size, w + e * expert_stride + n0 * k_size, n_rows,
-                              k_size, y + first[e] * n_size + n0, n_size);
+        const scalar_t* wb = w + e * weight.stride(0) + n0 * k_size;
+        for_row_groups(counts[e], [&](auto group, int64_t r) {
+          constexpr int R = decltype(group)::value;
+          const int64_t row = first[e] + r;
+          scalar_t* yb = y + row * n_size + n0;
+#ifdef MOEFUSE_BF16_DOT
+          if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
+            if (bf16_dot) {
+              return rows_times_weight_bf16_dot<R>(x_rows.data_ptr<scalar_t>() + row * k_size, wb, n_rows, k_size,
+                                                   yb, n_size);
+            }
+          }
+#endif
+          rows_times_weight<R>(x_float.data_ptr<float>() + row * k_size, wb, n_rows, k_size, yb, n_size);
+        });
       }
     });
   });

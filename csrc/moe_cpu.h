@@ -3,11 +3,17 @@
 
 #include <torch/extension.h>
 
+#include <vector>
+
 namespace moefuse {
+
+// Whether this CPU has AVX512-BF16 (and the extension was built with it).
+bool has_bf16_dot();
 
 // For every expert e with 0 < counts[e] <= max_rows, its rows of x (consecutive, in expert
 // order) times weight[e]^T into the same rows of out; the other rows of out are left as they are.
+// bf16_dot: multiply bf16 rows with AVX512-BF16 dot products (needs has_bf16_dot()), else in fp32.
 void expert_rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::vector<int64_t>& counts,
-                        int64_t max_rows, at::Tensor& out);
+                        int64_t max_rows, at::Tensor& out, bool bf16_dot);
 
 }  // namespace moefuse

@@ -19,11 +19,13 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-# Most rows per expert for which the row kernel beat torch.mm on the 2-core AMD EPYC (AVX-512)
-# development machine (weights not in cache, 1 and 2 threads): fp32 1.1-3.9x up to 16 rows, bf16
-# 1.7-2.2x up to 2 rows and even at 3-4, fp16 1.3-1.9x from 4 to 32 rows (torch's fp16 matmul is
-# slow on CPUs without native fp16; one row: 0.7x).
-ROW_KERNEL_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 3, torch.float16: 32}
+# Most rows per expert for which the row kernel beat torch.mm on the 2-core AMD EPYC (AVX-512,
+# AVX512-BF16) development machine, weights not in cache, one thread: fp32 1.2-2.2x up to 8 rows
+# (even at 16), bf16 1.5-2.6x up to 8 rows (even at 16), fp16 1.3-1.9x from 4 to 32 rows (torch's
+# fp16 matmul is slow on CPUs without native fp16; at one row the kernel is 0.7x). Without
+# AVX512-BF16 the kernel converts bf16 to fp32 and led only up to 3 rows.
+ROW_KERNEL_MAX_ROWS = {torch.float32: 12, torch.bfloat16: 12, torch.float16: 32}
+ROW_KERNEL_MAX_ROWS_BF16_WITHOUT_DOT = 3
 
 
 def grouped_moe_cpu(
@@ -55,7 +57,7 @@ def _experts_linear(x: torch.Tensor, weight: torch.Tensor, counts: List[int]) ->
     out = torch.empty(x.shape[0], weight.shape[1], dtype=x.dtype)
     small = _row_kernel_limit(weight)
     if small:
-        _row_kernel()(x, weight, counts, small, out)
+        _row_kernel()(x, weight, counts, small, out, weight.dtype == torch.bfloat16 and _bf16_dot())
     start = 0
     for expert, count in enumerate(counts):
         end = start + count
@@ -71,7 +73,16 @@ def _row_kernel_limit(weight: torch.Tensor) -> int:
     rows_contiguous = weight.stride(2) == 1 and weight.stride(1) == weight.shape[2]
     if not rows_contiguous or _row_kernel() is None:
         return 0
+    if weight.dtype == torch.bfloat16 and not _bf16_dot():
+        return ROW_KERNEL_MAX_ROWS_BF16_WITHOUT_DOT
     return ROW_KERNEL_MAX_ROWS.get(weight.dtype, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_dot() -> bool:
+    from moefuse import _C
+
+    return _C.has_bf16_dot()
 
 
 @functools.lru_cache(maxsize=None)

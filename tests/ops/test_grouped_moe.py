@@ -109,22 +109,28 @@ def test_cpu_row_kernel_and_matmul_split(case, dtype, max_rows, monkeypatch):
     assert_moe_close(grouped_moe(*problem, backend="cpu"), grouped_moe_reference(*problem), ulps=3)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+ROW_KERNEL_VARIANTS = [(torch.float32, False), (torch.float16, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+
+
+@pytest.mark.parametrize("dtype,bf16_dot", ROW_KERNEL_VARIANTS, ids=["fp32", "fp16", "bf16-fp32", "bf16-dot"])
 @pytest.mark.parametrize("rows,n,k", [(1, 1, 1), (3, 5, 15), (4, 64, 16), (5, 67, 33), (9, 130, 1000)])
-def test_expert_rows_linear_kernel(dtype, rows, n, k):
+def test_expert_rows_linear_kernel(dtype, bf16_dot, rows, n, k):
     """The row kernel against an fp64 matmul: K and N off the vector and block sizes, more rows
-    than one pass takes, an expert with no rows, and rows of an expert above max_rows untouched."""
+    than one pass takes, an expert with no rows, and rows of an expert above max_rows untouched;
+    bf16 both through fp32 and through AVX512-BF16 dot products (where the CPU has them)."""
     from moefuse.ops import grouped_moe_cpu
 
     kernel = grouped_moe_cpu._row_kernel()
     if kernel is None:
         pytest.fail("C++ extension missing")
+    if bf16_dot and not grouped_moe_cpu._bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16")
     generator = torch.Generator().manual_seed(rows * n * k)
     weight = torch.randn(4, n, k, generator=generator).to(dtype)
     counts = [rows, 0, 2, rows + 3]  # the last expert has more than max_rows = rows + 2 rows
     x = torch.randn(sum(counts), k, generator=generator).to(dtype)
     out = torch.full((sum(counts), n), 7.0, dtype=dtype)
-    kernel(x, weight, counts, rows + 2, out)
+    kernel(x, weight, counts, rows + 2, out, bf16_dot)
     start = 0
     for expert, count in enumerate(counts[:3]):
         expected = (x[start:start + count].double() @ weight[expert].double().t()).to(dtype)
