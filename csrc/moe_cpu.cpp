@@ -4,9 +4,11 @@
 //
 // where the rows of x are sorted by expert (counts[e] rows for expert e). With a handful of rows
 // per expert the product is bound by reading the expert's weights, so the kernel streams each
-// weight row once from its stored [N, K] layout and multiplies it with all of the expert's rows
-// held in fp32 (a BLAS call would first pack the weights for a GEMM, a second pass over them). One
-// call covers every expert, split over (expert, block of weight rows) on torch's thread pool.
+// weight row once from its stored [N, K] layout and multiplies it with up to ROW_GROUP of the
+// expert's rows at a time (a BLAS call would first pack the weights for a GEMM, a second pass over
+// them): in fp32 (16-bit weights converted with bit operations), or for bf16 on CPUs with
+// AVX512-BF16 with bf16 dot products. One call covers every expert, split over (expert, block of
+// weight rows) on torch's thread pool.
 
 #include "moe_cpu.h"
 #include "elem.h"
@@ -129,19 +131,6 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_times_weight_bf
 
 #endif
 
-}  // namespace
-
-bool has_bf16_dot() {
-#ifdef MOEFUSE_BF16_DOT
-  static const bool supported = __builtin_cpu_supports("avx512bf16");
-  return supported;
-#else
-  return false;
-#endif
-}
-
-namespace {
-
 // Calls kernel(std::integral_constant<int, R>(), r) for consecutive groups [r, r + R) of `rows`
 // rows, R <= ROW_GROUP.
 template <typename Kernel>
@@ -158,6 +147,15 @@ void for_row_groups(int64_t rows, Kernel kernel) {
 
 }  // namespace
 
+bool has_bf16_dot() {
+#ifdef MOEFUSE_BF16_DOT
+  static const bool supported = __builtin_cpu_supports("avx512bf16");
+  return supported;
+#else
+  return false;
+#endif
+}
+
 void expert_rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::vector<int64_t>& counts,
                         int64_t max_rows, at::Tensor& out, bool bf16_dot) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 3 && out.dim() == 2, "x [R, K], weight [E, N, K], out [R, N]");
@@ -173,6 +171,8 @@ void expert_rows_linear(const at::Tensor& x, const at::Tensor& weight, const std
   std::vector<int64_t> first(experts + 1, 0);
   for (int64_t e = 0; e < experts; ++e) first[e + 1] = first[e] + counts[e];
   TORCH_CHECK(first[experts] == x.size(0), "counts must add up to the rows of x");
+  TORCH_CHECK(!bf16_dot || (x.scalar_type() == at::kBFloat16 && has_bf16_dot()),
+              "bf16_dot needs bf16 tensors and a CPU with AVX512-BF16");
 
   std::vector<int64_t> items;  // (expert, block of weight rows), flattened as e * blocks + block
   const int64_t blocks = (n_size + WEIGHT_BLOCK - 1) / WEIGHT_BLOCK;
@@ -183,12 +183,11 @@ void expert_rows_linear(const at::Tensor& x, const at::Tensor& weight, const std
   }
   if (items.empty()) return;
   const auto x_rows = x.contiguous();
-  TORCH_CHECK(!bf16_dot || (x.scalar_type() == at::kBFloat16 && has_bf16_dot()),
-              "bf16_dot needs bf16 tensors and a CPU with AVX512-BF16");
-  // Otherwise the rows of x in fp32, converted once.
-  const auto x_float = bf16_dot ? at::Tensor() : x_rows.to(at::kFloat);
+  const auto x_float = bf16_dot ? at::Tensor() : x_rows.to(at::kFloat);  // converted once
   MOEFUSE_DISPATCH_FLOAT(x.scalar_type(), "expert_rows_linear", [&] {
     const scalar_t* w = weight.data_ptr<scalar_t>();
+    const scalar_t* xs = x_rows.data_ptr<scalar_t>();
+    const float* xf = bf16_dot ? nullptr : x_float.data_ptr<float>();
     scalar_t* y = out.data_ptr<scalar_t>();
     at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
@@ -202,12 +201,11 @@ void expert_rows_linear(const at::Tensor& x, const at::Tensor& weight, const std
 #ifdef MOEFUSE_BF16_DOT
           if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
             if (bf16_dot) {
-              return rows_times_weight_bf16_dot<R>(x_rows.data_ptr<scalar_t>() + row * k_size, wb, n_rows, k_size,
-                                                   yb, n_size);
+              return rows_times_weight_bf16_dot<R>(xs + row * k_size, wb, n_rows, k_size, yb, n_size);
             }
           }
 #endif
-          rows_times_weight<R>(x_float.data_ptr<float>() + row * k_size, wb, n_rows, k_size, yb, n_size);
+          rows_times_weight<R>(xf + row * k_size, wb, n_rows, k_size, yb, n_size);
         });
       }
     });
