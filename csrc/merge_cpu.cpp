@@ -131,10 +131,15 @@ void for_tiles(int64_t n, Body body) {
   });
 }
 
-std::vector<int64_t> sum_per_thread(const std::vector<std::vector<int64_t>>& local) {
-  std::vector<int64_t> total(local.empty() ? 0 : local[0].size(), 0);
-  for (const auto& counts : local)
-    for (size_t i = 0; i < counts.size(); ++i) total[i] += counts[i];
+// Entrywise sum of the threads' partial results (a thread that did no work may have left its
+// vector empty).
+template <typename T>
+std::vector<T> sum_per_thread(const std::vector<std::vector<T>>& local) {
+  size_t size = 0;
+  for (const auto& part : local) size = std::max(size, part.size());
+  std::vector<T> total(size, T(0));
+  for (const auto& part : local)
+    for (size_t i = 0; i < part.size(); ++i) total[i] += part[i];
   return total;
 }
 
@@ -343,12 +348,7 @@ at::Tensor histogram_level1(const at::Tensor& base, const std::vector<at::Tensor
       }
     });
   });
-  auto out = at::zeros({rows, ranges, LEVEL1_BINS}, at::kInt);
-  int32_t* o = out.data_ptr<int32_t>();
-  for (const auto& h : local) {
-    for (size_t k = 0; k < h.size(); ++k) o[k] += h[k];
-  }
-  return out;
+  return at::tensor(sum_per_thread(local), at::kInt).reshape({rows, ranges, LEVEL1_BINS});
 }
 
 at::Tensor histogram_level2(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
@@ -414,14 +414,8 @@ std::tuple<at::Tensor, at::Tensor> l1_norms(const at::Tensor& base, const std::v
       }
     });
   });
-  auto before = at::zeros({m}, at::kDouble), after = at::zeros({m}, at::kDouble);
-  for (const auto& acc : local) {
-    for (int64_t i = 0; i < m; ++i) {
-      before.data_ptr<double>()[i] += acc[2 * i];
-      after.data_ptr<double>()[i] += acc[2 * i + 1];
-    }
-  }
-  return {before, after};
+  const auto sums = at::tensor(sum_per_thread(local), at::kDouble).reshape({m, 2});
+  return {sums.select(1, 0).contiguous(), sums.select(1, 1).contiguous()};
 }
 
 std::tuple<at::Tensor, std::vector<int64_t>> fused_gta(
@@ -497,11 +491,8 @@ at::Tensor gram(const std::vector<at::Tensor>& tensors, const c10::optional<at::
       gram_tile(tile_inputs[thread].data(), b ? b + s : nullptr, m, e - s, scratch[thread].data(), local[thread].data());
     });
   });
-  auto out = at::zeros({m, m}, at::kDouble);
+  auto out = at::tensor(sum_per_thread(local), at::kDouble).reshape({m, m});  // upper triangle
   double* o = out.data_ptr<double>();
-  for (const auto& acc : local)
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = i; j < m; ++j) o[i * m + j] += acc[i * m + j];
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < i; ++j) o[i * m + j] = o[j * m + i];
   return out;
