@@ -305,6 +305,22 @@ MOEFUSE_SIMD_CLONES void gram_tile(const T* const* xs, const T* b, int64_t m, in
   }
 }
 
+// Ascending ranks (ties by position) of keys[0, len): a stable LSD radix sort of (key, position)
+// pairs, 8 bits per pass, skipping the passes in which every key has the same digit.
+void ascending_ranks(const std::vector<uint32_t>& keys, int64_t len, std::vector<uint64_t>& pairs,
+                     std::vector<uint64_t>& sorted, std::vector<uint32_t>& ranks) {
+  for (int64_t c = 0; c < len; ++c) pairs[c] = (uint64_t(keys[c]) << 32) | uint64_t(c);
+  for (int shift = 32; shift < 64; shift += 8) {
+    int64_t counts[257] = {0};
+    for (int64_t c = 0; c < len; ++c) ++counts[((pairs[c] >> shift) & 0xFF) + 1];
+    if (*std::max_element(counts + 1, counts + 257) == len) continue;
+    for (int d = 0; d < 256; ++d) counts[d + 1] += counts[d];
+    for (int64_t c = 0; c < len; ++c) sorted[counts[(pairs[c] >> shift) & 0xFF]++] = pairs[c];
+    pairs.swap(sorted);
+  }
+  for (int64_t r = 0; r < len; ++r) ranks[uint32_t(pairs[r])] = uint32_t(r);
+}
+
 }  // namespace
 
 std::vector<int64_t> count_nonfinite(const std::vector<at::Tensor>& tensors) {
@@ -473,6 +489,43 @@ std::tuple<at::Tensor, std::vector<int64_t>> weighted_sum(const std::vector<at::
     });
   });
   return {out, sum_per_thread(bad)};
+}
+
+at::Tensor della_keep(const at::Tensor& base, const at::Tensor& x, const at::Tensor& probability, int64_t seed,
+                      int64_t stream, int64_t offset) {
+  check_same(base, {x});
+  TORCH_CHECK(probability.dtype() == at::kDouble && probability.dim() == 1 && probability.numel() > 0,
+              "probability must be a float64 vector with one entry per rank");
+  const int64_t len = probability.numel(), n = base.numel();
+  TORCH_CHECK(n % len == 0, "the tensor must hold whole rows of ", len, " entries");
+  const auto table = probability.contiguous();
+  const double* p = table.data_ptr<double>();
+  auto keep = at::empty({n}, base.options().dtype(at::kBool));
+  bool* out = keep.data_ptr<bool>();
+  MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "della_keep", [&] {
+    const scalar_t* b = base.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, n / len, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<uint32_t> keys(len), ranks(len), bits(TILE);
+      std::vector<uint64_t> pairs(len), sorted(len);
+      std::vector<int32_t> tile_keys(TILE);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t row = r * len;
+        for (int64_t s = 0; s < len; s += TILE) {
+          const int64_t t = std::min(TILE, len - s);
+          keys_tile(xp + row + s, b + row + s, t, tile_keys.data());
+          std::copy(tile_keys.begin(), tile_keys.begin() + t, keys.begin() + s);
+        }
+        ascending_ranks(keys, len, pairs, sorted, ranks);
+        for (int64_t s = 0; s < len; s += TILE) {
+          const int64_t t = std::min(TILE, len - s);
+          draw_tile(uint64_t(seed), offset + row + s, t, uint32_t(stream), bits.data());
+          for (int64_t k = 0; k < t; ++k) out[row + s + k] = double(bits[k] >> 8) * 0x1p-24 < p[ranks[s + k]];
+        }
+      }
+    });
+  });
+  return keep;
 }
 
 at::Tensor gram(const std::vector<at::Tensor>& tensors, const c10::optional<at::Tensor>& base) {

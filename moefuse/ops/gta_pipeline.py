@@ -25,7 +25,7 @@ from typing import Callable, List, Sequence
 import torch
 
 from moefuse.ops.pieces import Pieces
-from moefuse.ops.plan import KEEP_ALL, KEEP_NONE, KEEP_RANDOM, KEEP_RANKS, GtaPlan, l1_rescale
+from moefuse.ops.plan import KEEP_ALL, KEEP_NONE, KEEP_RANDOM, KEEP_RANKS, GtaPlan
 from moefuse.ops.select import EVERYTHING, NOTHING, NOTHING_KEY, rank_thresholds
 
 # Columns of the rules tensor. An entry j of model i with magnitude key k is kept iff
@@ -71,10 +71,7 @@ def run_gta(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: G
             piece_before, piece_after = backend.l1_norms(piece_base, piece_inputs, rules, plan.seed, start)
             before += piece_before
             after += piece_after
-        scales = [
-            l1_rescale(float(b), float(a)) if rule.sparse else 1.0
-            for b, a, rule in zip(before.tolist(), after.tolist(), plan.rules)
-        ]
+        scales = plan.l1_scales(before.tolist(), after.tolist())
     coefficients = [w * s for w, s in zip(plan.weights, scales)]
     counts = [0] * (1 + len(inputs))
     for start, _, (piece_base, *piece_inputs) in pieces.walk([base, *inputs]):

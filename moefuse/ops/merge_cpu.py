@@ -52,6 +52,12 @@ def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float],
     return out, list(nonfinite)
 
 
+def della_keep(base: torch.Tensor, x: torch.Tensor, probability: torch.Tensor, seed: int, stream: int,
+               offset: int) -> torch.Tensor:
+    """DELLA's keep mask (bool, flat) over whole rows of `probability.numel()` entries."""
+    return _C.della_keep(base.contiguous().reshape(-1), x.contiguous().reshape(-1), probability, seed, stream, offset)
+
+
 def gram(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor]) -> torch.Tensor:
     base = base.contiguous() if base is not None else None
     return _C.gram([t.contiguous() for t in tensors], base)

@@ -20,7 +20,6 @@ from moefuse.ops.plan import (
     KEEP_RANKS,
     GtaPlan,
     KeepRule,
-    l1_rescale,
 )
 
 SLERP_DOT_THRESHOLD = 0.9995
@@ -39,10 +38,17 @@ def rank_order(delta: torch.Tensor) -> torch.Tensor:
     return torch.sort(magnitude_keys(delta), descending=True, stable=True).indices
 
 
+def della_rank_probabilities(length: int, density: float, epsilon: float) -> torch.Tensor:
+    """Keep probability of each ascending rank r in a row of `length` (float64 [length]):
+    rho - eps + 2 eps r / (length - 1); a row of length 1 gets rho."""
+    ranks = torch.arange(length, dtype=torch.float64)
+    spread = ranks / (length - 1) if length > 1 else torch.full_like(ranks, 0.5)
+    return (density - epsilon) + spread * (2 * epsilon)
+
+
 def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """Per-entry keep probability (float64, delta's shape): rho - eps + 2 eps (r - 1)/(m - 1),
-    r the ascending |delta| rank within the row along dim 1 (ties by index), m the row length;
-    a row of length 1 gets rho."""
+    """Per-entry keep probability (float64, delta's shape): `della_rank_probabilities` of the
+    entry's ascending |delta| rank within its row along dim 1 (ties by index)."""
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
     keys = magnitude_keys(rows).reshape(rows.shape)
     order = torch.sort(keys, dim=1, stable=True).indices
@@ -51,15 +57,13 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
         (1, -1) + (1,) * (rows.dim() - 2)
     ).expand_as(order)
     ranks.scatter_(1, order, position)
-    length = rows.shape[1]
-    spread = ranks.to(torch.float64) / (length - 1) if length > 1 else torch.full_like(
-        ranks, 0.5, dtype=torch.float64
-    )
-    return ((density - epsilon) + spread * (2 * epsilon)).reshape(delta.shape)
+    table = della_rank_probabilities(rows.shape[1], density, epsilon).to(delta.device)
+    return table[ranks].reshape(delta.shape)
 
 
-def keep_mask(delta: torch.Tensor, rule: KeepRule, seed: int, model_index: int) -> torch.Tensor:
-    """Boolean mask of the entries of model `model_index`'s delta that `rule` keeps."""
+def keep_mask(delta: torch.Tensor, rule: KeepRule, seed: int, model_index: int, offset: int = 0) -> torch.Tensor:
+    """Boolean mask of the entries of model `model_index`'s delta that `rule` keeps; `offset` is
+    the flat index of delta's first entry in the whole tensor (random draws follow it)."""
     n = delta.numel()
     if rule.kind == KEEP_ALL:
         return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
@@ -69,7 +73,7 @@ def keep_mask(delta: torch.Tensor, rule: KeepRule, seed: int, model_index: int) 
         mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
         mask[rank_order(delta)[rule.rank_lo : rule.rank_hi]] = True
         return mask.reshape(delta.shape)
-    offsets = torch.arange(n, dtype=torch.int64, device=delta.device)
+    offsets = torch.arange(offset, offset + n, dtype=torch.int64, device=delta.device)
     bits = philox_uint32(seed, model_index, offsets).reshape(delta.shape)
     if rule.kind == KEEP_RANDOM:
         return bits < rule.threshold32
@@ -101,22 +105,38 @@ def combine(base: torch.Tensor, kept: torch.Tensor, plan: GtaPlan, scales: Seque
     return base.float() + mixed * plan.lam
 
 
+def task_vectors(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """fp32 deltas x - base, rounded to the input dtype first (then exact in fp32)."""
+    return [(x - base).float() for x in inputs]
+
+
+def keep_masks(deltas: Sequence[torch.Tensor], plan: GtaPlan, offset: int = 0) -> List[torch.Tensor]:
+    return [keep_mask(d, rule, plan.seed, i, offset) for i, (d, rule) in enumerate(zip(deltas, plan.rules))]
+
+
+def l1_norms_reference(deltas: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """float64 [N, 2]: ||d_i||_1 and ||kept d_i||_1 per model."""
+    return torch.tensor([[d.double().abs().sum().item(), (d.double().abs() * m).sum().item()]
+                         for d, m in zip(deltas, masks)], dtype=torch.float64).reshape(-1, 2)
+
+
+def combine_kept(base: torch.Tensor, deltas: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], plan: GtaPlan,
+                 scales: Sequence[float]) -> torch.Tensor:
+    """`combine` of the masked deltas (base in fp32 when there are none)."""
+    if not deltas:
+        return base.float()
+    return combine(base, torch.stack([d * m for d, m in zip(deltas, masks)]), plan, scales)
+
+
 def gta_reference(base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: GtaPlan) -> torch.Tensor:
     """Generalized task arithmetic, fp32 result (see `moefuse.methods.gta`)."""
-    deltas = [(x - base).float() for x in inputs]  # rounded to the input dtype, then exact in fp32
-    masks = [keep_mask(d, rule, plan.seed, i) for i, (d, rule) in enumerate(zip(deltas, plan.rules))]
+    deltas = task_vectors(base, inputs)
+    masks = keep_masks(deltas, plan)
     scales = plan.static_scales()
     if scales is None:
-        scales = [
-            l1_rescale(d.double().abs().sum().item(), (d.double().abs() * m).sum().item())
-            if rule.sparse
-            else 1.0
-            for d, m, rule in zip(deltas, masks, plan.rules)
-        ]
-    kept = torch.stack([d * m for d, m in zip(deltas, masks)]) if deltas else None
-    if kept is None:
-        return base.float()
-    return combine(base, kept, plan, scales)
+        norms = l1_norms_reference(deltas, masks)
+        scales = plan.l1_scales(norms[:, 0].tolist(), norms[:, 1].tolist())
+    return combine_kept(base, deltas, masks, plan, scales)
 
 
 def weighted_sum_reference(tensors: Sequence[torch.Tensor], coefficients: Sequence[float]) -> torch.Tensor:

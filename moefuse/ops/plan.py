@@ -7,7 +7,7 @@ plan depends on tiling, chunking or the device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from moefuse.errors import MergeConfigError
 from moefuse.methods import MethodSpec, ResolvedParams
@@ -61,6 +61,10 @@ class GtaPlan:
                 1.0 / rule.density if rule.sparse and rule.density > 0 else 1.0 for rule in self.rules
             ]
         return [1.0] * self.num_models
+
+    def l1_scales(self, before: Sequence[float], after: Sequence[float]) -> List[float]:
+        """Rescale factors from each model's L1 norms before and after its mask."""
+        return [l1_rescale(b, a) if rule.sparse else 1.0 for b, a, rule in zip(before, after, self.rules)]
 
 
 def l1_rescale(before: float, after: float) -> float:

@@ -98,3 +98,23 @@ def test_della_keeps_large_magnitudes_more_often():
     rate_large, rate_small = kept[large].float().mean().item(), kept[~large].float().mean().item()
     assert abs(kept.float().mean().item() - 0.5) < 0.01
     assert abs(rate_large - 0.6) < 0.01 and abs(rate_small - 0.4) < 0.01, (rate_large, rate_small)
+
+
+@pytest.mark.skipif(backends.cpu_backend(warn_if_missing=False) is None, reason="needs the C++ extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape, offset", [((6, 4099), 0), ((3, 1000), 2**32 - 1500), ((5, 1), 17), ((1, 1), 0)],
+                         ids=lambda c: str(c))
+def test_della_keep_kernel_equals_the_reference_mask(dtype, shape, offset):
+    """Rows longer and shorter than a tile, many tied magnitudes (ranks by position), a row of
+    one, and flat indices across 2^32 (Philox's high counter word)."""
+    from moefuse.ops.merge_reference import della_rank_probabilities, keep_mask
+    from moefuse.ops.plan import KEEP_DELLA, KeepRule
+
+    generator = torch.Generator().manual_seed(shape[1])
+    base = torch.randn(shape, generator=generator).to(dtype)
+    model = (base.float() + 0.01 * torch.randint(-3, 4, shape, generator=generator)).to(dtype)
+    rule = KeepRule(KEEP_DELLA, density=0.4, epsilon=0.15)
+    expected = keep_mask((model - base).float(), rule, 9, 2, offset)
+    probability = della_rank_probabilities(shape[1], rule.density, rule.epsilon)
+    kept = backends.cpu_backend(warn_if_missing=False).della_keep(base, model, probability, 9, 2, offset)
+    assert torch.equal(kept.reshape(shape), expected)
