@@ -21,7 +21,8 @@ from moefuse.io.safetensors_writer import OutputTensor
 from moefuse.merge.config import MergeConfig, evaluate_setting
 from moefuse.methods import get_method, resolve_params
 from moefuse.methods.base import GLOBAL_SCOPE
-from moefuse.ops.merge import merges_whole
+from moefuse.ops.merge import merges_row_blocks
+from moefuse.ops.rowwise import REFERENCE_BYTES_PER_ENTRY, ROW_BLOCK_ENTRIES, blocks_in_flight, independent_slice
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -91,13 +92,19 @@ class MergePlan:
     def peak_bytes_estimate(self, piece_entries: int) -> int:
         """Merged tensors stream in pieces of `piece_entries`: the inputs' pieces, the output
         piece being computed and the one being written, in the compute dtype (fp32 scratch is
-        per tile). Tensors merged whole (DELLA, filter-wise Model Stock) or aligned count whole."""
+        per tile). DELLA and filter-wise Model Stock stream blocks of whole rows (one per thread
+        in flight), with the reference's temporaries; copied or aligned tensors count whole."""
         def piece_bytes(task: TensorTask) -> int:
             numel = math.prod(task.shape)
-            whole = self.config.align or not task.merge or merges_whole(self.config.merge_method, task.params)
-            entries = numel if whole else min(numel, piece_entries)
             itemsize = (self.compute_dtype or task.out_dtype).itemsize
-            return entries * (itemsize * len(task.sources) + task.out_dtype.itemsize * 2)
+            per_entry = itemsize * len(task.sources) + task.out_dtype.itemsize * 2
+            if self.config.align or not task.merge:
+                return numel * per_entry
+            if merges_row_blocks(self.config.merge_method, len(task.inputs), task.params, numel):
+                rows = independent_slice(get_method(self.config.merge_method), task.shape)
+                block = max(math.prod(rows), min(numel, ROW_BLOCK_ENTRIES))
+                return block * (per_entry + REFERENCE_BYTES_PER_ENTRY * len(task.sources)) * blocks_in_flight()
+            return min(numel, piece_entries) * per_entry
 
         return max((piece_bytes(t) for t in self.tasks), default=0)
 

@@ -29,6 +29,7 @@ from moefuse.ops.merge_reference import (
 )
 from moefuse.ops.pieces import Pieces
 from moefuse.ops.plan import KEEP_DELLA, gta_plan
+from moefuse.ops.rowwise import merge_row_blocks
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 Emit = Callable[[torch.Tensor], None]
@@ -88,8 +89,9 @@ def merge_streamed(
     (default: their own dtype), and then calls `release(start, stop)` for that range, so that
     a caller reading memory-mapped files can drop the pages: with the CPU extension, resident
     memory is a few pieces whatever the tensor size. The numbers equal `merge_tensors`' on the
-    cast inputs. DELLA, filter-wise Model Stock and the reference backend still merge the
-    whole tensor in memory (and emit it as one piece).
+    cast inputs. DELLA and filter-wise Model Stock run the reference math on blocks of whole rows
+    (`moefuse.ops.rowwise`); the reference backend merges the whole tensor in memory (and emits
+    it as one piece).
     """
     _merge(base, list(tensors), method, emit, (piece_size, release, compute_dtype), out_dtype, backend,
            allow_nonfinite, params)
@@ -121,6 +123,11 @@ def _merge(base, tensors: List[torch.Tensor], method: str, emit: Emit, streaming
     flat = [t.contiguous().reshape(-1) for t in tensors]
 
     plan = gta_plan(spec, resolved, n) if spec.family == "gta" and tensors else None
+    if streaming is not None and _reference_only(spec, resolved, plan):
+        counts = merge_row_blocks(impl, spec, plan, flat_base, flat, tuple(reference_input.shape), pieces, out_dtype,
+                                  emit)
+        check(counts, names)
+        return reference_input.shape
     if impl is None or _reference_only(spec, resolved, plan):
         whole = pieces.read(([flat_base] if base is not None else []) + flat, 0, n)
         whole = [t.reshape(reference_input.shape) for t in whole]
@@ -152,16 +159,18 @@ def _merge(base, tensors: List[torch.Tensor], method: str, emit: Emit, streaming
     return reference_input.shape
 
 
-def merges_whole(method: str, params: Dict[str, Any]) -> bool:
-    """Whether `merge_streamed` holds whole tensors for this method: DELLA's row-wise ranks and
-    filter-wise Model Stock run on the reference path (`params` as given to the merge)."""
+def merges_row_blocks(method: str, num_models: int, params: Dict[str, Any], numel: int) -> bool:
+    """Whether `merge_streamed` runs this merge on blocks of whole rows (`moefuse.ops.rowwise`)
+    rather than in flat pieces with the fused kernels (`params` as given to the merge)."""
     spec = get_method(method)
-    return spec.sparsifier == "della" or (spec.family == "model_stock" and bool(params.get("filter_wise")))
+    resolved = resolve_params(spec, num_models, dict(params))
+    plan = gta_plan(spec, resolved, numel) if spec.family == "gta" and num_models else None
+    return _reference_only(spec, resolved, plan)
 
 
 def _reference_only(spec: MethodSpec, resolved, plan) -> bool:
-    """Methods the fast backends leave to the reference: DELLA's row-wise ranks and filter-wise
-    Model Stock."""
+    """Methods the fast backends leave to the reference math: DELLA's row-wise ranks and
+    filter-wise Model Stock."""
     if plan is not None:
         return any(rule.kind == KEEP_DELLA for rule in plan.rules)
     return spec.family == "model_stock" and bool(resolved.shared["filter_wise"])

@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import moefuse
 from moefuse.cli import main as cli_main
 from moefuse.merge import merge_checkpoints
 from tests.checkpoints import save_variants
@@ -106,6 +107,46 @@ def test_filters_and_gradients_follow_mergekit(tmp_path, llama_models):
     ours, theirs = _state(tmp_path / "moefuse"), _state(tmp_path / "mergekit")
     for key in ours:
         assert_merge_close(ours[key], theirs[key])
+
+
+@pytest.fixture
+def small_row_blocks(monkeypatch):
+    """Row blocks of at most 256 entries, so that every matrix spans several."""
+    from moefuse.ops import rowwise
+
+    monkeypatch.setattr(rowwise, "ROW_BLOCK_ENTRIES", 256)
+
+
+def test_filter_wise_model_stock_matches_mergekit(tmp_path, llama_models, small_row_blocks):
+    """Streamed in blocks of whole filters (`moefuse.ops.rowwise`)."""
+    config = _config(llama_models, "model_stock")
+    config["parameters"]["filter_wise"] = True
+    merge_checkpoints(config, tmp_path / "moefuse", progress=False)
+    _run_mergekit(config, tmp_path / "mergekit")
+    ours, theirs = _state(tmp_path / "moefuse"), _state(tmp_path / "mergekit")
+    for key in ours:
+        assert_merge_close(ours[key], theirs[key])
+
+
+def test_della_checkpoint_equals_the_reference_per_tensor(tmp_path, llama_models, small_row_blocks):
+    """DELLA's masks are moefuse's own draws (not mergekit's), so the streamed checkpoint merge is
+    checked against the whole-tensor reference, tensor by tensor."""
+    base, *others = llama_models
+    parameters = {"density": 0.6, "epsilon": 0.2, "weight": 0.5}
+    config = {"merge_method": "della", "base_model": str(base), "dtype": "float32",
+              "models": [{"model": str(m), "parameters": parameters} for m in others], "parameters": {"seed": 3}}
+    merge_checkpoints(config, tmp_path / "out", progress=False)
+    merged = {}
+    for name in sorted((tmp_path / "out").glob("*.safetensors")):
+        merged.update(load_file(name))
+    inputs = [{}, {}, {}]
+    for state, folder in zip(inputs, llama_models):
+        for name in sorted(folder.glob("*.safetensors")):
+            state.update(load_file(name))
+    for key, tensor in merged.items():
+        expected = moefuse.merge_tensors(inputs[0][key], [inputs[1][key], inputs[2][key]], "della",
+                                         backend="reference", seed=3, **parameters)
+        assert_merge_close(tensor, expected)
 
 
 def test_identical_models_reproduce_the_base(tmp_path, llama_models):

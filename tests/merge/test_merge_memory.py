@@ -1,6 +1,6 @@
 """Peak resident memory of a checkpoint merge stays near (models + 3) x the largest tensor, or
 x one piece for tensors larger than a piece, whatever the checkpoint or tensor size (here the
-inputs total 16x to 70x the bound)."""
+inputs total 16x to 70x the bound); DELLA and filter-wise Model Stock stay near their row blocks."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ SHARDS = 3
 FIXED_OVERHEAD = 64 * 2**20
 
 
-def _synthetic_checkpoint(folder: Path, seed: int, numel: int, tensors: int) -> None:
+def _synthetic_checkpoint(folder: Path, seed: int, shape, tensors: int) -> None:
     """A sharded checkpoint of `tensors` fp32 tensors with an index, no model class."""
     folder.mkdir(parents=True)
     generator = torch.Generator().manual_seed(seed)
@@ -28,7 +28,7 @@ def _synthetic_checkpoint(folder: Path, seed: int, numel: int, tensors: int) -> 
     for shard in range(SHARDS):
         name = f"model-{shard + 1:05d}-of-{SHARDS:05d}.safetensors"
         chunk = keys[shard * per_shard:(shard + 1) * per_shard]
-        save_file({k: torch.randn(numel, generator=generator) for k in chunk}, folder / name)
+        save_file({k: torch.randn(shape, generator=generator) for k in chunk}, folder / name)
         weight_map.update({k: name for k in chunk})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps({"num_hidden_layers": tensors}))
@@ -49,26 +49,50 @@ print(rss('VmHWM') - baseline)
 """
 
 
-@pytest.mark.parametrize("numel, tensors, piece_entries", [
-    (1 << 20, 24, 1 << 22),  # 4 MB tensors, each merged as one piece
-    (1 << 23, 3, 1 << 18),  # 32 MB tensors in 1 MB pieces
-], ids=["whole-tensors", "pieces"])
-def test_peak_rss_is_bounded_by_a_few_pieces(tmp_path, numel, tensors, piece_entries):
+def _peak_rss_growth(tmp_path: Path, method: str, parameters: dict, shape, tensors: int, piece_entries: int,
+                     global_parameters=None) -> int:
     folders = []
     for index in range(4):
-        _synthetic_checkpoint(tmp_path / f"m{index}", index, numel, tensors)
+        _synthetic_checkpoint(tmp_path / f"m{index}", index, shape, tensors)
         folders.append(tmp_path / f"m{index}")
-    config = {"merge_method": "ties", "base_model": str(folders[0]),
-              "models": [{"model": str(f), "parameters": {"density": 0.3, "weight": 0.5}} for f in folders[1:]]}
+    config = {"merge_method": method, "base_model": str(folders[0]),
+              "models": [{"model": str(f), "parameters": parameters} for f in folders[1:]],
+              "parameters": global_parameters or {}}
     (tmp_path / "merge.yml").write_text(yaml.safe_dump(config))
     result = subprocess.run(
         [sys.executable, "-c", MEASURE, str(tmp_path / "merge.yml"), str(tmp_path / "out"), str(piece_entries)],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2],
     )
     assert result.returncode == 0, result.stderr
-    peak = int(result.stdout.strip().splitlines()[-1])
+    out = tmp_path / "out"
+    assert (out / "model.safetensors").exists() or (out / "model.safetensors.index.json").exists()
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("numel, tensors, piece_entries", [
+    (1 << 20, 24, 1 << 22),  # 4 MB tensors, each merged as one piece
+    (1 << 23, 3, 1 << 18),  # 32 MB tensors in 1 MB pieces
+], ids=["whole-tensors", "pieces"])
+def test_peak_rss_is_bounded_by_a_few_pieces(tmp_path, numel, tensors, piece_entries):
+    peak = _peak_rss_growth(tmp_path, "ties", {"density": 0.3, "weight": 0.5}, (numel,), tensors, piece_entries)
     piece_bytes = min(numel, piece_entries) * 4
-    bound = (len(folders) + 2) * piece_bytes + FIXED_OVERHEAD  # base + 3 inputs, 2 output pieces
-    total_inputs = len(folders) * tensors * numel * 4
-    assert peak <= bound, f"peak RSS grew by {peak / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB (inputs {total_inputs / 2**20:.0f} MiB)"
-    assert (tmp_path / "out" / "model.safetensors").exists() or (tmp_path / "out" / "model.safetensors.index.json").exists()
+    bound = (4 + 2) * piece_bytes + FIXED_OVERHEAD  # base + 3 inputs, 2 output pieces
+    total_inputs = 4 * tensors * numel * 4
+    assert peak <= bound, (f"peak RSS grew by {peak / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB "
+                           f"(inputs {total_inputs / 2**20:.0f} MiB)")
+
+
+@pytest.mark.parametrize("method, parameters, global_parameters", [
+    ("della", {"density": 0.5, "epsilon": 0.1, "weight": 0.5}, {}),
+    ("model_stock", {}, {"filter_wise": True}),
+], ids=["della", "model_stock-filter_wise"])
+def test_row_local_methods_stay_near_their_row_blocks(tmp_path, method, parameters, global_parameters):
+    """Three 32 MB [2048, 4096] fp32 tensors per model: merged whole, the reference alone would
+    allocate several hundred MB; in blocks of rows the growth stays near the fused methods'."""
+    from moefuse.ops.rowwise import REFERENCE_BYTES_PER_ENTRY, ROW_BLOCK_ENTRIES, blocks_in_flight
+
+    peak = _peak_rss_growth(tmp_path, method, parameters, (2048, 4096), 3, 1 << 18, global_parameters)
+    block_bytes = ROW_BLOCK_ENTRIES * 4
+    per_block = 4 * (block_bytes + REFERENCE_BYTES_PER_ENTRY * ROW_BLOCK_ENTRIES) + 2 * block_bytes
+    bound = blocks_in_flight() * per_block + FIXED_OVERHEAD
+    assert peak <= bound, f"peak RSS grew by {peak / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"

@@ -1,5 +1,6 @@
 """`merge_streamed` gives `merge_tensors`' numbers whatever the piece size, reads its inputs one
-piece at a time (releasing each), and casts pieces to the compute dtype."""
+piece at a time (releasing each), and casts pieces to the compute dtype; DELLA and filter-wise
+Model Stock stream blocks of whole rows."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 import moefuse
 from moefuse.ops import pieces as pieces_module
-from moefuse.ops import select
+from moefuse.ops import rowwise, select
 from moefuse.ops.merge import merge_streamed
 from tests.helpers import assert_merge_close, operand_scale
 from tests.ops.test_merge_backends import DTYPES, FAST_BACKENDS, METHOD_PARAMS, _device_for
@@ -24,7 +25,8 @@ SHAPE = (37, 101)  # 3737 entries: pieces of 64 .. 1024 leave a short last piece
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    """Tie chunks, level-1 ranges and pieces small enough for many of each."""
+    """Tie chunks, level-1 ranges, pieces and row blocks small enough for many of each."""
+    monkeypatch.setattr(rowwise, "ROW_BLOCK_ENTRIES", 250)
     monkeypatch.setattr(pieces_module, "TIE_CHUNK", 64)
     monkeypatch.setattr(select, "TIE_CHUNK", 64)
     monkeypatch.setattr(select, "MIN_RANGE", 64)
@@ -97,3 +99,44 @@ def test_nonfinite_input_is_named_after_the_last_piece():
     tensors[1][-1, -1] = float("nan")
     with pytest.raises(moefuse.MoefuseError, match=r"tensors\[1\] holds 1 NaN"):
         _streamed(base, tensors, "ties", 64, backend="cpu", density=0.5)
+
+
+ROW_CASES = [  # shape, method, entries per emitted block (ROW_BLOCK_ENTRIES = 250)
+    ((37, 101), "della", 202),  # two rows of 101
+    ((9, 4, 30), "della", 240),  # ranks run along dim 1: two slices along dim 0
+    ((7, 300), "della", 300),  # a row longer than a block is a block of its own
+    ((500,), "della", 500),  # one row: the whole tensor
+    ((6, 5, 40), "model_stock", 240),  # filter-wise: six filters of 40
+    ((), "model_stock", 1),
+]
+
+
+@pytest.mark.parametrize("shape, method, block", ROW_CASES, ids=lambda c: str(c))
+def test_row_local_methods_stream_blocks_of_whole_rows(shape, method, block):
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(shape, generator=generator).to(torch.bfloat16)
+    tensors = [(base.float() + 0.05 * torch.randn(shape, generator=generator)).to(torch.bfloat16) for _ in range(3)]
+    params = ALL_PARAMS["della"] if method == "della" else ALL_PARAMS["model_stock_filter_wise"]
+    released = []
+    pieces = _streamed(base, tensors, method, 64, release=lambda a, b: released.append((a, b)), **params)
+    n = base.numel()
+    assert [p.numel() for p in pieces] == [block] * (n // block) + ([n % block] if n % block else [])
+    assert released[-len(pieces):] == [(start, min(n, start + block)) for start in range(0, n, block)]
+    whole = moefuse.merge_tensors(base, tensors, method, backend="reference", **params)
+    streamed = torch.cat(pieces).reshape(shape)
+    assert_merge_close(streamed, whole, scale=operand_scale(base, *tensors))
+
+
+def test_della_blocks_draw_by_flat_index():
+    """Without rescaling every block is exact: the same draws and ranks as the whole tensor."""
+    base, tensors = _case(torch.float32, "cpu", seed=6)
+    params = dict(ALL_PARAMS["della"], rescale=False)
+    whole = moefuse.merge_tensors(base, tensors, "della", backend="reference", **params)
+    assert torch.equal(torch.cat(_streamed(base, tensors, "della", 64, **params)).reshape(SHAPE), whole)
+
+
+def test_nonfinite_input_of_a_row_local_method_is_named():
+    base, tensors = _case(torch.float32, "cpu")
+    tensors[2][0, 0] = float("inf")
+    with pytest.raises(moefuse.MoefuseError, match=r"tensors\[2\] holds 1 NaN/Inf"):
+        _streamed(base, tensors, "model_stock", 64, filter_wise=True)

@@ -1,0 +1,153 @@
+"""Row-local merges streamed in blocks of whole rows, with the plain-PyTorch reference math.
+
+Two methods have no fused kernel: DELLA keeps each entry with a probability set by the rank of
+its |delta| within its row (along dim 1), and filter-wise Model Stock interpolates every filter
+(a row along the last dim) with a factor of its own. Both are local to rows, apart from DELLA's
+L1 rescale, which sums over the whole tensor. So instead of holding whole tensors (the reference
+allocates several fp32 and int64 copies of every input), `merge_row_blocks` walks blocks of whole
+rows of about ROW_BLOCK_ENTRIES entries:
+
+    DELLA                    1. (rescale "l1" only) each model's L1 norm before and after its mask
+                             2. the masks again (the same draws: they follow flat indices), combine
+    filter-wise Model Stock  one pass: each block's filters interpolated
+
+DELLA's masks come from the backend's `della_keep` kernel where it has one (the C++ extension:
+a radix sort per row instead of torch's, Philox in SIMD) and the rows are contiguous (tensors of
+at most 2 dims); otherwise from the reference. Each output block is handed to `emit` as it is
+produced. The numbers are the reference's; only the L1 norms are summed in another order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Deque, Iterator, List, Sequence, Tuple, TypeVar
+
+import torch
+
+from moefuse.methods import MethodSpec
+from moefuse.ops.merge_reference import (
+    combine_kept,
+    della_rank_probabilities,
+    keep_mask,
+    l1_norms_reference,
+    model_stock_reference,
+    task_vectors,
+)
+from moefuse.ops.pieces import Pieces
+from moefuse.ops.plan import KEEP_DELLA, GtaPlan
+
+ROW_BLOCK_ENTRIES = 1 << 16
+# The reference's temporaries per block entry and input (measured: DELLA 24 bytes, Model Stock 14).
+REFERENCE_BYTES_PER_ENTRY = 32
+T = TypeVar("T")
+MergeBlock = Callable[[torch.Tensor, List[torch.Tensor], int], torch.Tensor]
+
+
+def independent_slice(spec: MethodSpec, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    """Shape of the smallest trailing slices the method merges independently of each other: a
+    slice along dim 0 for DELLA (ranks run along dim 1), one filter for filter-wise Model Stock;
+    the whole shape where the method is not row-local (DELLA below 2-D, scalars)."""
+    if spec.family == "model_stock":
+        return tuple(shape[-1:])
+    return tuple(shape[1:]) if len(shape) >= 2 else tuple(shape)
+
+
+def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tensor, inputs: Sequence[torch.Tensor],
+                     shape: Tuple[int, ...], pieces: Pieces, out_dtype: torch.dtype,
+                     emit: Callable[[torch.Tensor], None]) -> List[int]:
+    """Merge flat `base` and `inputs` (DELLA when `plan` is given, else filter-wise Model Stock)
+    block by block, reading through `pieces`' release and cast; returns the NaN/Inf count of the
+    base and of each input. `backend`: a backend module (or None), for its `della_keep`."""
+    inputs = list(inputs)
+    row = independent_slice(spec, shape)
+    row_numel = math.prod(row)
+    whole = row == tuple(shape) or row_numel == 0
+    blocks = Pieces(pieces.n, max(1, pieces.n if whole else max(1, ROW_BLOCK_ENTRIES // row_numel) * row_numel),
+                    pieces.release, pieces.cast)
+
+    def shaped(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+        block_shape = tuple(shape) if whole else (tensors[0].numel() // row_numel, *row)
+        return [t.reshape(block_shape) for t in tensors]
+
+    if plan is None:
+        return _emit_blocks(blocks, [base, *inputs], shaped, out_dtype, emit,
+                            lambda b, xs, start: model_stock_reference(b, xs, filter_wise=True))
+    fast_keep = getattr(backend, "della_keep", None) if base.device.type == "cpu" else None
+
+    def masks(piece_base, piece_inputs, deltas, start: int) -> List[torch.Tensor]:
+        return [_della_mask(fast_keep, piece_base, x, d, rule, plan.seed, i, start)
+                for i, (x, d, rule) in enumerate(zip(piece_inputs, deltas, plan.rules))]
+
+    def block_norms(start: int, piece: List[torch.Tensor]) -> torch.Tensor:
+        piece_base, *piece_inputs = shaped(piece)
+        deltas = task_vectors(piece_base, piece_inputs)
+        return l1_norms_reference(deltas, masks(piece_base, piece_inputs, deltas, start))
+
+    scales = plan.static_scales()
+    if scales is None:
+        norms = torch.zeros(len(inputs), 2, dtype=torch.float64)
+        for block in _map_blocks(blocks, [base, *inputs], block_norms):
+            norms += block
+        scales = plan.l1_scales(norms[:, 0].tolist(), norms[:, 1].tolist())
+
+    def della_block(piece_base: torch.Tensor, piece_inputs: List[torch.Tensor], start: int) -> torch.Tensor:
+        deltas = task_vectors(piece_base, piece_inputs)
+        return combine_kept(piece_base, deltas, masks(piece_base, piece_inputs, deltas, start), plan, scales)
+
+    return _emit_blocks(blocks, [base, *inputs], shaped, out_dtype, emit, della_block)
+
+
+def _della_mask(fast_keep, base: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, rule, seed: int, model: int,
+                offset: int) -> torch.Tensor:
+    """`keep_mask` of one model's block, by the backend's kernel where it applies."""
+    if fast_keep is None or rule.kind != KEEP_DELLA or delta.dim() > 2:
+        return keep_mask(delta, rule, seed, model, offset)
+    row_length = delta.shape[-1] if delta.dim() == 2 else delta.numel()
+    probability = della_rank_probabilities(row_length, rule.density, rule.epsilon)
+    return fast_keep(base, x, probability, seed, model, offset).reshape(delta.shape)
+
+
+def _emit_blocks(blocks: Pieces, tensors: List[torch.Tensor], shaped, out_dtype: torch.dtype,
+                 emit: Callable[[torch.Tensor], None], merge_block: MergeBlock) -> List[int]:
+    def work(start: int, piece: List[torch.Tensor]) -> Tuple[List[int], torch.Tensor]:
+        piece_base, *piece_inputs = shaped(piece)
+        counts = [int((~torch.isfinite(t)).sum()) for t in piece]
+        return counts, merge_block(piece_base, piece_inputs, start).to(out_dtype).reshape(-1)
+
+    totals = [0] * len(tensors)
+    for counts, out in _map_blocks(blocks, tensors, work):
+        totals = [a + b for a, b in zip(totals, counts)]
+        emit(out)
+    return totals
+
+
+def _single_threaded() -> None:
+    torch.set_num_threads(1)  # this worker thread's own setting (OpenMP keeps it per thread)
+
+
+def blocks_in_flight() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _map_blocks(blocks: Pieces, tensors: List[torch.Tensor],
+                work: Callable[[int, List[torch.Tensor]], T]) -> Iterator[T]:
+    """work(start, pieces of `tensors`) for every block, results in block order. Blocks are too
+    small for torch to split an operation over threads profitably, so up to one block per thread
+    is in flight instead, each single-threaded; a block's pages are released once its result has
+    been taken."""
+    workers = blocks_in_flight()
+    with ThreadPoolExecutor(workers, initializer=_single_threaded) as pool:
+        pending: Deque[Tuple[int, int, Future]] = deque()
+        ranges = iter(blocks.ranges())
+        while True:
+            for start, stop in itertools.islice(ranges, workers - len(pending)):
+                future = pool.submit(lambda a, b: work(a, blocks.read(tensors, a, b)), start, stop)
+                pending.append((start, stop, future))
+            if not pending:
+                return
+            start, stop, future = pending.popleft()
+            yield future.result()
+            blocks.release(start, stop)
