@@ -93,6 +93,20 @@ inline int64_t count_bad(const T* x, int64_t len) {
   return bad;
 }
 
+// The uint8 buffers of random keep bits, one per input (or none): each holds at least n / 8 bytes.
+std::vector<uint8_t*> keep_bit_buffers(const std::vector<at::Tensor>& buffers, int64_t inputs, int64_t n) {
+  std::vector<uint8_t*> out;
+  if (buffers.empty()) return out;
+  TORCH_CHECK(int64_t(buffers.size()) == inputs, "one random-keep buffer per input");
+  for (const auto& buffer : buffers) {
+    TORCH_CHECK(buffer.device().is_cpu() && buffer.scalar_type() == at::kByte && buffer.is_contiguous() &&
+                    buffer.numel() >= (n + 7) / 8,
+                "random-keep buffers must be contiguous uint8 CPU tensors of ceil(n / 8) bytes");
+    out.push_back(buffer.data_ptr<uint8_t>());
+  }
+  return out;
+}
+
 std::vector<Rule> read_rules(const at::Tensor& rules) {
   TORCH_CHECK(rules.dtype() == at::kLong && rules.dim() == 2 && rules.size(1) == 5,
               "rules must be an int64 [N, 5] tensor");
@@ -172,23 +186,50 @@ MOEFUSE_SIMD_CLONES int64_t key_count_tile(const T* x, const T* b, int64_t len, 
   return count;
 }
 
+// Where a tile's random keep decisions (bit k of byte k / 8) come from or go: `cached` replays
+// the decisions an earlier pass recorded instead of drawing them again; `record` keeps a copy.
+struct RandomKeeps {
+  const uint8_t* cached = nullptr;
+  uint8_t* record = nullptr;
+};
+
+// keep[k] = philox(seed, start + k, stream) < threshold for k < len (or replayed from bits.cached).
+inline void random_keeps(uint64_t seed, int64_t start, int64_t len, uint32_t stream, uint32_t threshold,
+                         const RandomKeeps& bits, uint8_t* keep) {
+  if (bits.cached) {
+    for (int64_t k = 0; k < len; ++k) keep[k] = (bits.cached[k >> 3] >> (k & 7)) & 1;
+    return;
+  }
+  uint32_t draws[TILE];
+  draw_tile(seed, start, len, stream, draws);
+  for (int64_t k = 0; k < len; ++k) keep[k] = draws[k] < threshold;
+  if (bits.record) {
+    for (int64_t byte = 0; byte < (len + 7) / 8; ++byte) {
+      uint8_t packed = 0;
+      for (int64_t k = byte * 8; k < std::min(len, byte * 8 + 8); ++k) packed |= uint8_t(keep[k] << (k & 7));
+      bits.record[byte] = packed;
+    }
+  }
+}
+
 // One model's part of a fused tile: d[k] = c * delta_k where the rule keeps entry k (else 0),
 // total[k] += d[k]; returns the number of NaN/Inf entries of x. One loop, no intermediate buffers.
 template <typename T, bool kRanks, bool kRandom>
 inline int32_t kept_contributions(const T* x, const T* b, int64_t start, int64_t len, const Rule& rule,
-                                  uint64_t seed, uint32_t stream, float c, float* __restrict__ d,
-                                  float* __restrict__ total) {
+                                  uint64_t seed, uint32_t stream, const RandomKeeps& bits, float c,
+                                  float* __restrict__ d, float* __restrict__ total) {
   const TileBound hi(rule.t_hi, rule.cut_hi, start, len), lo(rule.t_lo, rule.cut_lo, start, len);
-  uint32_t bits[kRandom ? TILE : 1];
-  if (kRandom) draw_tile(seed, start, len, stream, bits);
-  const uint32_t threshold = static_cast<uint32_t>(rule.random_threshold);
+  uint8_t random_keep[kRandom ? TILE : 1];
+  if (kRandom) {
+    random_keeps(seed, start, len, stream, static_cast<uint32_t>(rule.random_threshold), bits, random_keep);
+  }
   int32_t bad = 0;
   for (int32_t k = 0; k < len; ++k) {
     int32_t key;
     bad += !std::isfinite(Elem<T>::value(x[k]));
     const float delta = Elem<T>::delta(x[k], b[k], &key);
     bool keep = !kRanks || (hi.above(key, k) && !lo.above(key, k));
-    if (kRandom) keep = keep && bits[k] < threshold;
+    if (kRandom) keep = keep && random_keep[k];
     d[k] = keep ? delta * c : 0.f;
     total[k] += d[k];
   }
@@ -199,21 +240,24 @@ inline int32_t kept_contributions(const T* x, const T* b, int64_t start, int64_t
 // inlined into the caller's AVX-512/AVX2 clone).
 template <typename T>
 inline int32_t add_kept(const T* x, const T* b, int64_t start, int64_t len, const Rule& rule, uint64_t seed,
-                        uint32_t stream, float c, float* __restrict__ d, float* __restrict__ total) {
-  if (rule.keeps_all()) return kept_contributions<T, false, false>(x, b, start, len, rule, seed, stream, c, d, total);
-  if (rule.random_threshold < ALWAYS) {
-    return kept_contributions<T, true, true>(x, b, start, len, rule, seed, stream, c, d, total);
+                        uint32_t stream, const RandomKeeps& bits, float c, float* __restrict__ d,
+                        float* __restrict__ total) {
+  if (rule.keeps_all()) {
+    return kept_contributions<T, false, false>(x, b, start, len, rule, seed, stream, bits, c, d, total);
   }
-  return kept_contributions<T, true, false>(x, b, start, len, rule, seed, stream, c, d, total);
+  if (rule.random_threshold < ALWAYS) {
+    return kept_contributions<T, true, true>(x, b, start, len, rule, seed, stream, bits, c, d, total);
+  }
+  return kept_contributions<T, true, false>(x, b, start, len, rule, seed, stream, bits, c, d, total);
 }
 
 // Adds sum |d| and sum |kept d| over the tile of model `stream` (flat indices start..) to sums.
 template <typename T>
 MOEFUSE_SIMD_CLONES void l1_tile(const T* x, const T* b, int64_t start, int64_t len, const Rule& rule,
-                                 uint64_t seed, uint32_t stream, double* sums) {
+                                 uint64_t seed, uint32_t stream, const RandomKeeps& bits, double* sums) {
   float d[TILE], kept[TILE];
   std::fill(kept, kept + len, 0.f);
-  add_kept(x, b, start, len, rule, seed, stream, 1.f, d, kept);
+  add_kept(x, b, start, len, rule, seed, stream, bits, 1.f, d, kept);
   float before = 0.f, after = 0.f;
   for (int64_t k = 0; k < len; ++k) {
     int32_t key;
@@ -235,8 +279,9 @@ struct FusedSpec {
 // One tile of the fused GTA pass (flat indices start..): reads the base and every input once,
 // writes o once and adds the NaN/Inf counts (base, then inputs) to bad. scratch: (m + 3) TILE floats.
 template <typename in_t, typename out_t>
-MOEFUSE_SIMD_CLONES void fused_tile(const FusedSpec& spec, const in_t* b, const in_t* const* xs, out_t* o,
-                                    int64_t start, int64_t len, float* scratch, int64_t* bad) {
+MOEFUSE_SIMD_CLONES void fused_tile(const FusedSpec& spec, const in_t* b, const in_t* const* xs,
+                                    const RandomKeeps* bits, out_t* o, int64_t start, int64_t len, float* scratch,
+                                    int64_t* bad) {
   const int64_t m = spec.rules.size();
   float* __restrict__ contrib = scratch;            // [m][TILE]: D_i = c_i * kept delta_i
   float* __restrict__ total = contrib + m * TILE;   // S = sum_i D_i, then the merged delta
@@ -245,8 +290,8 @@ MOEFUSE_SIMD_CLONES void fused_tile(const FusedSpec& spec, const in_t* b, const 
   std::fill(total, total + len, 0.f);
   bad[0] += count_bad(b, len);
   for (int64_t i = 0; i < m; ++i) {
-    bad[i + 1] += add_kept(xs[i], b, start, len, spec.rules[i], spec.seed, uint32_t(i), spec.coefficients[i],
-                           contrib + i * TILE, total);
+    bad[i + 1] += add_kept(xs[i], b, start, len, spec.rules[i], spec.seed, uint32_t(i), bits[i],
+                           spec.coefficients[i], contrib + i * TILE, total);
   }
   if (spec.consensus) {
     std::fill(merged, merged + len, 0.f);
@@ -416,17 +461,20 @@ at::Tensor chunk_counts(const at::Tensor& base, const std::vector<at::Tensor>& i
 }
 
 std::tuple<at::Tensor, at::Tensor> l1_norms(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
-                                            const at::Tensor& rules_tensor, int64_t seed, int64_t offset) {
+                                            const at::Tensor& rules_tensor, int64_t seed, int64_t offset,
+                                            const std::vector<at::Tensor>& record_keeps) {
   check_same(base, inputs);
   const auto rules = read_rules(rules_tensor);
   const int64_t m = inputs.size(), n = base.numel();
+  const auto record = keep_bit_buffers(record_keeps, m, n);
   std::vector<std::vector<double>> local(at::get_num_threads(), std::vector<double>(2 * m, 0.0));
   MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "l1_norms", [&] {
     const scalar_t* b = base.data_ptr<scalar_t>();
     auto xs = pointers<scalar_t>(inputs);
     for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
       for (int64_t i = 0; i < m; ++i) {
-        l1_tile(xs[i] + s, b + s, offset + s, e - s, rules[i], uint64_t(seed), uint32_t(i), &local[thread][2 * i]);
+        const RandomKeeps bits{nullptr, record.empty() ? nullptr : record[i] + s / 8};
+        l1_tile(xs[i] + s, b + s, offset + s, e - s, rules[i], uint64_t(seed), uint32_t(i), bits, &local[thread][2 * i]);
       }
     });
   });
@@ -437,9 +485,11 @@ std::tuple<at::Tensor, at::Tensor> l1_norms(const at::Tensor& base, const std::v
 std::tuple<at::Tensor, std::vector<int64_t>> fused_gta(
     const at::Tensor& base, const std::vector<at::Tensor>& inputs, const at::Tensor& rules_tensor, int64_t seed,
     const std::vector<double>& coefficients, const std::vector<double>& weights, bool consensus, bool normalize,
-    double weight_sum, double lam, at::ScalarType out_dtype, int64_t offset) {
+    double weight_sum, double lam, at::ScalarType out_dtype, int64_t offset,
+    const std::vector<at::Tensor>& cached_keeps) {
   check_same(base, inputs);
   const int64_t m = inputs.size(), n = base.numel();
+  const auto cached = keep_bit_buffers(cached_keeps, m, n);
   TORCH_CHECK(int64_t(coefficients.size()) == m && int64_t(weights.size()) == m, "one coefficient per input");
   const FusedSpec spec{read_rules(rules_tensor),
                        std::vector<float>(coefficients.begin(), coefficients.end()),
@@ -457,10 +507,14 @@ std::tuple<at::Tensor, std::vector<int64_t>> fused_gta(
       scalar_t* o = out.data_ptr<scalar_t>();
       std::vector<std::vector<float>> scratch(threads, std::vector<float>((m + 3) * TILE));
       std::vector<std::vector<const in_t*>> tile_inputs(threads, std::vector<const in_t*>(m));
+      std::vector<std::vector<RandomKeeps>> tile_keeps(threads, std::vector<RandomKeeps>(m));
       for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
-        for (int64_t i = 0; i < m; ++i) tile_inputs[thread][i] = xs[i] + s;
-        fused_tile(spec, b + s, tile_inputs[thread].data(), o + s, offset + s, e - s, scratch[thread].data(),
-                   bad[thread].data());
+        for (int64_t i = 0; i < m; ++i) {
+          tile_inputs[thread][i] = xs[i] + s;
+          if (!cached.empty()) tile_keeps[thread][i].cached = cached[i] + s / 8;
+        }
+        fused_tile(spec, b + s, tile_inputs[thread].data(), tile_keeps[thread].data(), o + s, offset + s, e - s,
+                   scratch[thread].data(), bad[thread].data());
       });
     });
   });

@@ -18,14 +18,18 @@ at::Tensor histogram_level2(const at::Tensor& base, const std::vector<at::Tensor
 at::Tensor chunk_counts(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
                         const std::vector<int64_t>& keys, int64_t chunk);
 // `offset`: the flat index of the slice's first entry in the whole tensor (rank cuts, draws).
+// `record_keeps` (one uint8 buffer of ceil(n / 8) bytes per input, or none): l1_norms stores each
+// random keep decision there (bit j % 8 of byte j / 8), and fused_gta given them as
+// `cached_keeps` replays them instead of drawing again.
 std::tuple<at::Tensor, at::Tensor> l1_norms(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
-                                            const at::Tensor& rules, int64_t seed, int64_t offset);
+                                            const at::Tensor& rules, int64_t seed, int64_t offset,
+                                            const std::vector<at::Tensor>& record_keeps);
 // The fused pass and the weighted sum also return the NaN/Inf count of each input read
 // (fused_gta: the base first, then the inputs).
 std::tuple<at::Tensor, std::vector<int64_t>> fused_gta(
     const at::Tensor& base, const std::vector<at::Tensor>& inputs, const at::Tensor& rules, int64_t seed,
     const std::vector<double>& coefficients, const std::vector<double>& weights, bool consensus, bool normalize,
-    double weight_sum, double lam, at::ScalarType out_dtype, int64_t offset);
+    double weight_sum, double lam, at::ScalarType out_dtype, int64_t offset, const std::vector<at::Tensor>& cached_keeps);
 std::tuple<at::Tensor, std::vector<int64_t>> weighted_sum(const std::vector<at::Tensor>& tensors,
                                                           const std::vector<double>& coefficients,
                                                           at::ScalarType out_dtype);

@@ -93,7 +93,10 @@ class MergePlan:
         """Merged tensors stream in pieces of `piece_entries`: the inputs' pieces, the output
         piece being computed and the one being written, in the compute dtype (fp32 scratch is
         per tile). DELLA and filter-wise Model Stock stream blocks of whole rows (one per thread
-        in flight), with the reference's temporaries; copied or aligned tensors count whole."""
+        in flight), with the reference's temporaries; copied or aligned tensors count whole. DARE
+        adds one bit per entry and model (its recorded keep decisions)."""
+        spec = get_method(self.config.merge_method)
+
         def piece_bytes(task: TensorTask) -> int:
             numel = math.prod(task.shape)
             itemsize = (self.compute_dtype or task.out_dtype).itemsize
@@ -101,10 +104,11 @@ class MergePlan:
             if self.config.align or not task.merge:
                 return numel * per_entry
             if merges_row_blocks(self.config.merge_method, len(task.inputs), task.params, numel):
-                rows = independent_slice(get_method(self.config.merge_method), task.shape)
+                rows = independent_slice(spec, task.shape)
                 block = max(math.prod(rows), min(numel, ROW_BLOCK_ENTRIES))
                 return block * (per_entry + REFERENCE_BYTES_PER_ENTRY * len(task.sources)) * blocks_in_flight()
-            return min(numel, piece_entries) * per_entry
+            recorded_keeps = (numel + 7) // 8 * len(task.inputs) if spec.sparsifier == "random" else 0  # DARE
+            return min(numel, piece_entries) * per_entry + recorded_keeps
 
         return max((piece_bytes(t) for t in self.tasks), default=0)
 

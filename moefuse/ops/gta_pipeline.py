@@ -7,12 +7,15 @@
 Each pass walks the flat inputs in `Pieces`; the fused pass hands each output piece to `emit`.
 A backend module supplies the kernels named in `moefuse.ops.select` plus
 
-    l1_norms(base, inputs, rules, seed, offset) -> (float64 [N], float64 [N])
+    l1_norms(base, inputs, rules, seed, offset, random_keeps=()) -> (float64 [N], float64 [N])
     fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize,
-              weight_sum, lam, out_dtype, offset) -> (Tensor, [NaN/Inf count of base, input 0, ...])
+              weight_sum, lam, out_dtype, offset, random_keeps=())
+        -> (Tensor, [NaN/Inf count of base, input 0, ...])
 
 where `offset` is the flat index of the slice's first entry (rank cuts and random draws use
-indices into the whole tensor).
+indices into the whole tensor). A backend with RECORDS_RANDOM_KEEPS = True takes `random_keeps`,
+one uint8 buffer of ceil(len / 8) bytes per input: l1_norms records each random keep decision
+there (bit j % 8 of byte j / 8) and fused_gta replays them, so DARE draws its Philox numbers once.
 
 `rules` is an int64 [N, 5] tensor (see `encode_rules`); the per-entry semantics are those of
 `moefuse.ops.merge_reference.gta_reference`.
@@ -65,10 +68,15 @@ def run_gta(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: G
     inputs costs no extra read)."""
     rules = encode_rules(plan, rank_thresholds(backend, base, inputs, plan, pieces))
     scales = plan.static_scales()
+    keeps = {}  # extra keyword arguments: the recorded random keep decisions of each piece
     if scales is None:
+        record = getattr(backend, "RECORDS_RANDOM_KEEPS", False) and any(r.kind == KEEP_RANDOM for r in plan.rules)
+        bits = torch.empty(len(inputs), (pieces.n + 7) // 8, dtype=torch.uint8) if record else None
         before, after = torch.zeros(plan.num_models, dtype=torch.float64), torch.zeros(plan.num_models, dtype=torch.float64)
-        for start, _, (piece_base, *piece_inputs) in pieces.walk([base, *inputs]):
-            piece_before, piece_after = backend.l1_norms(piece_base, piece_inputs, rules, plan.seed, start)
+        for start, stop, (piece_base, *piece_inputs) in pieces.walk([base, *inputs]):
+            keeps[start] = {} if bits is None else {"random_keeps": list(bits[:, start // 8:(stop + 7) // 8])}
+            piece_before, piece_after = backend.l1_norms(piece_base, piece_inputs, rules, plan.seed, start,
+                                                         **keeps[start])
             before += piece_before
             after += piece_after
         scales = plan.l1_scales(before.tolist(), after.tolist())
@@ -77,7 +85,7 @@ def run_gta(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: G
     for start, _, (piece_base, *piece_inputs) in pieces.walk([base, *inputs]):
         out, piece_counts = backend.fused_gta(
             piece_base, piece_inputs, rules, plan.seed, coefficients, list(plan.weights), plan.consensus,
-            plan.normalize, weight_sum_divisor(plan), plan.lam, out_dtype, start,
+            plan.normalize, weight_sum_divisor(plan), plan.lam, out_dtype, start, **keeps.get(start, {}),
         )
         emit(out)
         counts = [a + b for a, b in zip(counts, piece_counts)]

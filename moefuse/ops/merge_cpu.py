@@ -33,15 +33,19 @@ def chunk_counts(base, inputs, models: Sequence[int], keys: Sequence[int], chunk
     return _C.chunk_counts(base, [inputs[i] for i in models], list(keys), chunk)
 
 
-def l1_norms(base, inputs, rules: torch.Tensor, seed: int, offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _C.l1_norms(base, list(inputs), rules, seed, offset)
+RECORDS_RANDOM_KEEPS = True  # l1_norms can record DARE's keep decisions for fused_gta to replay
+
+
+def l1_norms(base, inputs, rules: torch.Tensor, seed: int, offset: int,
+             random_keeps: Sequence[torch.Tensor] = ()) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _C.l1_norms(base, list(inputs), rules, seed, offset, list(random_keeps))
 
 
 def fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize, weight_sum, lam,
-              out_dtype, offset: int) -> Tuple[torch.Tensor, List[int]]:
+              out_dtype, offset: int, random_keeps: Sequence[torch.Tensor] = ()) -> Tuple[torch.Tensor, List[int]]:
     out, nonfinite = _C.fused_gta(
         base, list(inputs), rules, seed, list(coefficients), list(weights), consensus, normalize,
-        weight_sum, lam, out_dtype, offset,
+        weight_sum, lam, out_dtype, offset, list(random_keeps),
     )
     return out, list(nonfinite)
 

@@ -118,3 +118,38 @@ def test_della_keep_kernel_equals_the_reference_mask(dtype, shape, offset):
     probability = della_rank_probabilities(shape[1], rule.density, rule.epsilon)
     kept = backends.cpu_backend(warn_if_missing=False).della_keep(base, model, probability, 9, 2, offset)
     assert torch.equal(kept.reshape(shape), expected)
+
+
+@pytest.mark.skipif(backends.cpu_backend(warn_if_missing=False) is None, reason="needs the C++ extension")
+@pytest.mark.parametrize("n", [1, 1023, 5000], ids=lambda n: f"n{n}")
+def test_dare_keep_decisions_are_recorded_once_and_replayed(n):
+    """The CPU L1 pass records each Philox keep decision as a bit; the fused pass replays the
+    bits instead of drawing: the recorded bits are the draws, and the fused pass follows them."""
+    from moefuse.methods import get_method, resolve_params
+    from moefuse.ops.gta_pipeline import ALWAYS, RANDOM_THRESHOLD, encode_rules
+    from moefuse.ops.philox import philox_uint32
+    from moefuse.ops.plan import gta_plan
+
+    cpu = backends.cpu_backend(warn_if_missing=False)
+    generator = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=generator).to(torch.bfloat16)
+    inputs = [(base.float() + 0.1 * torch.randn(n, generator=generator)).to(torch.bfloat16) for _ in range(2)]
+    spec = get_method("dare_ties")
+    plan = gta_plan(spec, resolve_params(spec, 2, {"density": 0.3, "weight": [0.6, 0.4], "seed": 5}), n)
+    rules, offset = encode_rules(plan, {}), 12345
+    bits = [torch.zeros((n + 7) // 8, dtype=torch.uint8) for _ in inputs]
+    cpu.l1_norms(base, inputs, rules, plan.seed, offset, random_keeps=bits)
+    positions = torch.arange(n)
+    for i, recorded in enumerate(bits):
+        unpacked = (recorded[positions // 8].long() >> (positions % 8)) & 1
+        drawn = philox_uint32(plan.seed, i, torch.arange(offset, offset + n)) < plan.rules[i].threshold32
+        assert torch.equal(unpacked.bool(), drawn)
+
+    def fused(rules, **keeps):
+        return cpu.fused_gta(base, inputs, rules, plan.seed, [0.6, 0.4], [0.6, 0.4], True, True, 1.0, 1.0,
+                             torch.float32, offset, **keeps)[0]
+
+    assert torch.equal(fused(rules, random_keeps=bits), fused(rules))
+    keep_everything = rules.clone()
+    keep_everything[:, RANDOM_THRESHOLD] = ALWAYS
+    assert torch.equal(fused(rules, random_keeps=[torch.full_like(b, 255) for b in bits]), fused(keep_everything))
