@@ -13,18 +13,23 @@ rows of about ROW_BLOCK_ENTRIES entries:
 
 DELLA's masks come from the backend's `della_keep` kernel where it has one (the C++ extension:
 a radix sort per row instead of torch's, Philox in SIMD) and the rows are contiguous (tensors of
-at most 2 dims); otherwise from the reference. Each output block is handed to `emit` as it is
-produced. The numbers are the reference's; only the L1 norms are summed in another order.
+at most 2 dims); otherwise from the reference. With that kernel the combine is the backend's fused
+pass too: the masks go in as recorded random keep decisions (`moefuse.ops.gta_pipeline`) of
+rules that keep nothing by themselves. Each output block is handed to `emit` as it is produced.
+The numbers are the reference's within the fused pass's fp32 rounding; the L1 norms are summed in
+another order.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Deque, Iterator, List, Sequence, Tuple, TypeVar
 
+import numpy as np
 import torch
 
 from moefuse.methods import MethodSpec
@@ -36,8 +41,9 @@ from moefuse.ops.merge_reference import (
     model_stock_reference,
     task_vectors,
 )
+from moefuse.ops.gta_pipeline import encode_rules, weight_sum_divisor
 from moefuse.ops.pieces import Pieces
-from moefuse.ops.plan import KEEP_DELLA, GtaPlan
+from moefuse.ops.plan import KEEP_DELLA, KEEP_RANDOM, GtaPlan, KeepRule
 
 ROW_BLOCK_ENTRIES = 1 << 16
 # The reference's temporaries per block entry and input (measured: DELLA 24 bytes, Model Stock 14).
@@ -93,6 +99,9 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
             norms += block
         scales = plan.l1_scales(norms[:, 0].tolist(), norms[:, 1].tolist())
 
+    if fast_keep is not None and getattr(backend, "RECORDS_RANDOM_KEEPS", False) and len(shape) <= 2:
+        return _emit_fused_della(backend, fast_keep, plan, scales, blocks, [base, *inputs], shaped, out_dtype, emit)
+
     def della_block(piece_base: torch.Tensor, piece_inputs: List[torch.Tensor], start: int) -> torch.Tensor:
         deltas = task_vectors(piece_base, piece_inputs)
         return combine_kept(piece_base, deltas, masks(piece_base, piece_inputs, deltas, start), plan, scales)
@@ -100,14 +109,50 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
     return _emit_blocks(blocks, [base, *inputs], shaped, out_dtype, emit, della_block)
 
 
+def _emit_fused_della(backend, fast_keep, plan: GtaPlan, scales: List[float], blocks: Pieces,
+                      tensors: List[torch.Tensor], shaped, out_dtype: torch.dtype,
+                      emit: Callable[[torch.Tensor], None]) -> List[int]:
+    """The combine pass by the backend's fused kernel, each DELLA mask replayed as the recorded
+    decisions of a random rule whose own draws keep nothing (threshold 0)."""
+    replayed = replace(plan, rules=tuple(
+        KeepRule(KEEP_RANDOM, threshold32=0, density=r.density) if r.kind == KEEP_DELLA else r for r in plan.rules))
+    rules = encode_rules(replayed, {})
+    coefficients = [w * s for w, s in zip(plan.weights, scales)]
+
+    def work(start: int, piece: List[torch.Tensor]) -> Tuple[List[int], torch.Tensor]:
+        piece_base, *piece_inputs = piece
+        shaped_base, *shaped_inputs = shaped(piece)
+        keeps = []
+        for i, (x, rule) in enumerate(zip(shaped_inputs, plan.rules)):
+            mask = _fast_della_mask(fast_keep, shaped_base, x, rule, plan.seed, i, start) if rule.kind == KEEP_DELLA \
+                else torch.zeros(x.shape, dtype=torch.bool)  # a rule that keeps all or nothing by itself
+            keeps.append(torch.from_numpy(np.packbits(mask.reshape(-1).numpy(), bitorder="little")))
+        out, counts = backend.fused_gta(piece_base, piece_inputs, rules, plan.seed, coefficients, list(plan.weights),
+                                        plan.consensus, plan.normalize, weight_sum_divisor(plan), plan.lam,
+                                        out_dtype, start, random_keeps=keeps)
+        return counts, out
+
+    totals = [0] * len(tensors)
+    for counts, out in _map_blocks(blocks, tensors, work):
+        totals = [a + b for a, b in zip(totals, counts)]
+        emit(out)
+    return totals
+
+
 def _della_mask(fast_keep, base: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, rule, seed: int, model: int,
                 offset: int) -> torch.Tensor:
     """`keep_mask` of one model's block, by the backend's kernel where it applies."""
     if fast_keep is None or rule.kind != KEEP_DELLA or delta.dim() > 2:
         return keep_mask(delta, rule, seed, model, offset)
-    row_length = delta.shape[-1] if delta.dim() == 2 else delta.numel()
+    return _fast_della_mask(fast_keep, base, x, rule, seed, model, offset)
+
+
+def _fast_della_mask(fast_keep, base: torch.Tensor, x: torch.Tensor, rule, seed: int, model: int,
+                     offset: int) -> torch.Tensor:
+    """DELLA's mask of a block of at most 2 dims (rows along dim 1) by the backend's kernel."""
+    row_length = x.shape[-1] if x.dim() == 2 else x.numel()
     probability = della_rank_probabilities(row_length, rule.density, rule.epsilon)
-    return fast_keep(base, x, probability, seed, model, offset).reshape(delta.shape)
+    return fast_keep(base, x, probability, seed, model, offset).reshape(x.shape)
 
 
 def _emit_blocks(blocks: Pieces, tensors: List[torch.Tensor], shaped, out_dtype: torch.dtype,
