@@ -50,6 +50,7 @@ ROW_BLOCK_ENTRIES = 1 << 16
 REFERENCE_BYTES_PER_ENTRY = 32
 T = TypeVar("T")
 MergeBlock = Callable[[torch.Tensor, List[torch.Tensor], int], torch.Tensor]
+BlockWork = Callable[[int, List[torch.Tensor]], Tuple[List[int], torch.Tensor]]
 
 
 def independent_slice(spec: MethodSpec, shape: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -79,8 +80,8 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
         return [t.reshape(block_shape) for t in tensors]
 
     if plan is None:
-        return _emit_blocks(blocks, [base, *inputs], shaped, out_dtype, emit,
-                            lambda b, xs, start: model_stock_reference(b, xs, filter_wise=True))
+        return _emit_blocks(blocks, [base, *inputs], emit, _reference_work(
+            shaped, out_dtype, lambda b, xs, start: model_stock_reference(b, xs, filter_wise=True)))
     fast_keep = getattr(backend, "della_keep", None) if base.device.type == "cpu" else None
 
     def masks(piece_base, piece_inputs, deltas, start: int) -> List[torch.Tensor]:
@@ -106,7 +107,7 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
         deltas = task_vectors(piece_base, piece_inputs)
         return combine_kept(piece_base, deltas, masks(piece_base, piece_inputs, deltas, start), plan, scales)
 
-    return _emit_blocks(blocks, [base, *inputs], shaped, out_dtype, emit, della_block)
+    return _emit_blocks(blocks, [base, *inputs], emit, _reference_work(shaped, out_dtype, della_block))
 
 
 def _emit_fused_della(backend, fast_keep, plan: GtaPlan, scales: List[float], blocks: Pieces,
@@ -132,11 +133,7 @@ def _emit_fused_della(backend, fast_keep, plan: GtaPlan, scales: List[float], bl
                                         out_dtype, start, random_keeps=keeps)
         return counts, out
 
-    totals = [0] * len(tensors)
-    for counts, out in _map_blocks(blocks, tensors, work):
-        totals = [a + b for a, b in zip(totals, counts)]
-        emit(out)
-    return totals
+    return _emit_blocks(blocks, tensors, emit, work)
 
 
 def _della_mask(fast_keep, base: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, rule, seed: int, model: int,
@@ -155,13 +152,19 @@ def _fast_della_mask(fast_keep, base: torch.Tensor, x: torch.Tensor, rule, seed:
     return fast_keep(base, x, probability, seed, model, offset).reshape(x.shape)
 
 
-def _emit_blocks(blocks: Pieces, tensors: List[torch.Tensor], shaped, out_dtype: torch.dtype,
-                 emit: Callable[[torch.Tensor], None], merge_block: MergeBlock) -> List[int]:
+def _reference_work(shaped, out_dtype: torch.dtype, merge_block: MergeBlock) -> BlockWork:
+    """A block's work with the reference math: its NaN/Inf counts and its merged entries."""
     def work(start: int, piece: List[torch.Tensor]) -> Tuple[List[int], torch.Tensor]:
         piece_base, *piece_inputs = shaped(piece)
         counts = [int((~torch.isfinite(t)).sum()) for t in piece]
         return counts, merge_block(piece_base, piece_inputs, start).to(out_dtype).reshape(-1)
 
+    return work
+
+
+def _emit_blocks(blocks: Pieces, tensors: List[torch.Tensor], emit: Callable[[torch.Tensor], None],
+                 work: BlockWork) -> List[int]:
+    """Emits every block's output in order; returns the NaN/Inf counts summed over the blocks."""
     totals = [0] * len(tensors)
     for counts, out in _map_blocks(blocks, tensors, work):
         totals = [a + b for a, b in zip(totals, counts)]
