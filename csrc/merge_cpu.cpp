@@ -352,9 +352,9 @@ MOEFUSE_SIMD_CLONES void gram_tile(const T* const* xs, const T* b, int64_t m, in
 
 // Ascending ranks (ties by position) of keys[0, len): a stable LSD radix sort of (key, position)
 // pairs, 8 bits per pass, skipping the passes in which every key has the same digit.
-void ascending_ranks(const std::vector<uint32_t>& keys, int64_t len, std::vector<uint64_t>& pairs,
+void ascending_ranks(const std::vector<int32_t>& keys, int64_t len, std::vector<uint64_t>& pairs,
                      std::vector<uint64_t>& sorted, std::vector<uint32_t>& ranks) {
-  for (int64_t c = 0; c < len; ++c) pairs[c] = (uint64_t(keys[c]) << 32) | uint64_t(c);
+  for (int64_t c = 0; c < len; ++c) pairs[c] = (uint64_t(uint32_t(keys[c])) << 32) | uint64_t(c);
   for (int shift = 32; shift < 64; shift += 8) {
     int64_t counts[257] = {0};
     for (int64_t c = 0; c < len; ++c) ++counts[((pairs[c] >> shift) & 0xFF) + 1];
@@ -560,15 +560,13 @@ at::Tensor della_keep(const at::Tensor& base, const at::Tensor& x, const at::Ten
     const scalar_t* b = base.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     at::parallel_for(0, n / len, 1, [&](int64_t r0, int64_t r1) {
-      std::vector<uint32_t> keys(len), ranks(len), bits(TILE);
+      std::vector<int32_t> keys(len);
+      std::vector<uint32_t> ranks(len), bits(TILE);
       std::vector<uint64_t> pairs(len), sorted(len);
-      std::vector<int32_t> tile_keys(TILE);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t row = r * len;
         for (int64_t s = 0; s < len; s += TILE) {
-          const int64_t t = std::min(TILE, len - s);
-          keys_tile(xp + row + s, b + row + s, t, tile_keys.data());
-          std::copy(tile_keys.begin(), tile_keys.begin() + t, keys.begin() + s);
+          keys_tile(xp + row + s, b + row + s, std::min(TILE, len - s), keys.data() + s);
         }
         ascending_ranks(keys, len, pairs, sorted, ranks);
         for (int64_t s = 0; s < len; s += TILE) {

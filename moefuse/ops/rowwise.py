@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import replace
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Callable, Deque, Iterator, List, Sequence, Tuple, TypeVar
 
 import numpy as np
 import torch
 
 from moefuse.methods import MethodSpec
+from moefuse.ops.gta_pipeline import encode_rules, weight_sum_divisor
 from moefuse.ops.merge_reference import (
     combine_kept,
     della_rank_probabilities,
@@ -41,7 +42,6 @@ from moefuse.ops.merge_reference import (
     model_stock_reference,
     task_vectors,
 )
-from moefuse.ops.gta_pipeline import encode_rules, weight_sum_divisor
 from moefuse.ops.pieces import Pieces
 from moefuse.ops.plan import KEEP_DELLA, KEEP_RANDOM, GtaPlan, KeepRule
 
@@ -82,7 +82,8 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
     if plan is None:
         return _emit_blocks(blocks, [base, *inputs], emit, _reference_work(
             shaped, out_dtype, lambda b, xs, start: model_stock_reference(b, xs, filter_wise=True)))
-    fast_keep = getattr(backend, "della_keep", None) if base.device.type == "cpu" else None
+    # The kernel needs contiguous rows: blocks of at most 2 dims.
+    fast_keep = getattr(backend, "della_keep", None) if base.device.type == "cpu" and len(shape) <= 2 else None
 
     def masks(piece_base, piece_inputs, deltas, start: int) -> List[torch.Tensor]:
         return [_della_mask(fast_keep, piece_base, x, d, rule, plan.seed, i, start)
@@ -100,7 +101,7 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
             norms += block
         scales = plan.l1_scales(norms[:, 0].tolist(), norms[:, 1].tolist())
 
-    if fast_keep is not None and getattr(backend, "RECORDS_RANDOM_KEEPS", False) and len(shape) <= 2:
+    if fast_keep is not None and getattr(backend, "RECORDS_RANDOM_KEEPS", False):
         return _emit_fused_della(backend, fast_keep, plan, scales, blocks, [base, *inputs], shaped, out_dtype, emit)
 
     def della_block(piece_base: torch.Tensor, piece_inputs: List[torch.Tensor], start: int) -> torch.Tensor:
@@ -138,8 +139,8 @@ def _emit_fused_della(backend, fast_keep, plan: GtaPlan, scales: List[float], bl
 
 def _della_mask(fast_keep, base: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, rule, seed: int, model: int,
                 offset: int) -> torch.Tensor:
-    """`keep_mask` of one model's block, by the backend's kernel where it applies."""
-    if fast_keep is None or rule.kind != KEEP_DELLA or delta.dim() > 2:
+    """`keep_mask` of one model's block, by the backend's kernel where there is one."""
+    if fast_keep is None or rule.kind != KEEP_DELLA:
         return keep_mask(delta, rule, seed, model, offset)
     return _fast_della_mask(fast_keep, base, x, rule, seed, model, offset)
 
