@@ -3,7 +3,8 @@
 Every output tensor's key, shape and dtype is known before merging, so each shard's header is
 written first and tensors are appended as they are produced: no shard is ever held in memory.
 Shards follow transformers' names (`model.safetensors`, or `model-0000i-of-0000N.safetensors`
-with `model.safetensors.index.json`).
+with `model.safetensors.index.json`). Shards are written past the page cache where the file
+system allows it (`moefuse.io.direct_file`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from moefuse.errors import MoefuseError
+from moefuse.io.direct_file import SequentialFile
 from moefuse.io.safetensors_reader import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -89,16 +91,18 @@ def _header(shard: _Shard, metadata: Dict[str, str]) -> bytes:
 
 
 class ShardedWriter:
-    """Writes `tensors` (in this order, through `write`) into `folder`."""
+    """Writes `tensors` (in this order, through `write`) into `folder`; `direct_io=False` writes
+    through the page cache."""
 
     def __init__(self, folder: Path, tensors: Sequence[OutputTensor], max_shard_size=DEFAULT_MAX_SHARD_SIZE,
-                 metadata: Optional[Dict[str, str]] = None):
+                 metadata: Optional[Dict[str, str]] = None, direct_io: bool = True):
         self.folder = Path(folder)
         self.shards = plan_shards(tensors, parse_size(max_shard_size))
         self.metadata = {"format": "pt", **(metadata or {})}
         self._order = [(shard_index, t) for shard_index, s in enumerate(self.shards) for t in s.tensors]
         self._next = 0
-        self._handle: Optional[BinaryIO] = None
+        self.direct_io = direct_io
+        self._handle: Optional[SequentialFile] = None
         self._open_shard = -1
         self._written = 0  # bytes of the current tensor
 
@@ -121,7 +125,7 @@ class ShardedWriter:
         if shard_index != self._open_shard:
             self._close_handle()
             shard = self.shards[shard_index]
-            self._handle = open(self.folder / shard.name, "wb")
+            self._handle = SequentialFile(self.folder / shard.name, self.direct_io)
             self._handle.write(_header(shard, self.metadata))
             self._open_shard = shard_index
         self._written = 0
@@ -166,4 +170,6 @@ class ShardedWriter:
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
-        self._close_handle()
+        if self._handle is not None:
+            self._handle.abort()
+            self._handle = None

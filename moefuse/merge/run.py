@@ -152,8 +152,10 @@ def _merge_task(plan: MergePlan, task: TensorTask, tensors: List[torch.Tensor], 
 
 
 def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str = "auto",
-            max_shard_size=DEFAULT_MAX_SHARD_SIZE, progress: bool = True, overwrite: bool = False) -> Path:
-    """Run `plan`, writing a Hugging Face checkpoint folder at `out_dir` atomically."""
+            max_shard_size=DEFAULT_MAX_SHARD_SIZE, progress: bool = True, overwrite: bool = False,
+            direct_io: bool = True) -> Path:
+    """Run `plan`, writing a Hugging Face checkpoint folder at `out_dir` atomically (past the page
+    cache with `direct_io`, where the file system allows it)."""
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
         raise MoefuseError("--device cuda was asked for but no CUDA device is available; use --device cpu")
@@ -169,7 +171,7 @@ def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str
         align_plan(plan)
         with atomic_output_dir(out_dir, overwrite) as partial:
             writer = ShardedWriter(partial, [t.output for t in plan.tasks], max_shard_size,
-                                   metadata={"producer": "moefuse"})
+                                   metadata={"producer": "moefuse"}, direct_io=direct_io)
             output = _Output(writer, bar)
             try:
                 pending = loader.start(plan.tasks[0])
@@ -201,11 +203,15 @@ def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str
 
 def merge_checkpoints(config: Union[str, os.PathLike, Dict, MergeConfig], out_dir: Union[str, os.PathLike], *,
                       device: str = "cpu", backend: str = "auto", max_shard_size=DEFAULT_MAX_SHARD_SIZE,
-                      progress: bool = True, overwrite: bool = False, dry_run: bool = False) -> Union[Path, str]:
+                      progress: bool = True, overwrite: bool = False, dry_run: bool = False,
+                      direct_io: bool = True) -> Union[Path, str]:
     """Merge the checkpoints described by `config` (a mergekit-style YAML path, a dict or a
     `MergeConfig`) into a Hugging Face checkpoint folder `out_dir`.
 
     With `dry_run`, nothing is read beyond headers or written; the plan's description is returned.
+    With `direct_io` (the default) the shards are written past the page cache (O_DIRECT) where the
+    file system allows it: a merge never reads its output back, and on large merges cached output
+    pages would evict the inputs' pages. `direct_io=False` writes through the page cache.
     """
     parsed = config if isinstance(config, MergeConfig) else parse_config(config)
     plan = build_plan(parsed)
@@ -214,4 +220,4 @@ def merge_checkpoints(config: Union[str, os.PathLike, Dict, MergeConfig], out_di
         plan.close()
         return text
     return execute(plan, Path(out_dir), device=device, backend=backend, max_shard_size=max_shard_size,
-                   progress=progress, overwrite=overwrite)
+                   progress=progress, overwrite=overwrite, direct_io=direct_io)

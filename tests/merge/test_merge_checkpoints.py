@@ -176,6 +176,18 @@ def test_output_layout_sharding_and_generation(tmp_path, llama_models):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "temporary folders left behind"
 
 
+def test_direct_and_buffered_output_are_the_same_bytes(tmp_path, llama_models):
+    config_path = tmp_path / "merge.yml"
+    config_path.write_text(yaml.safe_dump(_config(llama_models, "ties")))
+    assert cli_main(["merge", str(config_path), str(tmp_path / "direct"), "--quiet", "--max-shard-size", "50KB"]) == 0
+    assert cli_main(["merge", str(config_path), str(tmp_path / "buffered"), "--quiet", "--max-shard-size", "50KB",
+                     "--buffered-output"]) == 0
+    names = sorted(p.name for p in (tmp_path / "direct").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "buffered").iterdir()) and len(names) > 3
+    for name in names:
+        assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "buffered" / name).read_bytes(), name
+
+
 def test_cli_merge_dry_run_and_quiet(tmp_path, llama_models, capsys):
     config_path = tmp_path / "merge.yml"
     config_path.write_text(yaml.safe_dump(_config(llama_models, "ties")))
