@@ -48,7 +48,8 @@ def grouped_moe(
         hidden: [T, H] token states (fp32, bf16 or fp16).
         gate_up_proj: [E, 2I, H] expert weights, hidden's dtype and device (any strides).
         down_proj: [E, H, I].
-        topk_ids: [T, k] integer expert ids in [0, E).
+        topk_ids: [T, k] integer expert ids in [0, E); checked, on a GPU by a device-side assert
+            (an error at the next synchronization, no host sync per call).
         topk_weights: [T, k] routing weights (any float dtype; used in fp32).
         backend: "auto", "triton", "cpu" or "reference" (see module docstring).
         autotune: on a GPU, let Triton search block sizes (first call per shape is slow).
@@ -183,10 +184,16 @@ def _check(hidden, gate_up_proj, down_proj, topk_ids, topk_weights) -> None:
         )
     if topk_ids.device != hidden.device or topk_weights.device != hidden.device:
         raise MoeInputError("grouped_moe: topk_ids and topk_weights must be on hidden's device")
-    if topk_ids.numel():
-        low, high = torch.aminmax(topk_ids)
-        if low < 0 or high >= experts:
-            raise MoeInputError(
-                f"grouped_moe: topk_ids holds expert ids in [{int(low)}, {int(high)}], outside [0, {experts}); "
-                "check the router's number of experts"
-            )
+    if not topk_ids.numel():
+        return
+    if topk_ids.device.type != "cpu":
+        # No host sync per MoE layer (which would stall every decode step): the device asserts.
+        torch._assert_async(((topk_ids >= 0) & (topk_ids < experts)).all(),
+                            f"grouped_moe: topk_ids holds expert ids outside [0, {experts})")
+        return
+    low, high = torch.aminmax(topk_ids)
+    if low < 0 or high >= experts:
+        raise MoeInputError(
+            f"grouped_moe: topk_ids holds expert ids in [{int(low)}, {int(high)}], outside [0, {experts}); "
+            "check the router's number of experts"
+        )

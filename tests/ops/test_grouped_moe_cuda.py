@@ -64,3 +64,22 @@ def test_matches_transformers_grouped_mm():
         expected = experts(x, ids, weights.to(torch.bfloat16))
     # transformers rounds the gate-up and down outputs to bf16 before combining: a few roundings more.
     assert_moe_close(grouped_moe(x, gate_up, down, ids, weights.to(torch.bfloat16)), expected, ulps=16)
+
+
+def test_out_of_range_expert_ids_fail_on_the_device():
+    """On a GPU the id check is a device-side assert (no host sync per layer); it poisons the CUDA
+    context, so it runs in a subprocess."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from moefuse import grouped_moe\n"
+        "x = torch.randn(4, 64, device='cuda')\n"
+        "gate_up, down = torch.randn(8, 256, 64, device='cuda'), torch.randn(8, 64, 128, device='cuda')\n"
+        "ids = torch.full((4, 2), 8, device='cuda')\n"
+        "grouped_moe(x, gate_up, down, ids, torch.ones(4, 2, device='cuda'))\n"
+        "torch.cuda.synchronize()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode != 0 and "assert" in result.stderr.lower(), result.stderr[-2000:]
