@@ -89,9 +89,9 @@ class MergePlan:
     def output_bytes(self) -> int:
         return sum(task.output.nbytes for task in self.tasks)
 
-    def peak_bytes_estimate(self, piece_entries: int) -> int:
+    def peak_bytes_estimate(self, piece_entries: int, writes_in_flight: int) -> int:
         """Merged tensors stream in pieces of `piece_entries`: the inputs' pieces, the output
-        piece being computed and the one being written, in the compute dtype (fp32 scratch is
+        piece being computed and up to `writes_in_flight` being written, in the compute dtype (fp32 scratch is
         per tile). DELLA and filter-wise Model Stock stream blocks of whole rows (one per thread
         in flight), with the reference's temporaries; copied or aligned tensors count whole. DARE
         adds one bit per entry and model (its recorded keep decisions)."""
@@ -100,7 +100,7 @@ class MergePlan:
         def piece_bytes(task: TensorTask) -> int:
             numel = math.prod(task.shape)
             itemsize = (self.compute_dtype or task.out_dtype).itemsize
-            per_entry = itemsize * len(task.sources) + task.out_dtype.itemsize * 2
+            per_entry = itemsize * len(task.sources) + task.out_dtype.itemsize * (1 + writes_in_flight)
             if self.config.align or not task.merge:
                 return numel * per_entry
             if merges_row_blocks(self.config.merge_method, len(task.inputs), task.params, numel):
@@ -255,16 +255,17 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def describe(plan: MergePlan, piece_entries: int) -> str:
-    """A human-readable summary of the plan (for --dry-run), merging in pieces of `piece_entries`."""
+def describe(plan: MergePlan, piece_entries: int, writes_in_flight: int) -> str:
+    """A human-readable summary of the plan (for --dry-run), merging in pieces of `piece_entries`
+    with up to `writes_in_flight` output pieces queued for the writer."""
     lines = [
         f"method: {plan.config.merge_method}",
         f"base: {plan.base.folder if plan.base else '(none)'}",
         *[f"model {i}: {m.folder}" for i, m in enumerate(plan.models)],
         f"tensors: {len(plan.tasks)} ({sum(not t.merge for t in plan.tasks)} copied from the base), "
         f"output {plan.output_bytes / 1e9:.3f} GB",
-        f"expected peak memory: about {plan.peak_bytes_estimate(piece_entries) / 1e9:.3f} GB of tensor "
-        "data (the largest tensor's pieces: its inputs, the output being merged and the one being written) "
+        f"expected peak memory: about {plan.peak_bytes_estimate(piece_entries, writes_in_flight) / 1e9:.3f} GB of tensor "
+        "data (the largest tensor's pieces: its inputs, the output being merged and those being written) "
         "plus the runtime (about 0.25 GB for Python and torch)",
         "parameters:",
     ]
