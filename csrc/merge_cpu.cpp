@@ -70,7 +70,8 @@ struct TileBound {
   TileBound(int64_t t, int64_t c, int64_t start, int64_t len)
       : threshold(static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(t, -1), INT32_MAX))),
         cut(static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(c - start, 0), len))) {}
-  inline bool above(int32_t key, int32_t k) const { return key > threshold || (key == threshold && k < cut); }
+  // Bitwise, not short-circuit, operators: branch-free, so that the loops calling it vectorize.
+  inline bool above(int32_t key, int32_t k) const { return (key > threshold) | ((key == threshold) & (k < cut)); }
 };
 
 // Fills d[0, len) with the deltas of x against b (rounded to the input dtype) and keys with
@@ -193,21 +194,37 @@ struct RandomKeeps {
   uint8_t* record = nullptr;
 };
 
+// BYTE_BITS[v]: the 8 bits of v as 8 bytes of 0 or 1, bit 0 in the first (lowest) byte.
+struct ByteBits {
+  uint64_t spread[256];
+  constexpr ByteBits() : spread() {
+    for (int v = 0; v < 256; ++v)
+      for (int bit = 0; bit < 8; ++bit) spread[v] |= uint64_t((v >> bit) & 1) << (8 * bit);
+  }
+};
+constexpr ByteBits BYTE_BITS;
+
 // keep[k] = philox(seed, start + k, stream) < threshold for k < len (or replayed from bits.cached).
-inline void random_keeps(uint64_t seed, int64_t start, int64_t len, uint32_t stream, uint32_t threshold,
-                         const RandomKeeps& bits, uint8_t* keep) {
+// keep has room for len rounded up to a multiple of 8.
+__attribute__((always_inline)) inline void random_keeps(uint64_t seed, int64_t start, int64_t len, uint32_t stream,
+                                                        uint32_t threshold, const RandomKeeps& bits, uint8_t* keep) {
   if (bits.cached) {
-    for (int64_t k = 0; k < len; ++k) keep[k] = (bits.cached[k >> 3] >> (k & 7)) & 1;
+    static_assert(sizeof(BYTE_BITS.spread[0]) == 8 && TILE % 8 == 0, "8 keep bytes per cached byte");
+    for (int64_t byte = 0; byte < (len + 7) / 8; ++byte) {
+      std::memcpy(keep + 8 * byte, &BYTE_BITS.spread[bits.cached[byte]], 8);
+    }
     return;
   }
   uint32_t draws[TILE];
   draw_tile(seed, start, len, stream, draws);
   for (int64_t k = 0; k < len; ++k) keep[k] = draws[k] < threshold;
   if (bits.record) {
-    for (int64_t byte = 0; byte < (len + 7) / 8; ++byte) {
-      uint8_t packed = 0;
-      for (int64_t k = byte * 8; k < std::min(len, byte * 8 + 8); ++k) packed |= uint8_t(keep[k] << (k & 7));
-      bits.record[byte] = packed;
+    const int64_t bytes = (len + 7) / 8;
+    std::fill(keep + len, keep + 8 * bytes, uint8_t(0));
+    for (int64_t byte = 0; byte < bytes; ++byte) {
+      uint64_t eight;  // keep[8 byte + i] in byte i; the product gathers bit 0 of each byte into the top byte
+      std::memcpy(&eight, keep + 8 * byte, 8);
+      bits.record[byte] = uint8_t((eight * 0x0102040810204080ull) >> 56);
     }
   }
 }
@@ -215,9 +232,10 @@ inline void random_keeps(uint64_t seed, int64_t start, int64_t len, uint32_t str
 // One model's part of a fused tile: d[k] = c * delta_k where the rule keeps entry k (else 0),
 // total[k] += d[k]; returns the number of NaN/Inf entries of x. One loop, no intermediate buffers.
 template <typename T, bool kRanks, bool kRandom>
-inline int32_t kept_contributions(const T* x, const T* b, int64_t start, int64_t len, const Rule& rule,
-                                  uint64_t seed, uint32_t stream, const RandomKeeps& bits, float c,
-                                  float* __restrict__ d, float* __restrict__ total) {
+__attribute__((always_inline)) inline int32_t kept_contributions(const T* x, const T* b, int64_t start, int64_t len,
+                                                                 const Rule& rule, uint64_t seed, uint32_t stream,
+                                                                 const RandomKeeps& bits, float c,
+                                                                 float* __restrict__ d, float* __restrict__ total) {
   const TileBound hi(rule.t_hi, rule.cut_hi, start, len), lo(rule.t_lo, rule.cut_lo, start, len);
   uint8_t random_keep[kRandom ? TILE : 1];
   if (kRandom) {
@@ -228,8 +246,8 @@ inline int32_t kept_contributions(const T* x, const T* b, int64_t start, int64_t
     int32_t key;
     bad += !std::isfinite(Elem<T>::value(x[k]));
     const float delta = Elem<T>::delta(x[k], b[k], &key);
-    bool keep = !kRanks || (hi.above(key, k) && !lo.above(key, k));
-    if (kRandom) keep = keep && random_keep[k];
+    bool keep = !kRanks || (hi.above(key, k) & !lo.above(key, k));
+    if (kRandom) keep &= random_keep[k] != 0;
     d[k] = keep ? delta * c : 0.f;
     total[k] += d[k];
   }
@@ -239,9 +257,10 @@ inline int32_t kept_contributions(const T* x, const T* b, int64_t start, int64_t
 // kept_contributions for `rule`, instantiated for its kind (called directly, so that each call is
 // inlined into the caller's AVX-512/AVX2 clone).
 template <typename T>
-inline int32_t add_kept(const T* x, const T* b, int64_t start, int64_t len, const Rule& rule, uint64_t seed,
-                        uint32_t stream, const RandomKeeps& bits, float c, float* __restrict__ d,
-                        float* __restrict__ total) {
+__attribute__((always_inline)) inline int32_t add_kept(const T* x, const T* b, int64_t start, int64_t len,
+                                                       const Rule& rule, uint64_t seed, uint32_t stream,
+                                                       const RandomKeeps& bits, float c, float* __restrict__ d,
+                                                       float* __restrict__ total) {
   if (rule.keeps_all()) {
     return kept_contributions<T, false, false>(x, b, start, len, rule, seed, stream, bits, c, d, total);
   }
