@@ -277,14 +277,23 @@ MOEFUSE_SIMD_CLONES void l1_tile(const T* x, const T* b, int64_t start, int64_t 
   float d[TILE], kept[TILE];
   std::fill(kept, kept + len, 0.f);
   add_kept(x, b, start, len, rule, seed, stream, bits, 1.f, d, kept);
-  float before = 0.f, after = 0.f;
-  for (int64_t k = 0; k < len; ++k) {
+  // LANES partial sums each (one running sum would be a serial chain GCC does not vectorize).
+  constexpr int64_t LANES = 16;
+  float before[LANES] = {}, after[LANES] = {};
+  const auto add = [&](int64_t k, int64_t l) {
     int32_t key;
-    before += std::fabs(Elem<T>::delta(x[k], b[k], &key));
-    after += std::fabs(kept[k]);
+    before[l] += std::fabs(Elem<T>::delta(x[k], b[k], &key));
+    after[l] += std::fabs(kept[k]);
+  };
+  int64_t k0 = 0;
+  for (; k0 + LANES <= len; k0 += LANES) {
+    for (int64_t l = 0; l < LANES; ++l) add(k0 + l, l);
   }
-  sums[0] += before;
-  sums[1] += after;
+  for (int64_t l = 0; k0 + l < len; ++l) add(k0 + l, l);
+  for (int64_t l = 0; l < LANES; ++l) {
+    sums[0] += before[l];
+    sums[1] += after[l];
+  }
 }
 
 struct FusedSpec {
@@ -369,20 +378,29 @@ MOEFUSE_SIMD_CLONES void gram_tile(const T* const* xs, const T* b, int64_t m, in
   }
 }
 
-// Ascending ranks (ties by position) of keys[0, len): a stable LSD radix sort of (key, position)
-// pairs, 8 bits per pass, skipping the passes in which every key has the same digit.
-void ascending_ranks(const std::vector<int32_t>& keys, int64_t len, std::vector<uint64_t>& pairs,
-                     std::vector<uint64_t>& sorted, std::vector<uint32_t>& ranks) {
-  for (int64_t c = 0; c < len; ++c) pairs[c] = (uint64_t(uint32_t(keys[c])) << 32) | uint64_t(c);
-  for (int shift = 32; shift < 64; shift += 8) {
-    int64_t counts[257] = {0};
-    for (int64_t c = 0; c < len; ++c) ++counts[((pairs[c] >> shift) & 0xFF) + 1];
-    if (*std::max_element(counts + 1, counts + 257) == len) continue;
-    for (int d = 0; d < 256; ++d) counts[d + 1] += counts[d];
-    for (int64_t c = 0; c < len; ++c) sorted[counts[(pairs[c] >> shift) & 0xFF]++] = pairs[c];
-    pairs.swap(sorted);
+// ranks[c] = the ascending rank of (keys[c], c) among keys[0, len): an LSD radix sort of the words
+// (key << INDEX_BITS) | c by the key's 8-bit digits only (the column order they start in breaks
+// ties), with every digit counted in one pass and digits that are the same everywhere skipped.
+// Keys must fit in the word's upper bits and columns in INDEX_BITS; `words` and `spare` hold len.
+template <typename Word, int INDEX_BITS>
+void sorted_ranks(const int32_t* keys, int64_t len, Word* words, Word* spare, uint32_t* ranks) {
+  constexpr int DIGITS = (8 * int(sizeof(Word)) - INDEX_BITS) / 8;
+  int64_t counts[DIGITS][257] = {};
+  for (int64_t c = 0; c < len; ++c) {
+    const Word word = (Word(uint32_t(keys[c])) << INDEX_BITS) | Word(c);
+    words[c] = word;
+    for (int d = 0; d < DIGITS; ++d) ++counts[d][((word >> (INDEX_BITS + 8 * d)) & 0xFF) + 1];
   }
-  for (int64_t r = 0; r < len; ++r) ranks[uint32_t(pairs[r])] = uint32_t(r);
+  for (int d = 0; d < DIGITS; ++d) {
+    int64_t* count = counts[d];
+    if (*std::max_element(count + 1, count + 257) == len) continue;
+    for (int v = 0; v < 256; ++v) count[v + 1] += count[v];
+    const int shift = INDEX_BITS + 8 * d;
+    for (int64_t c = 0; c < len; ++c) spare[count[(words[c] >> shift) & 0xFF]++] = words[c];
+    std::swap(words, spare);
+  }
+  constexpr Word INDEX_MASK = (Word(1) << INDEX_BITS) - 1;
+  for (int64_t r = 0; r < len; ++r) ranks[words[r] & INDEX_MASK] = uint32_t(r);
 }
 
 }  // namespace
@@ -481,18 +499,19 @@ at::Tensor chunk_counts(const at::Tensor& base, const std::vector<at::Tensor>& i
 
 std::tuple<at::Tensor, at::Tensor> l1_norms(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
                                             const at::Tensor& rules_tensor, int64_t seed, int64_t offset,
-                                            const std::vector<at::Tensor>& record_keeps) {
+                                            const std::vector<at::Tensor>& keeps, bool replay) {
   check_same(base, inputs);
   const auto rules = read_rules(rules_tensor);
   const int64_t m = inputs.size(), n = base.numel();
-  const auto record = keep_bit_buffers(record_keeps, m, n);
+  const auto buffers = keep_bit_buffers(keeps, m, n);
   std::vector<std::vector<double>> local(at::get_num_threads(), std::vector<double>(2 * m, 0.0));
   MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "l1_norms", [&] {
     const scalar_t* b = base.data_ptr<scalar_t>();
     auto xs = pointers<scalar_t>(inputs);
     for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
       for (int64_t i = 0; i < m; ++i) {
-        const RandomKeeps bits{nullptr, record.empty() ? nullptr : record[i] + s / 8};
+        uint8_t* const tile_bits = buffers.empty() ? nullptr : buffers[i] + s / 8;
+        const RandomKeeps bits{replay ? tile_bits : nullptr, replay ? nullptr : tile_bits};
         l1_tile(xs[i] + s, b + s, offset + s, e - s, rules[i], uint64_t(seed), uint32_t(i), bits, &local[thread][2 * i]);
       }
     });
@@ -581,13 +600,20 @@ at::Tensor della_keep(const at::Tensor& base, const at::Tensor& x, const at::Ten
     at::parallel_for(0, n / len, 1, [&](int64_t r0, int64_t r1) {
       std::vector<int32_t> keys(len);
       std::vector<uint32_t> ranks(len), bits(TILE);
-      std::vector<uint64_t> pairs(len), sorted(len);
+      // 16-bit dtypes have 15-bit keys: (key, column) fits 32 bits for rows of up to 2^16.
+      const bool narrow = sizeof(scalar_t) == 2 && len <= (int64_t(1) << 16);
+      std::vector<uint32_t> narrow_words(narrow ? 2 * len : 0);
+      std::vector<uint64_t> wide_words(narrow ? 0 : 2 * len);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t row = r * len;
         for (int64_t s = 0; s < len; s += TILE) {
           keys_tile(xp + row + s, b + row + s, std::min(TILE, len - s), keys.data() + s);
         }
-        ascending_ranks(keys, len, pairs, sorted, ranks);
+        if (narrow) {
+          sorted_ranks<uint32_t, 16>(keys.data(), len, narrow_words.data(), narrow_words.data() + len, ranks.data());
+        } else {
+          sorted_ranks<uint64_t, 32>(keys.data(), len, wide_words.data(), wide_words.data() + len, ranks.data());
+        }
         for (int64_t s = 0; s < len; s += TILE) {
           const int64_t t = std::min(TILE, len - s);
           draw_tile(uint64_t(seed), offset + row + s, t, uint32_t(stream), bits.data());

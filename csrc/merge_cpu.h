@@ -18,12 +18,12 @@ at::Tensor histogram_level2(const at::Tensor& base, const std::vector<at::Tensor
 at::Tensor chunk_counts(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
                         const std::vector<int64_t>& keys, int64_t chunk);
 // `offset`: the flat index of the slice's first entry in the whole tensor (rank cuts, draws).
-// `record_keeps` (one uint8 buffer of ceil(n / 8) bytes per input, or none): l1_norms stores each
-// random keep decision there (bit j % 8 of byte j / 8), and fused_gta given them as
-// `cached_keeps` replays them instead of drawing again.
+// `keeps` (one uint8 buffer of ceil(n / 8) bytes per input, or none): l1_norms stores each
+// random keep decision there (bit j % 8 of byte j / 8), or with `replay` reads the decisions from
+// there instead of drawing them; fused_gta given them as `cached_keeps` replays them.
 std::tuple<at::Tensor, at::Tensor> l1_norms(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
                                             const at::Tensor& rules, int64_t seed, int64_t offset,
-                                            const std::vector<at::Tensor>& record_keeps);
+                                            const std::vector<at::Tensor>& keeps, bool replay);
 // The fused pass and the weighted sum also return the NaN/Inf count of each input read
 // (fused_gta: the base first, then the inputs).
 std::tuple<at::Tensor, std::vector<int64_t>> fused_gta(

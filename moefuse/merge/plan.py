@@ -91,10 +91,10 @@ class MergePlan:
 
     def peak_bytes_estimate(self, piece_entries: int, writes_in_flight: int) -> int:
         """Merged tensors stream in pieces of `piece_entries`: the inputs' pieces, the output
-        piece being computed and up to `writes_in_flight` being written, in the compute dtype (fp32 scratch is
-        per tile). DELLA and filter-wise Model Stock stream blocks of whole rows (one per thread
+        piece being computed and up to `writes_in_flight` being written, in the compute dtype
+        (fp32 scratch is per tile). DELLA and filter-wise Model Stock stream blocks of whole rows (one per thread
         in flight), with the reference's temporaries; copied or aligned tensors count whole. DARE
-        adds one bit per entry and model (its recorded keep decisions)."""
+        and DELLA add one bit per entry and model (their recorded keep decisions)."""
         spec = get_method(self.config.merge_method)
 
         def piece_bytes(task: TensorTask) -> int:
@@ -103,11 +103,12 @@ class MergePlan:
             per_entry = itemsize * len(task.sources) + task.out_dtype.itemsize * (1 + writes_in_flight)
             if self.config.align or not task.merge:
                 return numel * per_entry
+            recorded_keeps = (numel + 7) // 8 * len(task.inputs) if spec.sparsifier in ("random", "della") else 0
             if merges_row_blocks(self.config.merge_method, len(task.inputs), task.params, numel):
                 rows = independent_slice(spec, task.shape)
                 block = max(math.prod(rows), min(numel, ROW_BLOCK_ENTRIES))
-                return block * (per_entry + REFERENCE_BYTES_PER_ENTRY * len(task.sources)) * blocks_in_flight()
-            recorded_keeps = (numel + 7) // 8 * len(task.inputs) if spec.sparsifier == "random" else 0  # DARE
+                per_block = block * (per_entry + REFERENCE_BYTES_PER_ENTRY * len(task.sources))
+                return per_block * blocks_in_flight() + recorded_keeps
             return min(numel, piece_entries) * per_entry + recorded_keeps
 
         return max((piece_bytes(t) for t in self.tasks), default=0)

@@ -7,7 +7,7 @@
 Each pass walks the flat inputs in `Pieces`; the fused pass hands each output piece to `emit`.
 A backend module supplies the kernels named in `moefuse.ops.select` plus
 
-    l1_norms(base, inputs, rules, seed, offset, random_keeps=()) -> (float64 [N], float64 [N])
+    l1_norms(base, inputs, rules, seed, offset, random_keeps=(), replay=False) -> (float64 [N], float64 [N])
     fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize,
               weight_sum, lam, out_dtype, offset, random_keeps=())
         -> (Tensor, [NaN/Inf count of base, input 0, ...])
@@ -15,7 +15,8 @@ A backend module supplies the kernels named in `moefuse.ops.select` plus
 where `offset` is the flat index of the slice's first entry (rank cuts and random draws use
 indices into the whole tensor). A backend with RECORDS_RANDOM_KEEPS = True takes `random_keeps`,
 one uint8 buffer of ceil(len / 8) bytes per input: l1_norms records each random keep decision
-there (bit j % 8 of byte j / 8) and fused_gta replays them, so DARE draws its Philox numbers once.
+there (bit j % 8 of byte j / 8), or replays them with `replay=True`, and fused_gta replays them,
+so DARE draws its Philox numbers once (and DELLA's masks, `moefuse.ops.rowwise`, are ranked once).
 
 `rules` is an int64 [N, 5] tensor (see `encode_rules`); the per-entry semantics are those of
 `moefuse.ops.merge_reference.gta_reference`.

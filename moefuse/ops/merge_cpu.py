@@ -33,12 +33,12 @@ def chunk_counts(base, inputs, models: Sequence[int], keys: Sequence[int], chunk
     return _C.chunk_counts(base, [inputs[i] for i in models], list(keys), chunk)
 
 
-RECORDS_RANDOM_KEEPS = True  # l1_norms can record DARE's keep decisions for fused_gta to replay
+RECORDS_RANDOM_KEEPS = True  # l1_norms records (or replays) random keep decisions; fused_gta replays them
 
 
-def l1_norms(base, inputs, rules: torch.Tensor, seed: int, offset: int,
-             random_keeps: Sequence[torch.Tensor] = ()) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _C.l1_norms(base, list(inputs), rules, seed, offset, list(random_keeps))
+def l1_norms(base, inputs, rules: torch.Tensor, seed: int, offset: int, random_keeps: Sequence[torch.Tensor] = (),
+             replay: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _C.l1_norms(base, list(inputs), rules, seed, offset, list(random_keeps), replay)
 
 
 def fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize, weight_sum, lam,

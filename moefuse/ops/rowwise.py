@@ -84,6 +84,9 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
             shaped, out_dtype, lambda b, xs, start: model_stock_reference(b, xs, filter_wise=True)))
     # The kernel needs contiguous rows: blocks of at most 2 dims.
     fast_keep = getattr(backend, "della_keep", None) if base.device.type == "cpu" and len(shape) <= 2 else None
+    fused = fast_keep is not None and getattr(backend, "RECORDS_RANDOM_KEEPS", False)
+    if fused:
+        return _fused_della(backend, fast_keep, plan, blocks, [base, *inputs], shaped, out_dtype, emit)
 
     def masks(piece_base, piece_inputs, deltas, start: int) -> List[torch.Tensor]:
         return [_della_mask(fast_keep, piece_base, x, d, rule, plan.seed, i, start)
@@ -101,9 +104,6 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
             norms += block
         scales = plan.l1_scales(norms[:, 0].tolist(), norms[:, 1].tolist())
 
-    if fast_keep is not None and getattr(backend, "RECORDS_RANDOM_KEEPS", False):
-        return _emit_fused_della(backend, fast_keep, plan, scales, blocks, [base, *inputs], shaped, out_dtype, emit)
-
     def della_block(piece_base: torch.Tensor, piece_inputs: List[torch.Tensor], start: int) -> torch.Tensor:
         deltas = task_vectors(piece_base, piece_inputs)
         return combine_kept(piece_base, deltas, masks(piece_base, piece_inputs, deltas, start), plan, scales)
@@ -111,30 +111,60 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
     return _emit_blocks(blocks, [base, *inputs], emit, _reference_work(shaped, out_dtype, della_block))
 
 
-def _emit_fused_della(backend, fast_keep, plan: GtaPlan, scales: List[float], blocks: Pieces,
-                      tensors: List[torch.Tensor], shaped, out_dtype: torch.dtype,
-                      emit: Callable[[torch.Tensor], None]) -> List[int]:
-    """The combine pass by the backend's fused kernel, each DELLA mask replayed as the recorded
-    decisions of a random rule whose own draws keep nothing (threshold 0)."""
+def _fused_della(backend, fast_keep, plan: GtaPlan, blocks: Pieces, tensors: List[torch.Tensor], shaped,
+                 out_dtype: torch.dtype, emit: Callable[[torch.Tensor], None]) -> List[int]:
+    """DELLA with the backend's kernels: masks by `fast_keep`, packed into bits and replayed as the
+    recorded decisions of random rules whose own draws keep nothing (threshold 0) by the L1-norm
+    and fused passes. Where every block starts on a byte of a tensor-wide bit buffer, the L1 pass
+    keeps the masks there (ceil(n / 8) bytes per input) and the combine pass reuses them; otherwise
+    the combine pass ranks again."""
     replayed = replace(plan, rules=tuple(
         KeepRule(KEEP_RANDOM, threshold32=0, density=r.density) if r.kind == KEEP_DELLA else r for r in plan.rules))
     rules = encode_rules(replayed, {})
+    models = len(tensors) - 1
+
+    def packed_masks(start: int, piece: List[torch.Tensor]) -> List[torch.Tensor]:
+        shaped_base, *shaped_inputs = shaped(piece)
+        return [_packed(_fast_della_mask(fast_keep, shaped_base, x, rule, plan.seed, i, start)) if rule.kind == KEEP_DELLA
+                else _packed(torch.zeros(x.numel(), dtype=torch.bool))  # a rule that keeps all or nothing by itself
+                for i, (x, rule) in enumerate(zip(shaped_inputs, plan.rules))]
+
+    scales = plan.static_scales()
+    kept_bits = None
+    if scales is None:
+        if blocks.size % 8 == 0 or blocks.size >= blocks.n:
+            kept_bits = torch.empty(models, (blocks.n + 7) // 8, dtype=torch.uint8)
+
+        def block_norms(start: int, piece: List[torch.Tensor]) -> torch.Tensor:
+            bits = packed_masks(start, piece)
+            if kept_bits is not None:
+                kept_bits[:, start // 8:start // 8 + bits[0].numel()] = torch.stack(bits)
+            before, after = backend.l1_norms(piece[0], piece[1:], rules, plan.seed, start, random_keeps=bits,
+                                             replay=True)
+            return torch.stack([before, after], dim=1)
+
+        norms = torch.zeros(models, 2, dtype=torch.float64)
+        for block in _map_blocks(blocks, tensors, block_norms):
+            norms += block
+        scales = plan.l1_scales(norms[:, 0].tolist(), norms[:, 1].tolist())
     coefficients = [w * s for w, s in zip(plan.weights, scales)]
 
     def work(start: int, piece: List[torch.Tensor]) -> Tuple[List[int], torch.Tensor]:
-        piece_base, *piece_inputs = piece
-        shaped_base, *shaped_inputs = shaped(piece)
-        keeps = []
-        for i, (x, rule) in enumerate(zip(shaped_inputs, plan.rules)):
-            mask = _fast_della_mask(fast_keep, shaped_base, x, rule, plan.seed, i, start) if rule.kind == KEEP_DELLA \
-                else torch.zeros(x.shape, dtype=torch.bool)  # a rule that keeps all or nothing by itself
-            keeps.append(torch.from_numpy(np.packbits(mask.reshape(-1).numpy(), bitorder="little")))
-        out, counts = backend.fused_gta(piece_base, piece_inputs, rules, plan.seed, coefficients, list(plan.weights),
+        if kept_bits is None:
+            bits = packed_masks(start, piece)
+        else:
+            bits = list(kept_bits[:, start // 8:(start + piece[0].numel() + 7) // 8])
+        out, counts = backend.fused_gta(piece[0], piece[1:], rules, plan.seed, coefficients, list(plan.weights),
                                         plan.consensus, plan.normalize, weight_sum_divisor(plan), plan.lam,
-                                        out_dtype, start, random_keeps=keeps)
+                                        out_dtype, start, random_keeps=bits)
         return counts, out
 
     return _emit_blocks(blocks, tensors, emit, work)
+
+
+def _packed(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as bits, entry j in bit j % 8 of byte j / 8."""
+    return torch.from_numpy(np.packbits(mask.reshape(-1).numpy(), bitorder="little"))
 
 
 def _della_mask(fast_keep, base: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, rule, seed: int, model: int,

@@ -102,8 +102,9 @@ def test_della_keeps_large_magnitudes_more_often():
 
 @pytest.mark.skipif(backends.cpu_backend(warn_if_missing=False) is None, reason="needs the C++ extension")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape, offset", [((6, 4099), 0), ((3, 1000), 2**32 - 1500), ((5, 1), 17), ((1, 1), 0)],
-                         ids=lambda c: str(c))
+# Rows of up to 2^16 entries of a 16-bit dtype are sorted as 32-bit words, longer rows as 64-bit ones.
+@pytest.mark.parametrize("shape, offset", [((6, 4099), 0), ((3, 1000), 2**32 - 1500), ((5, 1), 17), ((1, 1), 0),
+                                           ((1, 70001), 3)], ids=lambda c: str(c))
 def test_della_keep_kernel_equals_the_reference_mask(dtype, shape, offset):
     """Rows longer and shorter than a tile, many tied magnitudes (ranks by position), a row of
     one, and flat indices across 2^32 (Philox's high counter word)."""

@@ -19,7 +19,7 @@ ALL_PARAMS = {
     "della": dict(weight=[1.0, 0.5, 0.7], density=0.5, epsilon=0.1, seed=5),
     "model_stock_filter_wise": dict(filter_wise=True),
 }
-SUMMED = {"dare_ties", "breadcrumbs_ties", "slerp", "model_stock"}  # L1 norms or Gram entries add up per piece
+SUMMED = {"dare_ties", "breadcrumbs_ties", "della", "slerp", "model_stock"}  # L1 norms or Gram entries add up per piece
 SHAPE = (37, 101)  # 3737 entries: pieces of 64 .. 1024 leave a short last piece
 
 
@@ -102,7 +102,8 @@ def test_nonfinite_input_is_named_after_the_last_piece():
 
 
 ROW_CASES = [  # shape, method, entries per emitted block (ROW_BLOCK_ENTRIES = 250)
-    ((37, 101), "della", 202),  # two rows of 101
+    ((37, 101), "della", 202),  # two rows of 101: blocks off the byte grid, masks ranked in both passes
+    ((40, 64), "della", 192),  # three rows of 64: masks kept in bits from the L1 pass for the combine
     ((9, 4, 30), "della", 240),  # ranks run along dim 1: two slices along dim 0
     ((7, 300), "della", 300),  # a row longer than a block is a block of its own
     ((500,), "della", 500),  # one row: the whole tensor
