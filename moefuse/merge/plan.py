@@ -22,7 +22,7 @@ from moefuse.merge.config import MergeConfig, evaluate_setting
 from moefuse.methods import get_method, resolve_params
 from moefuse.methods.base import GLOBAL_SCOPE
 from moefuse.ops.merge import merges_row_blocks
-from moefuse.ops.rowwise import REFERENCE_BYTES_PER_ENTRY, ROW_BLOCK_ENTRIES, blocks_in_flight, independent_slice
+from moefuse.ops.rowwise import row_block_bytes
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -105,10 +105,7 @@ class MergePlan:
                 return numel * per_entry
             recorded_keeps = (numel + 7) // 8 * len(task.inputs) if spec.sparsifier in ("random", "della") else 0
             if merges_row_blocks(self.config.merge_method, len(task.inputs), task.params, numel):
-                rows = independent_slice(spec, task.shape)
-                block = max(math.prod(rows), min(numel, ROW_BLOCK_ENTRIES))
-                per_block = block * (per_entry + REFERENCE_BYTES_PER_ENTRY * len(task.sources))
-                return per_block * blocks_in_flight() + recorded_keeps
+                return row_block_bytes(spec, task.shape, per_entry, len(task.inputs)) + recorded_keeps
             return min(numel, piece_entries) * per_entry + recorded_keeps
 
         return max((piece_bytes(t) for t in self.tasks), default=0)

@@ -46,6 +46,11 @@ from moefuse.ops.pieces import Pieces
 from moefuse.ops.plan import KEEP_DELLA, KEEP_RANDOM, GtaPlan, KeepRule
 
 ROW_BLOCK_ENTRIES = 1 << 16
+# DELLA with the C++ kernels keeps few bytes per entry (its masks: a bool and a bit per input), so
+# its blocks are larger: each block then pays Python's per-block work (which holds the GIL) once
+# for 2^20 entries, not 2^16 (with 2^16 the two workers waited on the GIL: 47 s for 4 x 1.98 GB).
+FUSED_BLOCK_ENTRIES = 1 << 20
+FUSED_BYTES_PER_ENTRY = 2  # per block entry and input: its bool mask and its bits, rounded up
 # The reference's temporaries per block entry and input (measured: DELLA 24 bytes, Model Stock 14).
 REFERENCE_BYTES_PER_ENTRY = 32
 T = TypeVar("T")
@@ -72,7 +77,12 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
     row = independent_slice(spec, shape)
     row_numel = math.prod(row)
     whole = row == tuple(shape) or row_numel == 0
-    blocks = Pieces(pieces.n, max(1, pieces.n if whole else max(1, ROW_BLOCK_ENTRIES // row_numel) * row_numel),
+    # The kernel needs contiguous rows: blocks of at most 2 dims.
+    fast_keep = getattr(backend, "della_keep", None) if plan is not None and base.device.type == "cpu" \
+        and len(shape) <= 2 else None
+    fused = fast_keep is not None and getattr(backend, "RECORDS_RANDOM_KEEPS", False)
+    block_entries = FUSED_BLOCK_ENTRIES if fused else ROW_BLOCK_ENTRIES
+    blocks = Pieces(pieces.n, max(1, pieces.n if whole else max(1, block_entries // row_numel) * row_numel),
                     pieces.release, pieces.cast)
 
     def shaped(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -82,9 +92,6 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
     if plan is None:
         return _emit_blocks(blocks, [base, *inputs], emit, _reference_work(
             shaped, out_dtype, lambda b, xs, start: model_stock_reference(b, xs, filter_wise=True)))
-    # The kernel needs contiguous rows: blocks of at most 2 dims.
-    fast_keep = getattr(backend, "della_keep", None) if base.device.type == "cpu" and len(shape) <= 2 else None
-    fused = fast_keep is not None and getattr(backend, "RECORDS_RANDOM_KEEPS", False)
     if fused:
         return _fused_della(backend, fast_keep, plan, blocks, [base, *inputs], shaped, out_dtype, emit)
 
@@ -205,6 +212,17 @@ def _emit_blocks(blocks: Pieces, tensors: List[torch.Tensor], emit: Callable[[to
 
 def _single_threaded() -> None:
     torch.set_num_threads(1)  # this worker thread's own setting (OpenMP keeps it per thread)
+
+
+def row_block_bytes(spec: MethodSpec, shape: Tuple[int, ...], entry_bytes: int, inputs: int) -> int:
+    """Upper bound of the memory of the blocks in flight for a row-local merge of a tensor of
+    `shape`, with `entry_bytes` of input and output data per entry: the larger of the reference's
+    blocks and the C++ DELLA kernels' (whichever the backend runs)."""
+    numel = math.prod(shape)
+    row = math.prod(independent_slice(spec, shape))
+    reference = max(row, min(numel, ROW_BLOCK_ENTRIES)) * (entry_bytes + REFERENCE_BYTES_PER_ENTRY * (inputs + 1))
+    fused = max(row, min(numel, FUSED_BLOCK_ENTRIES)) * (entry_bytes + FUSED_BYTES_PER_ENTRY * inputs)
+    return max(reference, fused) * blocks_in_flight()
 
 
 def blocks_in_flight() -> int:

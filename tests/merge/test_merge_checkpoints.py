@@ -115,6 +115,7 @@ def small_row_blocks(monkeypatch):
     from moefuse.ops import rowwise
 
     monkeypatch.setattr(rowwise, "ROW_BLOCK_ENTRIES", 256)
+    monkeypatch.setattr(rowwise, "FUSED_BLOCK_ENTRIES", 256)
 
 
 def test_filter_wise_model_stock_matches_mergekit(tmp_path, llama_models, small_row_blocks):

@@ -14,6 +14,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from moefuse.merge.run import WRITES_IN_FLIGHT
+
 SHARDS = 3
 FIXED_OVERHEAD = 64 * 2**20
 
@@ -76,7 +78,7 @@ def _peak_rss_growth(tmp_path: Path, method: str, parameters: dict, shape, tenso
 def test_peak_rss_is_bounded_by_a_few_pieces(tmp_path, numel, tensors, piece_entries):
     peak = _peak_rss_growth(tmp_path, "ties", {"density": 0.3, "weight": 0.5}, (numel,), tensors, piece_entries)
     piece_bytes = min(numel, piece_entries) * 4
-    bound = (4 + 2) * piece_bytes + FIXED_OVERHEAD  # base + 3 inputs, 2 output pieces
+    bound = (4 + 1 + WRITES_IN_FLIGHT) * piece_bytes + FIXED_OVERHEAD  # base + 3 inputs, output pieces
     total_inputs = 4 * tensors * numel * 4
     assert peak <= bound, (f"peak RSS grew by {peak / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB "
                            f"(inputs {total_inputs / 2**20:.0f} MiB)")
@@ -89,10 +91,13 @@ def test_peak_rss_is_bounded_by_a_few_pieces(tmp_path, numel, tensors, piece_ent
 def test_row_local_methods_stay_near_their_row_blocks(tmp_path, method, parameters, global_parameters):
     """Three 32 MB [2048, 4096] fp32 tensors per model: merged whole, the reference alone would
     allocate several hundred MB; in blocks of rows the growth stays near the fused methods'."""
-    from moefuse.ops.rowwise import REFERENCE_BYTES_PER_ENTRY, ROW_BLOCK_ENTRIES, blocks_in_flight
+    from moefuse.ops import rowwise
 
     peak = _peak_rss_growth(tmp_path, method, parameters, (2048, 4096), 3, 1 << 18, global_parameters)
-    block_bytes = ROW_BLOCK_ENTRIES * 4
-    per_block = 4 * (block_bytes + REFERENCE_BYTES_PER_ENTRY * ROW_BLOCK_ENTRIES) + 2 * block_bytes
-    bound = blocks_in_flight() * per_block + FIXED_OVERHEAD
+    # Per block: 4 fp32 inputs and the outputs, plus the reference's temporaries per input, or (DELLA's
+    # C++ kernels, blocks of FUSED_BLOCK_ENTRIES) its masks, plus DELLA's kept bits of the tensor.
+    data = (4 + 1 + WRITES_IN_FLIGHT) * 4
+    reference = rowwise.ROW_BLOCK_ENTRIES * (data + 4 * rowwise.REFERENCE_BYTES_PER_ENTRY)
+    fused = rowwise.FUSED_BLOCK_ENTRIES * (data + 3 * rowwise.FUSED_BYTES_PER_ENTRY) + 3 * 2048 * 4096 // 8
+    bound = rowwise.blocks_in_flight() * max(reference, fused if method == "della" else 0) + FIXED_OVERHEAD
     assert peak <= bound, f"peak RSS grew by {peak / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"

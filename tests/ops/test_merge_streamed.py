@@ -27,6 +27,7 @@ SHAPE = (37, 101)  # 3737 entries: pieces of 64 .. 1024 leave a short last piece
 def small_chunks(monkeypatch):
     """Tie chunks, level-1 ranges, pieces and row blocks small enough for many of each."""
     monkeypatch.setattr(rowwise, "ROW_BLOCK_ENTRIES", 250)
+    monkeypatch.setattr(rowwise, "FUSED_BLOCK_ENTRIES", 250)
     monkeypatch.setattr(pieces_module, "TIE_CHUNK", 64)
     monkeypatch.setattr(select, "TIE_CHUNK", 64)
     monkeypatch.setattr(select, "MIN_RANGE", 64)
