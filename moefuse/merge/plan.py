@@ -92,9 +92,9 @@ class MergePlan:
     def peak_bytes_estimate(self, piece_entries: int, writes_in_flight: int) -> int:
         """Merged tensors stream in pieces of `piece_entries`: the inputs' pieces, the output
         piece being computed and up to `writes_in_flight` being written, in the compute dtype
-        (fp32 scratch is per tile). DELLA and filter-wise Model Stock stream blocks of whole rows (one per thread
-        in flight), with the reference's temporaries; copied or aligned tensors count whole. DARE
-        and DELLA add one bit per entry and model (their recorded keep decisions)."""
+        (fp32 scratch is per tile). DELLA and filter-wise Model Stock stream blocks of whole rows
+        (`row_block_bytes`); copied or aligned tensors count whole. DARE and DELLA add one bit per
+        entry and model (their recorded keep decisions)."""
         spec = get_method(self.config.merge_method)
 
         def piece_bytes(task: TensorTask) -> int:
@@ -262,8 +262,8 @@ def describe(plan: MergePlan, piece_entries: int, writes_in_flight: int) -> str:
         *[f"model {i}: {m.folder}" for i, m in enumerate(plan.models)],
         f"tensors: {len(plan.tasks)} ({sum(not t.merge for t in plan.tasks)} copied from the base), "
         f"output {plan.output_bytes / 1e9:.3f} GB",
-        f"expected peak memory: about {plan.peak_bytes_estimate(piece_entries, writes_in_flight) / 1e9:.3f} GB of tensor "
-        "data (the largest tensor's pieces: its inputs, the output being merged and those being written) "
+        f"expected peak memory: about {plan.peak_bytes_estimate(piece_entries, writes_in_flight) / 1e9:.3f} GB "
+        "of tensor data (the largest tensor's pieces: its inputs, the output being merged and those being written) "
         "plus the runtime (about 0.25 GB for Python and torch)",
         "parameters:",
     ]

@@ -2,10 +2,10 @@
 
 On the CPU each merged tensor streams in flat pieces of PIECE_ENTRIES entries: every pass reads
 one piece of each input from the memory map and then drops its pages, and each output piece is
-written (on a writer thread, while the next pieces are merged) as soon as it is produced. Resident
-memory therefore stays near (models + 1 + WRITES_IN_FLIGHT) pieces plus a fixed overhead, whatever
-the tensor or model size. Meanwhile a worker thread asks the kernel to read the next tensor ahead (madvise
-WILLNEED, which costs no resident memory).
+written (on a writer thread, while the next pieces are merged) as soon as it is produced.
+Resident memory therefore stays near (models + 1 + WRITES_IN_FLIGHT) pieces plus a fixed
+overhead, whatever the tensor or model size. Meanwhile a worker thread asks the kernel to read
+the next tensor ahead (madvise WILLNEED, which costs no resident memory).
 
 With --device cuda each tensor is merged whole on the GPU: the worker thread stages the next
 tensor through pinned host memory onto the GPU on a side stream while the current one is merged.

@@ -89,7 +89,7 @@ def merge_streamed(
     (default: their own dtype), and then calls `release(start, stop)` for that range, so that
     a caller reading memory-mapped files can drop the pages: with the CPU extension, resident
     memory is a few pieces whatever the tensor size. The numbers equal `merge_tensors`' on the
-    cast inputs. DELLA and filter-wise Model Stock run the reference math on blocks of whole rows
+    cast inputs. DELLA and filter-wise Model Stock are emitted in blocks of whole rows
     (`moefuse.ops.rowwise`); the reference backend merges the whole tensor in memory (and emits
     it as one piece).
     """

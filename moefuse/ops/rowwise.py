@@ -1,22 +1,24 @@
-"""Row-local merges streamed in blocks of whole rows, with the plain-PyTorch reference math.
+"""Row-local merges streamed in blocks of whole rows.
 
-Two methods have no fused kernel: DELLA keeps each entry with a probability set by the rank of
-its |delta| within its row (along dim 1), and filter-wise Model Stock interpolates every filter
+Two methods have no flat-piece kernel: DELLA keeps each entry with a probability set by the rank
+of its |delta| within its row (along dim 1), and filter-wise Model Stock interpolates every filter
 (a row along the last dim) with a factor of its own. Both are local to rows, apart from DELLA's
 L1 rescale, which sums over the whole tensor. So instead of holding whole tensors (the reference
 allocates several fp32 and int64 copies of every input), `merge_row_blocks` walks blocks of whole
-rows of about ROW_BLOCK_ENTRIES entries:
+rows, one block per thread in flight:
 
     DELLA                    1. (rescale "l1" only) each model's L1 norm before and after its mask
-                             2. the masks again (the same draws: they follow flat indices), combine
+                             2. combine (the masks follow flat indices, so both passes agree)
     filter-wise Model Stock  one pass: each block's filters interpolated
 
-DELLA's masks come from the backend's `della_keep` kernel where it has one (the C++ extension:
-a radix sort per row instead of torch's, Philox in SIMD) and the rows are contiguous (tensors of
-at most 2 dims); otherwise from the reference. With that kernel the combine is the backend's fused
-pass too: the masks go in as recorded random keep decisions (`moefuse.ops.gta_pipeline`) of
-rules that keep nothing by themselves. Each output block is handed to `emit` as it is produced.
-The numbers are the reference's within the fused pass's fp32 rounding; the L1 norms are summed in
+With a backend that has DELLA's `della_keep` kernel (the C++ extension: a radix sort per row and
+SIMD Philox) and contiguous rows (tensors of at most 2 dims), DELLA runs on blocks of
+FUSED_BLOCK_ENTRIES in the backend's kernels: the masks are packed into bits and replayed as the
+recorded decisions of random rules that keep nothing by themselves (`moefuse.ops.gta_pipeline`),
+by the L1-norm pass and by the fused combine pass; the L1 pass keeps them for the combine where
+blocks start on whole bytes. Otherwise (and for Model Stock) blocks of ROW_BLOCK_ENTRIES run the
+plain-PyTorch reference math. Each output block is handed to `emit` as it is produced. The
+numbers are the reference's within the fused pass's fp32 rounding; the L1 norms are summed in
 another order.
 """
 
@@ -37,7 +39,7 @@ from moefuse.ops.gta_pipeline import encode_rules, weight_sum_divisor
 from moefuse.ops.merge_reference import (
     combine_kept,
     della_rank_probabilities,
-    keep_mask,
+    keep_masks,
     l1_norms_reference,
     model_stock_reference,
     task_vectors,
@@ -77,10 +79,9 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
     row = independent_slice(spec, shape)
     row_numel = math.prod(row)
     whole = row == tuple(shape) or row_numel == 0
-    # The kernel needs contiguous rows: blocks of at most 2 dims.
-    fast_keep = getattr(backend, "della_keep", None) if plan is not None and base.device.type == "cpu" \
-        and len(shape) <= 2 else None
-    fused = fast_keep is not None and getattr(backend, "RECORDS_RANDOM_KEEPS", False)
+    # The mask kernel needs contiguous rows (blocks of at most 2 dims), the passes replayed keeps.
+    fused = plan is not None and base.device.type == "cpu" and len(shape) <= 2 \
+        and hasattr(backend, "della_keep") and getattr(backend, "RECORDS_RANDOM_KEEPS", False)
     block_entries = FUSED_BLOCK_ENTRIES if fused else ROW_BLOCK_ENTRIES
     blocks = Pieces(pieces.n, max(1, pieces.n if whole else max(1, block_entries // row_numel) * row_numel),
                     pieces.release, pieces.cast)
@@ -93,34 +94,36 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
         return _emit_blocks(blocks, [base, *inputs], emit, _reference_work(
             shaped, out_dtype, lambda b, xs, start: model_stock_reference(b, xs, filter_wise=True)))
     if fused:
-        return _fused_della(backend, fast_keep, plan, blocks, [base, *inputs], shaped, out_dtype, emit)
-
-    def masks(piece_base, piece_inputs, deltas, start: int) -> List[torch.Tensor]:
-        return [_della_mask(fast_keep, piece_base, x, d, rule, plan.seed, i, start)
-                for i, (x, d, rule) in enumerate(zip(piece_inputs, deltas, plan.rules))]
+        return _fused_della(backend, plan, blocks, [base, *inputs], shaped, out_dtype, emit)
 
     def block_norms(start: int, piece: List[torch.Tensor]) -> torch.Tensor:
         piece_base, *piece_inputs = shaped(piece)
         deltas = task_vectors(piece_base, piece_inputs)
-        return l1_norms_reference(deltas, masks(piece_base, piece_inputs, deltas, start))
+        return l1_norms_reference(deltas, keep_masks(deltas, plan, start))
 
     scales = plan.static_scales()
     if scales is None:
-        norms = torch.zeros(len(inputs), 2, dtype=torch.float64)
-        for block in _map_blocks(blocks, [base, *inputs], block_norms):
-            norms += block
-        scales = plan.l1_scales(norms[:, 0].tolist(), norms[:, 1].tolist())
+        scales = _l1_scales(plan, blocks, [base, *inputs], block_norms)
 
     def della_block(piece_base: torch.Tensor, piece_inputs: List[torch.Tensor], start: int) -> torch.Tensor:
         deltas = task_vectors(piece_base, piece_inputs)
-        return combine_kept(piece_base, deltas, masks(piece_base, piece_inputs, deltas, start), plan, scales)
+        return combine_kept(piece_base, deltas, keep_masks(deltas, plan, start), plan, scales)
 
     return _emit_blocks(blocks, [base, *inputs], emit, _reference_work(shaped, out_dtype, della_block))
 
 
-def _fused_della(backend, fast_keep, plan: GtaPlan, blocks: Pieces, tensors: List[torch.Tensor], shaped,
+def _l1_scales(plan: GtaPlan, blocks: Pieces, tensors: List[torch.Tensor],
+               block_norms: Callable[[int, List[torch.Tensor]], torch.Tensor]) -> List[float]:
+    """The L1 rescale factors from every block's norms (float64 [models, 2]: before, after the mask)."""
+    norms = torch.zeros(len(tensors) - 1, 2, dtype=torch.float64)
+    for block in _map_blocks(blocks, tensors, block_norms):
+        norms += block
+    return plan.l1_scales(norms[:, 0].tolist(), norms[:, 1].tolist())
+
+
+def _fused_della(backend, plan: GtaPlan, blocks: Pieces, tensors: List[torch.Tensor], shaped,
                  out_dtype: torch.dtype, emit: Callable[[torch.Tensor], None]) -> List[int]:
-    """DELLA with the backend's kernels: masks by `fast_keep`, packed into bits and replayed as the
+    """DELLA with the backend's kernels: masks by its `della_keep`, packed into bits and replayed as the
     recorded decisions of random rules whose own draws keep nothing (threshold 0) by the L1-norm
     and fused passes. Where every block starts on a byte of a tensor-wide bit buffer, the L1 pass
     keeps the masks there (ceil(n / 8) bytes per input) and the combine pass reuses them; otherwise
@@ -128,11 +131,10 @@ def _fused_della(backend, fast_keep, plan: GtaPlan, blocks: Pieces, tensors: Lis
     replayed = replace(plan, rules=tuple(
         KeepRule(KEEP_RANDOM, threshold32=0, density=r.density) if r.kind == KEEP_DELLA else r for r in plan.rules))
     rules = encode_rules(replayed, {})
-    models = len(tensors) - 1
 
     def packed_masks(start: int, piece: List[torch.Tensor]) -> List[torch.Tensor]:
         shaped_base, *shaped_inputs = shaped(piece)
-        return [_packed(_fast_della_mask(fast_keep, shaped_base, x, rule, plan.seed, i, start)) if rule.kind == KEEP_DELLA
+        return [_packed(_della_mask(backend, shaped_base, x, rule, plan.seed, i, start)) if rule.kind == KEEP_DELLA
                 else _packed(torch.zeros(x.numel(), dtype=torch.bool))  # a rule that keeps all or nothing by itself
                 for i, (x, rule) in enumerate(zip(shaped_inputs, plan.rules))]
 
@@ -140,7 +142,7 @@ def _fused_della(backend, fast_keep, plan: GtaPlan, blocks: Pieces, tensors: Lis
     kept_bits = None
     if scales is None:
         if blocks.size % 8 == 0 or blocks.size >= blocks.n:
-            kept_bits = torch.empty(models, (blocks.n + 7) // 8, dtype=torch.uint8)
+            kept_bits = torch.empty(len(tensors) - 1, (blocks.n + 7) // 8, dtype=torch.uint8)
 
         def block_norms(start: int, piece: List[torch.Tensor]) -> torch.Tensor:
             bits = packed_masks(start, piece)
@@ -150,10 +152,7 @@ def _fused_della(backend, fast_keep, plan: GtaPlan, blocks: Pieces, tensors: Lis
                                              replay=True)
             return torch.stack([before, after], dim=1)
 
-        norms = torch.zeros(models, 2, dtype=torch.float64)
-        for block in _map_blocks(blocks, tensors, block_norms):
-            norms += block
-        scales = plan.l1_scales(norms[:, 0].tolist(), norms[:, 1].tolist())
+        scales = _l1_scales(plan, blocks, tensors, block_norms)
     coefficients = [w * s for w, s in zip(plan.weights, scales)]
 
     def work(start: int, piece: List[torch.Tensor]) -> Tuple[List[int], torch.Tensor]:
@@ -174,20 +173,12 @@ def _packed(mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits(mask.reshape(-1).numpy(), bitorder="little"))
 
 
-def _della_mask(fast_keep, base: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, rule, seed: int, model: int,
+def _della_mask(backend, base: torch.Tensor, x: torch.Tensor, rule, seed: int, model: int,
                 offset: int) -> torch.Tensor:
-    """`keep_mask` of one model's block, by the backend's kernel where there is one."""
-    if fast_keep is None or rule.kind != KEEP_DELLA:
-        return keep_mask(delta, rule, seed, model, offset)
-    return _fast_della_mask(fast_keep, base, x, rule, seed, model, offset)
-
-
-def _fast_della_mask(fast_keep, base: torch.Tensor, x: torch.Tensor, rule, seed: int, model: int,
-                     offset: int) -> torch.Tensor:
     """DELLA's mask of a block of at most 2 dims (rows along dim 1) by the backend's kernel."""
     row_length = x.shape[-1] if x.dim() == 2 else x.numel()
     probability = della_rank_probabilities(row_length, rule.density, rule.epsilon)
-    return fast_keep(base, x, probability, seed, model, offset).reshape(x.shape)
+    return backend.della_keep(base, x, probability, seed, model, offset).reshape(x.shape)
 
 
 def _reference_work(shaped, out_dtype: torch.dtype, merge_block: MergeBlock) -> BlockWork:
@@ -231,10 +222,10 @@ def blocks_in_flight() -> int:
 
 def _map_blocks(blocks: Pieces, tensors: List[torch.Tensor],
                 work: Callable[[int, List[torch.Tensor]], T]) -> Iterator[T]:
-    """work(start, pieces of `tensors`) for every block, results in block order. Blocks are too
-    small for torch to split an operation over threads profitably, so up to one block per thread
-    is in flight instead, each single-threaded; a block's pages are released once its result has
-    been taken."""
+    """work(start, pieces of `tensors`) for every block, results in block order. Up to one block
+    per thread is in flight, each single-threaded (a block is too small for torch to split one
+    operation over threads profitably); a block's pages are released once its result has been
+    taken."""
     workers = blocks_in_flight()
     with ThreadPoolExecutor(workers, initializer=_single_threaded) as pool:
         pending: Deque[Tuple[int, int, Future]] = deque()

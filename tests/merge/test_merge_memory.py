@@ -1,6 +1,7 @@
-"""Peak resident memory of a checkpoint merge stays near (models + 3) x the largest tensor, or
-x one piece for tensors larger than a piece, whatever the checkpoint or tensor size (here the
-inputs total 16x to 70x the bound); DELLA and filter-wise Model Stock stay near their row blocks."""
+"""Peak resident memory of a checkpoint merge stays near (models + 1 + WRITES_IN_FLIGHT) x the
+largest tensor, or x one piece for tensors larger than a piece, whatever the checkpoint or tensor
+size (here the inputs total 16x to 70x the bound); DELLA and filter-wise Model Stock stay near
+their row blocks."""
 
 from __future__ import annotations
 
