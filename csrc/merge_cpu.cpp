@@ -146,15 +146,30 @@ void for_tiles(int64_t n, Body body) {
   });
 }
 
-// Entrywise sum of the threads' partial results (a thread that did no work may have left its
+// Adds the threads' partial results into total (a thread that did no work may have left its
 // vector empty).
+template <typename T>
+void add_per_thread(const std::vector<std::vector<T>>& local, T* total, size_t size) {
+  for (const auto& part : local) {
+    TORCH_INTERNAL_ASSERT(part.size() <= size);
+    for (size_t i = 0; i < part.size(); ++i) total[i] += part[i];
+  }
+}
+
 template <typename T>
 std::vector<T> sum_per_thread(const std::vector<std::vector<T>>& local) {
   size_t size = 0;
   for (const auto& part : local) size = std::max(size, part.size());
   std::vector<T> total(size, T(0));
-  for (const auto& part : local)
-    for (size_t i = 0; i < part.size(); ++i) total[i] += part[i];
+  add_per_thread(local, total.data(), size);
+  return total;
+}
+
+// The same sum as a tensor of the given sizes, written in place (no intermediate vector).
+template <typename T>
+at::Tensor sum_per_thread(const std::vector<std::vector<T>>& local, at::IntArrayRef sizes) {
+  at::Tensor total = at::zeros(sizes, at::CppTypeToScalarType<T>::value);
+  add_per_thread(local, total.data_ptr<T>(), size_t(total.numel()));
   return total;
 }
 
@@ -446,7 +461,7 @@ at::Tensor histogram_level1(const at::Tensor& base, const std::vector<at::Tensor
       }
     });
   });
-  return at::tensor(sum_per_thread(local), at::kInt).reshape({rows, ranges, LEVEL1_BINS});
+  return sum_per_thread(local, {rows, ranges, LEVEL1_BINS});
 }
 
 at::Tensor histogram_level2(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
@@ -467,7 +482,7 @@ at::Tensor histogram_level2(const at::Tensor& base, const std::vector<at::Tensor
       }
     }
   });
-  auto out = at::tensor(sum_per_thread(local), at::kLong).reshape({rows, LEVEL2_BINS});
+  auto out = sum_per_thread(local, {rows, LEVEL2_BINS});
   return out;
 }
 
@@ -516,7 +531,7 @@ std::tuple<at::Tensor, at::Tensor> l1_norms(const at::Tensor& base, const std::v
       }
     });
   });
-  const auto sums = at::tensor(sum_per_thread(local), at::kDouble).reshape({m, 2});
+  const auto sums = sum_per_thread(local, {m, 2});
   return {sums.select(1, 0).contiguous(), sums.select(1, 1).contiguous()};
 }
 
@@ -641,7 +656,7 @@ at::Tensor gram(const std::vector<at::Tensor>& tensors, const c10::optional<at::
       gram_tile(tile_inputs[thread].data(), b ? b + s : nullptr, m, e - s, scratch[thread].data(), local[thread].data());
     });
   });
-  auto out = at::tensor(sum_per_thread(local), at::kDouble).reshape({m, m});  // upper triangle
+  auto out = sum_per_thread(local, {m, m});  // upper triangle
   double* o = out.data_ptr<double>();
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < i; ++j) o[i * m + j] = o[j * m + i];
