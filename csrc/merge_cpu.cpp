@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 namespace moefuse {
@@ -607,19 +608,21 @@ at::Tensor della_keep(const at::Tensor& base, const at::Tensor& x, const at::Ten
   TORCH_CHECK(n % len == 0, "the tensor must hold whole rows of ", len, " entries");
   const auto table = probability.contiguous();
   const double* p = table.data_ptr<double>();
-  auto keep = at::empty({n}, base.options().dtype(at::kBool));
-  bool* out = keep.data_ptr<bool>();
+  auto keep = at::zeros({(n + 7) / 8}, base.options().dtype(at::kByte));
+  uint8_t* out = keep.data_ptr<uint8_t>();
+  // Threads take groups of rows that start on a byte of `out`, so no byte is shared by two threads.
+  const int64_t rows = n / len, group = 8 / std::gcd(len, int64_t(8));
   MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "della_keep", [&] {
     const scalar_t* b = base.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    at::parallel_for(0, n / len, 1, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, (rows + group - 1) / group, 1, [&](int64_t g0, int64_t g1) {
       std::vector<int32_t> keys(len);
       std::vector<uint32_t> ranks(len), bits(TILE);
       // 16-bit dtypes have 15-bit keys: (key, column) fits 32 bits for rows of up to 2^16.
       const bool narrow = sizeof(scalar_t) == 2 && len <= (int64_t(1) << 16);
       std::vector<uint32_t> narrow_words(narrow ? 2 * len : 0);
       std::vector<uint64_t> wide_words(narrow ? 0 : 2 * len);
-      for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t r = g0 * group; r < std::min(rows, g1 * group); ++r) {
         const int64_t row = r * len;
         for (int64_t s = 0; s < len; s += TILE) {
           keys_tile(xp + row + s, b + row + s, std::min(TILE, len - s), keys.data() + s);
@@ -632,7 +635,10 @@ at::Tensor della_keep(const at::Tensor& base, const at::Tensor& x, const at::Ten
         for (int64_t s = 0; s < len; s += TILE) {
           const int64_t t = std::min(TILE, len - s);
           draw_tile(uint64_t(seed), offset + row + s, t, uint32_t(stream), bits.data());
-          for (int64_t k = 0; k < t; ++k) out[row + s + k] = double(bits[k] >> 8) * 0x1p-24 < p[ranks[s + k]];
+          for (int64_t k = 0, j = row + s; k < t; ++k, ++j) {
+            const bool kept = double(bits[k] >> 8) * 0x1p-24 < p[ranks[s + k]];
+            out[j >> 3] |= uint8_t(kept) << (j & 7);
+          }
         }
       }
     });

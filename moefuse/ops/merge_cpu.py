@@ -58,7 +58,8 @@ def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float],
 
 def della_keep(base: torch.Tensor, x: torch.Tensor, probability: torch.Tensor, seed: int, stream: int,
                offset: int) -> torch.Tensor:
-    """DELLA's keep mask (bool, flat) over whole rows of `probability.numel()` entries."""
+    """DELLA's keep mask over whole rows of `probability.numel()` entries, packed: uint8
+    [ceil(n / 8)], entry j in bit j % 8 of byte j / 8."""
     return _C.della_keep(base.contiguous().reshape(-1), x.contiguous().reshape(-1), probability, seed, stream, offset)
 
 

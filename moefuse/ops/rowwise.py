@@ -31,7 +31,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Callable, Deque, Iterator, List, Sequence, Tuple, TypeVar
 
-import numpy as np
 import torch
 
 from moefuse.methods import MethodSpec
@@ -134,8 +133,8 @@ def _fused_della(backend, plan: GtaPlan, blocks: Pieces, tensors: List[torch.Ten
 
     def packed_masks(start: int, piece: List[torch.Tensor]) -> List[torch.Tensor]:
         shaped_base, *shaped_inputs = shaped(piece)
-        return [_packed(_della_mask(backend, shaped_base, x, rule, plan.seed, i, start)) if rule.kind == KEEP_DELLA
-                else _packed(torch.zeros(x.numel(), dtype=torch.bool))  # a rule that keeps all or nothing by itself
+        return [_della_bits(backend, shaped_base, x, rule, plan.seed, i, start) if rule.kind == KEEP_DELLA
+                else torch.zeros((x.numel() + 7) // 8, dtype=torch.uint8)  # a rule that keeps all or nothing itself
                 for i, (x, rule) in enumerate(zip(shaped_inputs, plan.rules))]
 
     scales = plan.static_scales()
@@ -168,17 +167,13 @@ def _fused_della(backend, plan: GtaPlan, blocks: Pieces, tensors: List[torch.Ten
     return _emit_blocks(blocks, tensors, emit, work)
 
 
-def _packed(mask: torch.Tensor) -> torch.Tensor:
-    """A bool mask as bits, entry j in bit j % 8 of byte j / 8."""
-    return torch.from_numpy(np.packbits(mask.reshape(-1).numpy(), bitorder="little"))
-
-
-def _della_mask(backend, base: torch.Tensor, x: torch.Tensor, rule, seed: int, model: int,
+def _della_bits(backend, base: torch.Tensor, x: torch.Tensor, rule, seed: int, model: int,
                 offset: int) -> torch.Tensor:
-    """DELLA's mask of a block of at most 2 dims (rows along dim 1) by the backend's kernel."""
+    """DELLA's mask of a block of at most 2 dims (rows along dim 1) by the backend's kernel, packed
+    (entry j in bit j % 8 of byte j / 8)."""
     row_length = x.shape[-1] if x.dim() == 2 else x.numel()
     probability = della_rank_probabilities(row_length, rule.density, rule.epsilon)
-    return backend.della_keep(base, x, probability, seed, model, offset).reshape(x.shape)
+    return backend.della_keep(base, x, probability, seed, model, offset)
 
 
 def _reference_work(shaped, out_dtype: torch.dtype, merge_block: MergeBlock) -> BlockWork:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,10 +105,11 @@ def test_della_keeps_large_magnitudes_more_often():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 # Rows of up to 2^16 entries of a 16-bit dtype are sorted as 32-bit words, longer rows as 64-bit ones.
 @pytest.mark.parametrize("shape, offset", [((6, 4099), 0), ((3, 1000), 2**32 - 1500), ((5, 1), 17), ((1, 1), 0),
-                                           ((1, 70001), 3)], ids=lambda c: str(c))
+                                           ((1, 70001), 3), ((203, 37), 5), ((70, 12), 0)], ids=lambda c: str(c))
 def test_della_keep_kernel_equals_the_reference_mask(dtype, shape, offset):
     """Rows longer and shorter than a tile, many tied magnitudes (ranks by position), a row of
-    one, and flat indices across 2^32 (Philox's high counter word)."""
+    one, flat indices across 2^32 (Philox's high counter word), and many rows that do not end on
+    a byte of the packed mask (the threads split them in groups that do)."""
     from moefuse.ops.merge_reference import della_rank_probabilities, keep_mask
     from moefuse.ops.plan import KEEP_DELLA, KeepRule
 
@@ -117,8 +119,12 @@ def test_della_keep_kernel_equals_the_reference_mask(dtype, shape, offset):
     rule = KeepRule(KEEP_DELLA, density=0.4, epsilon=0.15)
     expected = keep_mask((model - base).float(), rule, 9, 2, offset)
     probability = della_rank_probabilities(shape[1], rule.density, rule.epsilon)
-    kept = backends.cpu_backend(warn_if_missing=False).della_keep(base, model, probability, 9, 2, offset)
-    assert torch.equal(kept.reshape(shape), expected)
+    packed = backends.cpu_backend(warn_if_missing=False).della_keep(base, model, probability, 9, 2, offset)
+    n = base.numel()
+    assert packed.dtype == torch.uint8 and packed.shape == ((n + 7) // 8,)
+    bits = torch.from_numpy(np.unpackbits(packed.numpy(), bitorder="little"))
+    assert torch.equal(bits[:n].bool().reshape(shape), expected)
+    assert not bits[n:].any()  # the last byte's unused bits stay 0
 
 
 @pytest.mark.skipif(backends.cpu_backend(warn_if_missing=False) is None, reason="needs the C++ extension")
