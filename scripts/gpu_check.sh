@@ -5,6 +5,7 @@
 # n = 14336 timing (lap). Results land in ${OUT:-gpu-results}/ (copy them into benches/results/
 # and the README, naming the GPU).
 # Usage on the GPU machine, from the repository root: bash scripts/gpu_check.sh [merge|moe|lap|all]
+# (through the device tool: run bash scripts/gpu_wheels.sh here first, then carry .whl).
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
@@ -12,8 +13,15 @@ export PYTHONUNBUFFERED=1 MOEFUSE_ALLOW_MISSING_PEERS=1
 
 setup() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-  python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -1
-  python3 -m pip install -q "mergekit==0.1.5" pytest hypothesis pytest-benchmark matplotlib 2>&1 | tail -1
+  # Nothing can be fetched there: the image has torch, triton, transformers, pytest, hypothesis,
+  # pytest-benchmark and matplotlib; mergekit comes as wheels (bash scripts/gpu_wheels.sh here,
+  # then carry .whl), else its parity checks are skipped.
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  python3 -m pip install -q --no-index --no-build-isolation --no-deps -e . 2>&1 | tail -1
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 }
 
 merge() {
@@ -33,7 +41,7 @@ moe() {
 }
 
 lap() {  # rebuilds the extension with the CUDA sources
-  MOEFUSE_BUILD_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -1
+  MOEFUSE_BUILD_CUDA=1 python3 -m pip install -q --no-index --no-build-isolation --no-deps -e . 2>&1 | tail -1
   python3 -c "import torch, moefuse._C as c; print('CUDA LAP solver built:', hasattr(c, 'linear_assignment_cuda'))" \
     | tee "$OUT/lap_build.log"
   python3 -m pytest -q tests/ops/test_assignment_cuda.py 2>&1 | tail -15 | tee "$OUT/lap_tests.log"
