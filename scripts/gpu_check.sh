@@ -13,9 +13,9 @@ export PYTHONUNBUFFERED=1 MOEFUSE_ALLOW_MISSING_PEERS=1
 
 setup() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-  # Nothing can be fetched there: the image has torch, triton, transformers, pytest, hypothesis,
-  # pytest-benchmark and matplotlib; mergekit comes as wheels (bash scripts/gpu_wheels.sh here,
-  # then carry .whl), else its parity checks are skipped.
+  # Nothing can be fetched there: the image has torch, triton, pytest, hypothesis, pytest-benchmark
+  # and matplotlib; transformers 5.24 and mergekit come as wheels (bash scripts/gpu_wheels.sh
+  # here, then carry .whl).
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
