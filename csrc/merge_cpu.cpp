@@ -483,8 +483,7 @@ at::Tensor histogram_level2(const at::Tensor& base, const std::vector<at::Tensor
       }
     }
   });
-  auto out = sum_per_thread(local, {rows, LEVEL2_BINS});
-  return out;
+  return sum_per_thread(local, {rows, LEVEL2_BINS});
 }
 
 at::Tensor chunk_counts(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
