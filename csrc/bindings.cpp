@@ -18,6 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("l1_norms", &moefuse::l1_norms, nogil);
   m.def("fused_gta", &moefuse::fused_gta, nogil);
   m.def("weighted_sum", &moefuse::weighted_sum, nogil);
+  m.def("model_stock_rows", &moefuse::model_stock_rows, nogil);
   m.def("della_keep", &moefuse::della_keep, nogil);
   m.def("gram", &moefuse::gram, py::arg("tensors"), py::arg("base") = py::none(), nogil);
   m.def("expert_rows_linear", &moefuse::expert_rows_linear, nogil);

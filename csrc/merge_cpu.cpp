@@ -286,6 +286,22 @@ __attribute__((always_inline)) inline int32_t add_kept(const T* x, const T* b, i
   return kept_contributions<T, true, false>(x, b, start, len, rule, seed, stream, bits, c, d, total);
 }
 
+// sum_{k < len} term(k) in LANES partial sums (one running sum would be a serial chain of adds,
+// which GCC does not vectorize without reassociating floats).
+template <typename Term>
+__attribute__((always_inline)) inline double lane_sum(int64_t len, Term term) {
+  constexpr int64_t LANES = 16;
+  float part[LANES] = {};
+  int64_t k0 = 0;
+  for (; k0 + LANES <= len; k0 += LANES) {
+    for (int64_t l = 0; l < LANES; ++l) part[l] += term(k0 + l);
+  }
+  for (int64_t l = 0; k0 + l < len; ++l) part[l] += term(k0 + l);
+  double sum = 0.0;
+  for (int64_t l = 0; l < LANES; ++l) sum += part[l];
+  return sum;
+}
+
 // Adds sum |d| and sum |kept d| over the tile of model `stream` (flat indices start..) to sums.
 template <typename T>
 MOEFUSE_SIMD_CLONES void l1_tile(const T* x, const T* b, int64_t start, int64_t len, const Rule& rule,
@@ -293,23 +309,11 @@ MOEFUSE_SIMD_CLONES void l1_tile(const T* x, const T* b, int64_t start, int64_t 
   float d[TILE], kept[TILE];
   std::fill(kept, kept + len, 0.f);
   add_kept(x, b, start, len, rule, seed, stream, bits, 1.f, d, kept);
-  // LANES partial sums each (one running sum would be a serial chain GCC does not vectorize).
-  constexpr int64_t LANES = 16;
-  float before[LANES] = {}, after[LANES] = {};
-  const auto add = [&](int64_t k, int64_t l) {
+  sums[0] += lane_sum(len, [&](int64_t k) {
     int32_t key;
-    before[l] += std::fabs(Elem<T>::delta(x[k], b[k], &key));
-    after[l] += std::fabs(kept[k]);
-  };
-  int64_t k0 = 0;
-  for (; k0 + LANES <= len; k0 += LANES) {
-    for (int64_t l = 0; l < LANES; ++l) add(k0 + l, l);
-  }
-  for (int64_t l = 0; k0 + l < len; ++l) add(k0 + l, l);
-  for (int64_t l = 0; l < LANES; ++l) {
-    sums[0] += before[l];
-    sums[1] += after[l];
-  }
+    return std::fabs(Elem<T>::delta(x[k], b[k], &key));
+  });
+  sums[1] += lane_sum(len, [&](int64_t k) { return std::fabs(kept[k]); });
 }
 
 struct FusedSpec {
@@ -387,11 +391,30 @@ MOEFUSE_SIMD_CLONES void gram_tile(const T* const* xs, const T* b, int64_t m, in
   }
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = i; j < m; ++j) {
-      float dot = 0.f;
-      for (int64_t k = 0; k < len; ++k) dot += tile[i * TILE + k] * tile[j * TILE + k];
-      acc[i * m + j] += dot;
+      const float* __restrict__ ti = tile + i * TILE;
+      const float* __restrict__ tj = tile + j * TILE;
+      acc[i * m + j] += lane_sum(len, [&](int64_t k) { return ti[k] * tj[k]; });
     }
   }
+}
+
+// Model Stock's interpolation factor from the upper triangle of a Gram matrix g [m, m] of task
+// vectors (moefuse.ops.merge_reference.model_stock_t): cos is the mean over pairs a < b of
+// clamp(g_ab / max(|d_a| |d_b|, 1e-6), -1, 1), t = m cos / (1 + (m - 1) cos), 0 where the
+// denominator is below 1e-6 in magnitude. NaN propagates (the comparisons below keep it).
+double model_stock_factor(const double* g, int64_t m) {
+  double sum = 0.0;
+  for (int64_t a = 0; a < m; ++a) {
+    for (int64_t b = a + 1; b < m; ++b) {
+      double norms = std::sqrt(g[a * m + a]) * std::sqrt(g[b * m + b]);
+      norms = norms < 1e-6 ? 1e-6 : norms;
+      const double cos = g[a * m + b] / norms;
+      sum += cos < -1.0 ? -1.0 : (cos > 1.0 ? 1.0 : cos);
+    }
+  }
+  const double cos = sum / double(m * (m - 1) / 2);
+  const double denominator = 1.0 + double(m - 1) * cos;
+  return std::fabs(denominator) < 1e-6 ? 0.0 : double(m) * cos / denominator;
 }
 
 // ranks[c] = the ascending rank of (keys[c], c) among keys[0, len): an LSD radix sort of the words
@@ -666,6 +689,54 @@ at::Tensor gram(const std::vector<at::Tensor>& tensors, const c10::optional<at::
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < i; ++j) o[i * m + j] = o[j * m + i];
   return out;
+}
+
+std::tuple<at::Tensor, std::vector<int64_t>> model_stock_rows(const at::Tensor& base,
+                                                              const std::vector<at::Tensor>& inputs,
+                                                              int64_t row_length, at::ScalarType out_dtype) {
+  check_same(base, inputs);
+  const int64_t m = inputs.size(), n = base.numel();
+  TORCH_CHECK(m >= 2, "Model Stock needs at least two inputs besides the base");
+  TORCH_CHECK(row_length > 0 ? n % row_length == 0 : n == 0, "the tensor must hold whole rows of ", row_length,
+              " entries");
+  const int64_t rows = row_length > 0 ? n / row_length : 0, threads = at::get_num_threads();
+  auto out = at::empty(base.sizes(), base.options().dtype(out_dtype));
+  std::vector<std::vector<int64_t>> bad(threads, std::vector<int64_t>(m + 1, 0));  // base, then inputs
+  MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "model_stock_rows", [&] {
+    using in_t = scalar_t;
+    const in_t* b = base.data_ptr<in_t>();
+    auto xs = pointers<in_t>(inputs);
+    MOEFUSE_DISPATCH_FLOAT(out_dtype, "model_stock_rows_out", [&] {
+      scalar_t* o = out.data_ptr<scalar_t>();
+      // Enough rows per task that a task is worth scheduling (about 16 tiles).
+      at::parallel_for(0, rows, std::max<int64_t>(1, 16 * TILE / row_length), [&](int64_t r0, int64_t r1) {
+        std::vector<float> scratch(m * TILE);
+        std::vector<double> gram(m * m);
+        std::vector<float> coefficients32(m + 1);
+        std::vector<const in_t*> tile_inputs(m + 1);  // the base, then the inputs
+        int64_t* const thread_bad = bad[at::get_thread_num()].data();
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t row = r * row_length;
+          std::fill(gram.begin(), gram.end(), 0.0);
+          for (int64_t s = row; s < row + row_length; s += TILE) {
+            for (int64_t i = 0; i < m; ++i) tile_inputs[i + 1] = xs[i] + s;
+            gram_tile(tile_inputs.data() + 1, b + s, m, std::min(TILE, row + row_length - s), scratch.data(),
+                      gram.data());
+          }
+          const float t = static_cast<float>(model_stock_factor(gram.data(), m));
+          coefficients32[0] = 1.f - t;
+          std::fill(coefficients32.begin() + 1, coefficients32.end(), t / float(m));
+          for (int64_t s = row; s < row + row_length; s += TILE) {
+            tile_inputs[0] = b + s;
+            for (int64_t i = 0; i < m; ++i) tile_inputs[i + 1] = xs[i] + s;
+            weighted_tile(tile_inputs.data(), coefficients32.data(), m + 1, std::min(TILE, row + row_length - s),
+                          o + s, thread_bad);
+          }
+        }
+      });
+    });
+  });
+  return {out, sum_per_thread(bad)};
 }
 
 }  // namespace moefuse

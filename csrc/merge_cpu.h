@@ -34,6 +34,12 @@ std::tuple<at::Tensor, std::vector<int64_t>> weighted_sum(const std::vector<at::
                                                           const std::vector<double>& coefficients,
                                                           at::ScalarType out_dtype);
 at::Tensor gram(const std::vector<at::Tensor>& tensors, const c10::optional<at::Tensor>& base);
+// Filter-wise Model Stock over rows of row_length entries: each row gets its own factor t from
+// the Gram matrix of its task vectors, out = (1 - t) base + t / m sum_i inputs_i. Also returns
+// the NaN/Inf count of the base, then of each input.
+std::tuple<at::Tensor, std::vector<int64_t>> model_stock_rows(const at::Tensor& base,
+                                                              const std::vector<at::Tensor>& inputs,
+                                                              int64_t row_length, at::ScalarType out_dtype);
 // DELLA's keep mask over whole rows of probability.numel() entries: entry c of row r (flat index
 // j = offset + r * len + c) is kept iff uniform(philox(seed, j, stream)) < probability[rank], rank
 // the ascending rank of |x - base| in its row (ties by column), uniform(u) = (u >> 8) / 2^24.

@@ -123,12 +123,17 @@ def _merge(base, tensors: List[torch.Tensor], method: str, emit: Emit, streaming
     flat = [t.contiguous().reshape(-1) for t in tensors]
 
     plan = gta_plan(spec, resolved, n) if spec.family == "gta" and tensors else None
-    if streaming is not None and _reference_only(spec, resolved, plan):
+    row_local = _row_local(spec, resolved, plan)
+    # Row-local merges stream blocks of rows; in memory too on the CPU backend, whose kernels run them.
+    if row_local and (streaming is not None or (impl is not None and reference_input.device.type == "cpu")):
+        out = None if streaming is not None else _Collected(n, out_dtype)
         counts = merge_row_blocks(impl, spec, plan, flat_base, flat, tuple(reference_input.shape), pieces, out_dtype,
-                                  emit)
+                                  emit if out is None else out.append)
         check(counts, names)
+        if out is not None:
+            emit(out.tensor)
         return reference_input.shape
-    if impl is None or _reference_only(spec, resolved, plan):
+    if impl is None or row_local:
         whole = pieces.read(([flat_base] if base is not None else []) + flat, 0, n)
         whole = [t.reshape(reference_input.shape) for t in whole]
         check([int((~torch.isfinite(t)).sum()) for t in whole], names)
@@ -165,15 +170,27 @@ def merges_row_blocks(method: str, num_models: int, params: Dict[str, Any], nume
     spec = get_method(method)
     resolved = resolve_params(spec, num_models, dict(params))
     plan = gta_plan(spec, resolved, numel) if spec.family == "gta" and num_models else None
-    return _reference_only(spec, resolved, plan)
+    return _row_local(spec, resolved, plan)
 
 
-def _reference_only(spec: MethodSpec, resolved, plan) -> bool:
-    """Methods the fast backends leave to the reference math: DELLA's row-wise ranks and
-    filter-wise Model Stock."""
+def _row_local(spec: MethodSpec, resolved, plan) -> bool:
+    """Methods that merge within rows (`moefuse.ops.rowwise`), not in flat pieces: DELLA's
+    row-wise ranks and filter-wise Model Stock."""
     if plan is not None:
         return any(rule.kind == KEEP_DELLA for rule in plan.rules)
     return spec.family == "model_stock" and bool(resolved.shared["filter_wise"])
+
+
+class _Collected:
+    """The flat output of an in-memory merge, filled block by block in order."""
+
+    def __init__(self, n: int, dtype: torch.dtype):
+        self.tensor = torch.empty(n, dtype=dtype)
+        self.filled = 0
+
+    def append(self, block: torch.Tensor) -> None:
+        self.tensor[self.filled:self.filled + block.numel()] = block.reshape(-1)
+        self.filled += block.numel()
 
 
 def _reference(spec: MethodSpec, resolved, plan, base, tensors: List[torch.Tensor]) -> torch.Tensor:

@@ -56,6 +56,15 @@ def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float],
     return out, list(nonfinite)
 
 
+def model_stock_rows(base: torch.Tensor, inputs: Sequence[torch.Tensor], row_length: int,
+                     out_dtype: torch.dtype) -> Tuple[torch.Tensor, List[int]]:
+    """Filter-wise Model Stock of flat tensors holding whole rows of `row_length` entries (one
+    interpolation factor per row); also the NaN/Inf counts of the base, then of each input."""
+    out, nonfinite = _C.model_stock_rows(base.contiguous().reshape(-1), [x.contiguous().reshape(-1) for x in inputs],
+                                         row_length, out_dtype)
+    return out, list(nonfinite)
+
+
 def della_keep(base: torch.Tensor, x: torch.Tensor, probability: torch.Tensor, seed: int, stream: int,
                offset: int) -> torch.Tensor:
     """DELLA's keep mask over whole rows of `probability.numel()` entries, packed: uint8

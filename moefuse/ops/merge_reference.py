@@ -198,7 +198,7 @@ def model_stock_reference(base: torch.Tensor, inputs: Sequence[torch.Tensor], fi
     if not filter_wise or base.dim() == 0:
         t = model_stock_t(gram_reference(inputs, base)).item()
         return weighted_sum_reference([base, *inputs], [1 - t] + [t / len(inputs)] * len(inputs))
-    rows = base.reshape(-1, base.shape[-1])
+    rows = base.reshape(math.prod(base.shape[:-1]), base.shape[-1])  # -1 is ambiguous when a dim is 0
     deltas = torch.stack([(x - base).reshape(rows.shape).double() for x in inputs], dim=1)
     t = model_stock_t(deltas @ deltas.transpose(1, 2)).float().unsqueeze(-1)
     average = torch.stack([x.reshape(rows.shape).float() for x in inputs]).mean(dim=0)

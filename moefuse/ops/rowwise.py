@@ -16,10 +16,11 @@ SIMD Philox) and contiguous rows (tensors of at most 2 dims), DELLA runs on bloc
 FUSED_BLOCK_ENTRIES in the backend's kernels: the masks are packed into bits and replayed as the
 recorded decisions of random rules that keep nothing by themselves (`moefuse.ops.gta_pipeline`),
 by the L1-norm pass and by the fused combine pass; the L1 pass keeps them for the combine where
-blocks start on whole bytes. Otherwise (and for Model Stock) blocks of ROW_BLOCK_ENTRIES run the
-plain-PyTorch reference math. Each output block is handed to `emit` as it is produced. The
-numbers are the reference's within the fused pass's fp32 rounding; the L1 norms are summed in
-another order.
+blocks start on whole bytes. With a backend that has `model_stock_rows` (the C++ extension),
+filter-wise Model Stock runs on blocks of FUSED_BLOCK_ENTRIES in that kernel. Otherwise blocks of
+ROW_BLOCK_ENTRIES run the plain-PyTorch reference math. Each output block is handed to `emit` as
+it is produced. The numbers are the reference's within fp32 rounding; the L1 norms and Gram
+entries are summed in another order.
 """
 
 from __future__ import annotations
@@ -78,9 +79,12 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
     row = independent_slice(spec, shape)
     row_numel = math.prod(row)
     whole = row == tuple(shape) or row_numel == 0
-    # The mask kernel needs contiguous rows (blocks of at most 2 dims), the passes replayed keeps.
-    fused = plan is not None and base.device.type == "cpu" and len(shape) <= 2 \
-        and hasattr(backend, "della_keep") and getattr(backend, "RECORDS_RANDOM_KEEPS", False)
+    on_cpu = base.device.type == "cpu"
+    if plan is None:
+        fused = on_cpu and hasattr(backend, "model_stock_rows")
+    else:  # the mask kernel needs contiguous rows (blocks of at most 2 dims), the passes replayed keeps
+        fused = on_cpu and len(shape) <= 2 and hasattr(backend, "della_keep") \
+            and getattr(backend, "RECORDS_RANDOM_KEEPS", False)
     block_entries = FUSED_BLOCK_ENTRIES if fused else ROW_BLOCK_ENTRIES
     blocks = Pieces(pieces.n, max(1, pieces.n if whole else max(1, block_entries // row_numel) * row_numel),
                     pieces.release, pieces.cast)
@@ -89,6 +93,12 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
         block_shape = tuple(shape) if whole else (tensors[0].numel() // row_numel, *row)
         return [t.reshape(block_shape) for t in tensors]
 
+    if plan is None and fused:
+        def stock_work(start: int, piece: List[torch.Tensor]) -> Tuple[List[int], torch.Tensor]:
+            out, counts = backend.model_stock_rows(piece[0], piece[1:], max(row_numel, 1), out_dtype)
+            return counts, out
+
+        return _emit_blocks(blocks, [base, *inputs], emit, stock_work)
     if plan is None:
         return _emit_blocks(blocks, [base, *inputs], emit, _reference_work(
             shaped, out_dtype, lambda b, xs, start: model_stock_reference(b, xs, filter_wise=True)))

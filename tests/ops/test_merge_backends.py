@@ -75,6 +75,47 @@ def test_backend_matches_reference(backend, dtype, method):
         _merge_both(backend, base, tensors, method, **METHOD_PARAMS[method])
 
 
+ROW_LOCAL_PARAMS = {
+    "model_stock": dict(filter_wise=True),
+    "della": dict(weight=[1.0, 0.5, 0.7], density=0.5, epsilon=0.1, seed=5),
+}
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", sorted(ROW_LOCAL_PARAMS))
+def test_row_local_method_matches_reference(backend, dtype, method):
+    """In memory too, the CPU backend runs DELLA and filter-wise Model Stock in its row kernels
+    (one block of rows per thread); rows of one entry, empty rows and empty tensors included."""
+    device = _device_for(backend)
+    for shape in _shapes(backend) + [(2, 1), (4, 0), (0, 6)]:
+        if method == "model_stock" and len(shape) == 0:
+            continue
+        base, tensors = _inputs(shape, dtype, device)
+        _merge_both(backend, base, tensors, method, **ROW_LOCAL_PARAMS[method])
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_filter_wise_model_stock_edges(backend):
+    """Rows whose task vectors are zero keep the base exactly; a NaN (allowed) poisons its own
+    row only, as in the reference; identical task vectors give t = 1 (the models' mean)."""
+    device = _device_for(backend)
+    base, tensors = _inputs((6, 40), torch.float32, device)
+    for t in tensors:
+        t[2] = base[2]
+    out = _merge_both(backend, base, tensors, "model_stock", filter_wise=True)
+    assert torch.equal(out[2], base[2])
+    tensors[1][4, 7] = float("nan")
+    expected = moefuse.merge_tensors(base, tensors, "model_stock", backend="reference", filter_wise=True,
+                                     allow_nonfinite=True)
+    actual = moefuse.merge_tensors(base, tensors, "model_stock", backend=backend, filter_wise=True,
+                                   allow_nonfinite=True)
+    assert torch.isnan(actual[4]).all() and torch.isfinite(torch.cat([actual[:4], actual[5:]])).all()
+    assert_merge_close(actual.cpu(), expected.cpu())
+    same = _merge_both(backend, base, [tensors[0]] * 3, "model_stock", filter_wise=True)
+    assert_merge_close(same.cpu(), tensors[0].cpu())
+
+
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
