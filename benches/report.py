@@ -15,6 +15,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TITLES = {
     "merge_cpu": "Tensor merges: moefuse vs mergekit's method code (CPU)",
     "merge_cuda": "Tensor merges on a GPU (Triton)",
+    "merge_methods_cpu": "The other merge methods: moefuse vs mergekit's method code (CPU)",
+    "merge_methods_cuda": "The other merge methods on a GPU (Triton)",
     "checkpoint_merge": "Checkpoint merges: moefuse merge vs mergekit-yaml, and the IO floor",
     "build_moe": "MoE building: moefuse build-moe vs mergekit-moe",
     "moe_layer_cpu": "MoE layer: grouped expert GEMM vs transformers' experts implementations (CPU)",
