@@ -21,6 +21,8 @@ TITLES = {
     "build_moe": "MoE building: moefuse build-moe vs mergekit-moe",
     "moe_layer_cpu": "MoE layer: grouped expert GEMM vs transformers' experts implementations (CPU)",
     "moe_layer_cuda": "MoE layer on a GPU",
+    "generate_cpu": "Generation with a merged MoE: moefuse.apply_to vs transformers (CPU)",
+    "generate_cuda": "Generation with a merged MoE on a GPU",
     "lap_cpu": "Linear assignment: moefuse vs scipy (CPU)",
     "lap_cuda": "Linear assignment on a GPU",
     "quality": "Quality: held-out loss of merged models and MoEs (miniature MergeME table)",
