@@ -19,7 +19,6 @@ benches/results/generate_cpu.json [--plot] prints the Markdown table (and redraw
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -32,8 +31,7 @@ from benches import common
 from tests.real_model import variants
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if "MOEFUSE_BENCH_THREADS" in os.environ:
-    torch.set_num_threads(int(os.environ["MOEFUSE_BENCH_THREADS"]))
+common.apply_thread_setting()
 QUICK = common.quiet_env()
 EXPERTS = 4 if QUICK else 8
 PREFILL = 32 if QUICK else 256
@@ -44,12 +42,7 @@ DTYPES = (torch.bfloat16,) if QUICK or DEVICE == "cuda" else (torch.bfloat16, to
 ROWS: list = []  # this module's rows, for its own plot (benches/plots.py draws single-peer bars)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _plot_at_the_end():
-    yield
-    if ROWS:
-        common.RESULTS.mkdir(exist_ok=True)
-        plot(ROWS, common.RESULTS / f"generate_{DEVICE}.png", common.machine()["device"])
+_plot_at_the_end = common.plot_at_module_end(ROWS, f"generate_{DEVICE}", lambda *args: plot(*args))
 
 
 @pytest.fixture(scope="module")

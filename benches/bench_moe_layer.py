@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import gc
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,8 +30,7 @@ import moefuse
 from benches import common
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if "MOEFUSE_BENCH_THREADS" in os.environ:  # e.g. 1 on a shared, busy CPU machine (see the README)
-    torch.set_num_threads(int(os.environ["MOEFUSE_BENCH_THREADS"]))
+common.apply_thread_setting()
 if DEVICE == "cuda":
     SHAPES = {"mixtral-8x7b": (4096, 14336, 8, 2), "qwen3-30b-a3b": (2048, 768, 128, 8)}
     TOKENS = (1, 16, 128, 1024, 8192)
@@ -51,12 +49,7 @@ CONFIGS = [(shape, tokens, dtype) for shape in SHAPES for dtype in DTYPES for to
 ROWS: list = []  # this module's rows, for its own plot (benches/plots.py draws single-peer bars)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _plot_at_the_end():
-    yield
-    if ROWS:
-        common.RESULTS.mkdir(exist_ok=True)
-        plot(ROWS, common.RESULTS / f"moe_layer_{DEVICE}.png", common.machine()["device"])
+_plot_at_the_end = common.plot_at_module_end(ROWS, f"moe_layer_{DEVICE}", lambda *args: plot(*args))
 
 
 def _problem(shape: str, tokens: int, dtype: torch.dtype):

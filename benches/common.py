@@ -19,6 +19,7 @@ from typing import Callable, Dict, List
 
 import ctypes
 
+import pytest
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -142,3 +143,23 @@ def run_measured(command) -> tuple:
     if result.returncode != 0:
         raise RuntimeError(f"{command[0]} failed: {result.stderr[-2000:]}")
     return seconds, int(result.stdout.strip().splitlines()[-1])
+
+
+def apply_thread_setting() -> None:
+    """MOEFUSE_BENCH_THREADS=N fixes torch's CPU thread count (e.g. 1 on a shared, busy machine)."""
+    if "MOEFUSE_BENCH_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["MOEFUSE_BENCH_THREADS"]))
+
+
+def plot_at_module_end(rows: List[dict], name: str, draw: Callable[[List[dict], Path, str], None]):
+    """An autouse module fixture that draws `rows` (the module's own) with `draw(rows, png, device)`
+    into RESULTS/<name>.png once the module's benchmarks have run; assign it to a module name."""
+
+    @pytest.fixture(scope="module", autouse=True)
+    def _plot_at_the_end():
+        yield
+        if rows:
+            RESULTS.mkdir(exist_ok=True)
+            draw(rows, RESULTS / f"{name}.png", machine()["device"])
+
+    return _plot_at_the_end
