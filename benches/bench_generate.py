@@ -178,8 +178,4 @@ def plot(rows: list, path: Path, device: str) -> None:
 
 
 if __name__ == "__main__":
-    result = Path(sys.argv[1])
-    if "--plot" in sys.argv:
-        plot(json.loads(result.read_text())["rows"], result.with_suffix(".png"),
-             json.loads(result.read_text())["machine"]["device"])
-    print(markdown_table(result))
+    common.table_cli(sys.argv, markdown_table, plot)

@@ -229,9 +229,4 @@ def plot(rows: list, path: Path, device: str) -> None:
 
 
 if __name__ == "__main__":
-    # python -m benches.bench_moe_layer RESULT.json [--plot]: print the Markdown table (and redraw the PNG)
-    result = Path(sys.argv[1])
-    if "--plot" in sys.argv:
-        data = json.loads(result.read_text())
-        plot(data["rows"], result.with_suffix(".png"), data["machine"]["device"])
-    print(markdown_table(result))
+    common.table_cli(sys.argv, markdown_table, plot)

@@ -163,3 +163,13 @@ def plot_at_module_end(rows: List[dict], name: str, draw: Callable[[List[dict], 
             draw(rows, RESULTS / f"{name}.png", machine()["device"])
 
     return _plot_at_the_end
+
+
+def table_cli(argv: List[str], table: Callable[[Path], str], draw: Callable[[List[dict], Path, str], None]) -> None:
+    """`python -m benches.<module> RESULT.json [--plot]`: print the module's Markdown table of a
+    result file (and redraw its PNG from the rows)."""
+    result = Path(argv[1])
+    if "--plot" in argv:
+        data = json.loads(result.read_text())
+        draw(data["rows"], result.with_suffix(".png"), data["machine"]["device"])
+    print(table(result))
