@@ -31,31 +31,49 @@ constexpr int64_t LEVEL1_BINS = 1 << 15;
 constexpr int64_t LEVEL2_BINS = 1 << 16;
 constexpr int64_t ALWAYS = int64_t(1) << 32;
 
-// Philox-4x32-10, first output word, key (seed lo, seed hi), counter (j lo, j hi, stream, 0).
-inline uint32_t philox(uint64_t seed, uint64_t j, uint32_t stream) {
-  uint32_t c0 = static_cast<uint32_t>(j), c1 = static_cast<uint32_t>(j >> 32), c2 = stream, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+// Philox-4x32-10 with key (seed lo, seed hi) and counter (q lo, q hi, stream, 0): its four words.
+struct Philox {
+  uint32_t w[4];
+  inline Philox(uint64_t seed, uint64_t q, uint32_t stream) {
+    uint32_t c0 = static_cast<uint32_t>(q), c1 = static_cast<uint32_t>(q >> 32), c2 = stream, c3 = 0;
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #pragma GCC unroll 10
-  for (int round = 0; round < 10; ++round) {
-    const uint64_t pb = uint64_t(0xCD9E8D57u) * c2;
-    const uint64_t pa = uint64_t(0xD2511F53u) * c0;
-    const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
-    const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(pb);
-    c3 = static_cast<uint32_t>(pa);
-    c0 = n0;
-    c2 = n2;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    for (int round = 0; round < 10; ++round) {
+      const uint64_t pb = uint64_t(0xCD9E8D57u) * c2;
+      const uint64_t pa = uint64_t(0xD2511F53u) * c0;
+      const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
+      c1 = static_cast<uint32_t>(pb);
+      c3 = static_cast<uint32_t>(pa);
+      c0 = n0;
+      c2 = n2;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    w[0] = c0;
+    w[1] = c1;
+    w[2] = c2;
+    w[3] = c3;
   }
-  return c0;
-}
+};
 
-// bits[k] = philox(seed, start + k, stream) for k < len. A function of its own so that each
-// clone vectorizes the 10 rounds (inlined into a caller, GCC leaves them scalar).
+// bits[k] = the draw of entry j = start + k for k < len (len <= TILE): word j % 4 of the Philox
+// block with counter q = j / 4 (moefuse/ops/philox.py), so one evaluation serves four entries.
+// A function of its own so that each clone vectorizes the 10 rounds (inlined into a caller, GCC
+// leaves them scalar); the blocks' words are gathered per word, then interleaved.
 MOEFUSE_SIMD_CLONES __attribute__((noinline)) void draw_tile(uint64_t seed, int64_t start, int64_t len,
                                                              uint32_t stream, uint32_t* bits) {
-  for (int64_t k = 0; k < len; ++k) bits[k] = philox(seed, uint64_t(start + k), stream);
+  constexpr int64_t BLOCKS = TILE / 4 + 1;  // one more where start is not a multiple of 4
+  uint32_t words[4][BLOCKS], interleaved[4 * BLOCKS];
+  const int64_t first = start >> 2, skip = start & 3, blocks = (skip + len + 3) >> 2;
+  for (int64_t g = 0; g < blocks; ++g) {
+    const Philox block(seed, uint64_t(first + g), stream);
+    for (int w = 0; w < 4; ++w) words[w][g] = block.w[w];
+  }
+  for (int64_t g = 0; g < blocks; ++g) {
+    for (int w = 0; w < 4; ++w) interleaved[4 * g + w] = words[w][g];
+  }
+  std::memcpy(bits, interleaved + skip, len * sizeof(uint32_t));
 }
 
 struct Rule {
@@ -220,7 +238,7 @@ struct ByteBits {
 };
 constexpr ByteBits BYTE_BITS;
 
-// keep[k] = philox(seed, start + k, stream) < threshold for k < len (or replayed from bits.cached).
+// keep[k] = draw(seed, start + k, stream) < threshold for k < len (or replayed from bits.cached).
 // keep has room for len rounded up to a multiple of 8.
 __attribute__((always_inline)) inline void random_keeps(uint64_t seed, int64_t start, int64_t len, uint32_t stream,
                                                         uint32_t threshold, const RandomKeeps& bits, uint8_t* keep) {

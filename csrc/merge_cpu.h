@@ -41,8 +41,9 @@ std::tuple<at::Tensor, std::vector<int64_t>> model_stock_rows(const at::Tensor& 
                                                               const std::vector<at::Tensor>& inputs,
                                                               int64_t row_length, at::ScalarType out_dtype);
 // DELLA's keep mask over whole rows of probability.numel() entries: entry c of row r (flat index
-// j = offset + r * len + c) is kept iff uniform(philox(seed, j, stream)) < probability[rank], rank
-// the ascending rank of |x - base| in its row (ties by column), uniform(u) = (u >> 8) / 2^24.
+// j = offset + r * len + c) is kept iff uniform(draw(seed, j, stream)) < probability[rank], draw the
+// Philox word of moefuse/ops/philox.py, rank the ascending rank of |x - base| in its row (ties by
+// column), uniform(u) = (u >> 8) / 2^24.
 // Returned packed: uint8 [ceil(n / 8)], entry j in bit j % 8 of byte j / 8 (the other bits 0).
 at::Tensor della_keep(const at::Tensor& base, const at::Tensor& x, const at::Tensor& probability, int64_t seed,
                       int64_t stream, int64_t offset);

@@ -101,11 +101,14 @@ def _delta_and_key(x, base_f32):
 
 @triton.jit
 def _draw(seed, model, offs):
-    """First word of Philox-4x32-10 with key `seed` and counter (j lo, j hi, model, 0)."""
-    low = offs.to(tl.uint32)
+    """Word j % 4 of Philox-4x32-10 with key `seed` and counter (q lo, q hi, model, 0), q = j // 4
+    (moefuse/ops/philox.py)."""
+    block = offs >> 2
+    low = block.to(tl.uint32)
     zero = low * 0
-    bits, _, _, _ = tl.random.philox(seed, low, (offs >> 32).to(tl.uint32), zero + model, zero)
-    return bits
+    w0, w1, w2, w3 = tl.random.philox(seed, low, (block >> 32).to(tl.uint32), zero + model, zero)
+    word = offs & 3
+    return tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
 
 
 @triton.jit

@@ -127,6 +127,16 @@ def test_della_keep_kernel_equals_the_reference_mask(dtype, shape, offset):
     assert not bits[n:].any()  # the last byte's unused bits stay 0
 
 
+def test_draws_are_random123_philox_words():
+    """Entries 0-3 of stream 0 under seed 0 are the four words of Philox-4x32-10 with counter 0
+    and key 0 (Random123's known-answer vector); entries 4-7 come from counter 1."""
+    from moefuse.ops.philox import philox_uint32
+
+    words = philox_uint32(0, 0, torch.arange(8)).tolist()
+    assert words[:4] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert words[4:] != words[:4]
+
+
 @pytest.mark.skipif(backends.cpu_backend(warn_if_missing=False) is None, reason="needs the C++ extension")
 @pytest.mark.parametrize("n", [1, 1023, 5000], ids=lambda n: f"n{n}")
 def test_dare_keep_decisions_are_recorded_once_and_replayed(n):
