@@ -95,10 +95,11 @@ def test_row_local_methods_stay_near_their_row_blocks(tmp_path, method, paramete
     from moefuse.ops import rowwise
 
     peak = _peak_rss_growth(tmp_path, method, parameters, (2048, 4096), 3, 1 << 18, global_parameters)
-    # Per block: 4 fp32 inputs and the outputs, plus the reference's temporaries per input, or (DELLA's
-    # C++ kernels, blocks of FUSED_BLOCK_ENTRIES) its masks, plus DELLA's kept bits of the tensor.
+    # Per block: 4 fp32 inputs and the outputs, plus the reference's temporaries per input, or (the
+    # C++ kernels, blocks of FUSED_BLOCK_ENTRIES) DELLA's masks and its kept bits of the tensor.
     data = (4 + 1 + WRITES_IN_FLIGHT) * 4
     reference = rowwise.ROW_BLOCK_ENTRIES * (data + 4 * rowwise.REFERENCE_BYTES_PER_ENTRY)
-    fused = rowwise.FUSED_BLOCK_ENTRIES * (data + 3 * rowwise.FUSED_BYTES_PER_ENTRY) + 3 * 2048 * 4096 // 8
-    bound = rowwise.blocks_in_flight() * max(reference, fused if method == "della" else 0) + FIXED_OVERHEAD
+    della_masks = 3 * rowwise.FUSED_BYTES_PER_ENTRY * rowwise.FUSED_BLOCK_ENTRIES + 3 * 2048 * 4096 // 8
+    fused = rowwise.FUSED_BLOCK_ENTRIES * data + (della_masks if method == "della" else 0)
+    bound = rowwise.blocks_in_flight() * max(reference, fused) + FIXED_OVERHEAD
     assert peak <= bound, f"peak RSS grew by {peak / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
