@@ -124,9 +124,10 @@ def _merge(base, tensors: List[torch.Tensor], method: str, emit: Emit, streaming
 
     plan = gta_plan(spec, resolved, n) if spec.family == "gta" and tensors else None
     row_local = _row_local(spec, resolved, plan)
-    # Row-local merges stream blocks of rows; in memory too on the CPU backend, whose kernels run them.
-    if row_local and (streaming is not None or (impl is not None and reference_input.device.type == "cpu")):
-        out = None if streaming is not None else _Collected(n, out_dtype)
+    # Row-local merges walk blocks of rows, in memory too with a fast backend: the CPU one runs them in
+    # its kernels; on a GPU the reference's temporaries then stay those of one block.
+    if row_local and (streaming is not None or impl is not None):
+        out = None if streaming is not None else _Collected(n, out_dtype, reference_input.device)
         counts = merge_row_blocks(impl, spec, plan, flat_base, flat, tuple(reference_input.shape), pieces, out_dtype,
                                   emit if out is None else out.append)
         check(counts, names)
@@ -184,8 +185,8 @@ def _row_local(spec: MethodSpec, resolved, plan) -> bool:
 class _Collected:
     """The flat output of an in-memory merge, filled block by block in order."""
 
-    def __init__(self, n: int, dtype: torch.dtype):
-        self.tensor = torch.empty(n, dtype=dtype)
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device):
+        self.tensor = torch.empty(n, dtype=dtype, device=device)
         self.filled = 0
 
     def append(self, block: torch.Tensor) -> None:

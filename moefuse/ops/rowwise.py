@@ -53,6 +53,9 @@ ROW_BLOCK_ENTRIES = 1 << 16
 # for 2^20 entries, not 2^16 (with 2^16 the two workers waited on the GIL: 47 s for 4 x 1.98 GB).
 FUSED_BLOCK_ENTRIES = 1 << 20
 FUSED_BYTES_PER_ENTRY = 2  # per block entry and input: its bool mask and its bits, rounded up
+# On a GPU the reference runs one block at a time, in blocks large enough that its kernel launches
+# (a few dozen per block) cost little, and small enough that its temporaries (below) stay a few GB.
+GPU_BLOCK_ENTRIES = 1 << 24
 # The reference's temporaries per block entry and input (measured: DELLA 24 bytes, Model Stock 14).
 REFERENCE_BYTES_PER_ENTRY = 32
 T = TypeVar("T")
@@ -85,7 +88,7 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
     else:  # the mask kernel needs contiguous rows (blocks of at most 2 dims), the passes replayed keeps
         fused = on_cpu and len(shape) <= 2 and hasattr(backend, "della_keep") \
             and getattr(backend, "RECORDS_RANDOM_KEEPS", False)
-    block_entries = FUSED_BLOCK_ENTRIES if fused else ROW_BLOCK_ENTRIES
+    block_entries, workers = _block_layout(base.device, fused)
     blocks = Pieces(pieces.n, max(1, pieces.n if whole else max(1, block_entries // row_numel) * row_numel),
                     pieces.release, pieces.cast)
 
@@ -98,12 +101,12 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
             out, counts = backend.model_stock_rows(piece[0], piece[1:], max(row_numel, 1), out_dtype)
             return counts, out
 
-        return _emit_blocks(blocks, [base, *inputs], emit, stock_work)
+        return _emit_blocks(blocks, [base, *inputs], emit, stock_work, workers)
     if plan is None:
         return _emit_blocks(blocks, [base, *inputs], emit, _reference_work(
-            shaped, out_dtype, lambda b, xs, start: model_stock_reference(b, xs, filter_wise=True)))
+            shaped, out_dtype, lambda b, xs, start: model_stock_reference(b, xs, filter_wise=True)), workers)
     if fused:
-        return _fused_della(backend, plan, blocks, [base, *inputs], shaped, out_dtype, emit)
+        return _fused_della(backend, plan, blocks, [base, *inputs], shaped, out_dtype, emit, workers)
 
     def block_norms(start: int, piece: List[torch.Tensor]) -> torch.Tensor:
         piece_base, *piece_inputs = shaped(piece)
@@ -112,26 +115,26 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
 
     scales = plan.static_scales()
     if scales is None:
-        scales = _l1_scales(plan, blocks, [base, *inputs], block_norms)
+        scales = _l1_scales(plan, blocks, [base, *inputs], block_norms, workers)
 
     def della_block(piece_base: torch.Tensor, piece_inputs: List[torch.Tensor], start: int) -> torch.Tensor:
         deltas = task_vectors(piece_base, piece_inputs)
         return combine_kept(piece_base, deltas, keep_masks(deltas, plan, start), plan, scales)
 
-    return _emit_blocks(blocks, [base, *inputs], emit, _reference_work(shaped, out_dtype, della_block))
+    return _emit_blocks(blocks, [base, *inputs], emit, _reference_work(shaped, out_dtype, della_block), workers)
 
 
 def _l1_scales(plan: GtaPlan, blocks: Pieces, tensors: List[torch.Tensor],
-               block_norms: Callable[[int, List[torch.Tensor]], torch.Tensor]) -> List[float]:
+               block_norms: Callable[[int, List[torch.Tensor]], torch.Tensor], workers: int) -> List[float]:
     """The L1 rescale factors from every block's norms (float64 [models, 2]: before, after the mask)."""
     norms = torch.zeros(len(tensors) - 1, 2, dtype=torch.float64)
-    for block in _map_blocks(blocks, tensors, block_norms):
-        norms += block
+    for block in _map_blocks(blocks, tensors, block_norms, workers):
+        norms += block.cpu()
     return plan.l1_scales(norms[:, 0].tolist(), norms[:, 1].tolist())
 
 
 def _fused_della(backend, plan: GtaPlan, blocks: Pieces, tensors: List[torch.Tensor], shaped,
-                 out_dtype: torch.dtype, emit: Callable[[torch.Tensor], None]) -> List[int]:
+                 out_dtype: torch.dtype, emit: Callable[[torch.Tensor], None], workers: int) -> List[int]:
     """DELLA with the backend's kernels: masks by its `della_keep`, packed into bits and replayed as the
     recorded decisions of random rules whose own draws keep nothing (threshold 0) by the L1-norm
     and fused passes. Where every block starts on a byte of a tensor-wide bit buffer, the L1 pass
@@ -161,7 +164,7 @@ def _fused_della(backend, plan: GtaPlan, blocks: Pieces, tensors: List[torch.Ten
                                              replay=True)
             return torch.stack([before, after], dim=1)
 
-        scales = _l1_scales(plan, blocks, tensors, block_norms)
+        scales = _l1_scales(plan, blocks, tensors, block_norms, workers)
     coefficients = [w * s for w, s in zip(plan.weights, scales)]
 
     def work(start: int, piece: List[torch.Tensor]) -> Tuple[List[int], torch.Tensor]:
@@ -174,7 +177,7 @@ def _fused_della(backend, plan: GtaPlan, blocks: Pieces, tensors: List[torch.Ten
                                         out_dtype, start, random_keeps=bits)
         return counts, out
 
-    return _emit_blocks(blocks, tensors, emit, work)
+    return _emit_blocks(blocks, tensors, emit, work, workers)
 
 
 def _della_bits(backend, base: torch.Tensor, x: torch.Tensor, rule, seed: int, model: int,
@@ -197,10 +200,10 @@ def _reference_work(shaped, out_dtype: torch.dtype, merge_block: MergeBlock) -> 
 
 
 def _emit_blocks(blocks: Pieces, tensors: List[torch.Tensor], emit: Callable[[torch.Tensor], None],
-                 work: BlockWork) -> List[int]:
+                 work: BlockWork, workers: int) -> List[int]:
     """Emits every block's output in order; returns the NaN/Inf counts summed over the blocks."""
     totals = [0] * len(tensors)
-    for counts, out in _map_blocks(blocks, tensors, work):
+    for counts, out in _map_blocks(blocks, tensors, work, workers):
         totals = [a + b for a, b in zip(totals, counts)]
         emit(out)
     return totals
@@ -222,16 +225,25 @@ def row_block_bytes(spec: MethodSpec, shape: Tuple[int, ...], entry_bytes: int, 
 
 
 def blocks_in_flight() -> int:
+    """Blocks in flight on the CPU: one per thread."""
     return max(1, torch.get_num_threads())
 
 
-def _map_blocks(blocks: Pieces, tensors: List[torch.Tensor],
-                work: Callable[[int, List[torch.Tensor]], T]) -> Iterator[T]:
-    """work(start, pieces of `tensors`) for every block, results in block order. Up to one block
-    per thread is in flight, each single-threaded (a block is too small for torch to split one
-    operation over threads profitably); a block's pages are released once its result has been
+def _block_layout(device: torch.device, fused: bool) -> Tuple[int, int]:
+    """(entries per block, blocks in flight): on the CPU one block per thread, of
+    FUSED_BLOCK_ENTRIES for the C++ kernels or ROW_BLOCK_ENTRIES for the reference; on a GPU one
+    block of GPU_BLOCK_ENTRIES at a time."""
+    if device.type != "cpu":
+        return GPU_BLOCK_ENTRIES, 1
+    return (FUSED_BLOCK_ENTRIES if fused else ROW_BLOCK_ENTRIES), blocks_in_flight()
+
+
+def _map_blocks(blocks: Pieces, tensors: List[torch.Tensor], work: Callable[[int, List[torch.Tensor]], T],
+                workers: int) -> Iterator[T]:
+    """work(start, pieces of `tensors`) for every block, results in block order. Up to `workers`
+    blocks are in flight, each single-threaded on the CPU (a block is too small for torch to split
+    one operation over threads profitably); a block's pages are released once its result has been
     taken."""
-    workers = blocks_in_flight()
     with ThreadPoolExecutor(workers, initializer=_single_threaded) as pool:
         pending: Deque[Tuple[int, int, Future]] = deque()
         ranges = iter(blocks.ranges())

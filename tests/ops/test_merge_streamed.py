@@ -130,6 +130,21 @@ def test_row_local_methods_stream_blocks_of_whole_rows(shape, method, block):
     assert_merge_close(streamed, whole, scale=operand_scale(base, *tensors))
 
 
+@pytest.mark.parametrize("method", ["della", "model_stock"])
+def test_gpu_layout_merges_one_block_at_a_time(method, monkeypatch):
+    """On a GPU, row-local merges run the reference on large blocks, one at a time (whole tensors
+    would need about 100 GB of temporaries for a 70B embedding). The same layout, forced on the CPU
+    with small blocks, gives the reference's numbers."""
+    assert rowwise._block_layout(torch.device("cuda"), fused=False) == (rowwise.GPU_BLOCK_ENTRIES, 1)
+    monkeypatch.setattr(rowwise, "_block_layout", lambda device, fused: (250, 1))
+    base, tensors = _case(torch.float32, "cpu", seed=2)
+    params = ALL_PARAMS["della"] if method == "della" else ALL_PARAMS["model_stock_filter_wise"]
+    whole = moefuse.merge_tensors(base, tensors, method, backend="reference", **params)
+    blocks = _streamed(base, tensors, method, 64, backend="reference", **params)
+    assert [b.numel() for b in blocks][:2] == [202, 202]  # two rows of 101 per block of 250
+    assert_merge_close(torch.cat(blocks).reshape(SHAPE), whole, scale=operand_scale(base, *tensors))
+
+
 def test_della_blocks_draw_by_flat_index():
     """Without rescaling every block is exact: the same draws and ranks as the whole tensor."""
     base, tensors = _case(torch.float32, "cpu", seed=6)
