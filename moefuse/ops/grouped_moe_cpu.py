@@ -42,8 +42,8 @@ def grouped_moe_cpu(
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=gate_up_proj.shape[0]).tolist()
     tokens = order // top_k
-    # SiLU(gate) * up is formed in place in the gate half (no new [R, I] tensor: a fresh one
-    # costs a page fault per 4 KiB here); the down matmul reads that half with its row stride.
+    # SiLU(gate) * up is formed in place in the gate half; torch.mm reads that half with its row
+    # stride (the row kernel, for experts with few rows, copies it contiguous).
     projected = _experts_linear(hidden.index_select(0, tokens), gate_up_proj, counts)
     h = F.silu(projected[:, :inter], inplace=True).mul_(projected[:, inter:])
     y = _experts_linear(h, down_proj, counts)

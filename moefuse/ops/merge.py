@@ -134,7 +134,7 @@ def _merge(base, tensors: List[torch.Tensor], method: str, emit: Emit, streaming
         if out is not None:
             emit(out.tensor)
         return reference_input.shape
-    if impl is None or row_local:
+    if impl is None:
         whole = pieces.read(([flat_base] if base is not None else []) + flat, 0, n)
         whole = [t.reshape(reference_input.shape) for t in whole]
         check([int((~torch.isfinite(t)).sum()) for t in whole], names)

@@ -5,7 +5,8 @@ of its |delta| within its row (along dim 1), and filter-wise Model Stock interpo
 (a row along the last dim) with a factor of its own. Both are local to rows, apart from DELLA's
 L1 rescale, which sums over the whole tensor. So instead of holding whole tensors (the reference
 allocates several fp32 and int64 copies of every input), `merge_row_blocks` walks blocks of whole
-rows, one block per thread in flight:
+rows (on the CPU one block per thread in flight, a single block on the caller's thread; on a GPU
+blocks of GPU_BLOCK_ENTRIES, one at a time, on the caller's thread):
 
     DELLA                    1. (rescale "l1" only) each model's L1 norm before and after its mask
                              2. combine (the masks follow flat indices, so both passes agree)
@@ -18,7 +19,7 @@ recorded decisions of random rules that keep nothing by themselves (`moefuse.ops
 by the L1-norm pass and by the fused combine pass; the L1 pass keeps them for the combine where
 blocks start on whole bytes. With a backend that has `model_stock_rows` (the C++ extension),
 filter-wise Model Stock runs on blocks of FUSED_BLOCK_ENTRIES in that kernel. Otherwise blocks of
-ROW_BLOCK_ENTRIES run the plain-PyTorch reference math. Each output block is handed to `emit` as
+ROW_BLOCK_ENTRIES (GPU_BLOCK_ENTRIES on a GPU) run the plain-PyTorch reference math. Each output block is handed to `emit` as
 it is produced. The numbers are the reference's within fp32 rounding; the L1 norms and Gram
 entries are summed in another order.
 """
@@ -77,7 +78,8 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
                      emit: Callable[[torch.Tensor], None]) -> List[int]:
     """Merge flat `base` and `inputs` (DELLA when `plan` is given, else filter-wise Model Stock)
     block by block, reading through `pieces`' release and cast; returns the NaN/Inf count of the
-    base and of each input. `backend`: a backend module (or None), for its `della_keep`."""
+    base and of each input. `backend`: a backend module (or None), for its `della_keep` and
+    `model_stock_rows` kernels where it has them."""
     inputs = list(inputs)
     row = independent_slice(spec, shape)
     row_numel = math.prod(row)
@@ -216,7 +218,7 @@ def _single_threaded() -> None:
 def row_block_bytes(spec: MethodSpec, shape: Tuple[int, ...], entry_bytes: int, inputs: int) -> int:
     """Upper bound of the memory of the blocks in flight for a row-local merge of a tensor of
     `shape`, with `entry_bytes` of input and output data per entry: the larger of the reference's
-    blocks and the C++ DELLA kernels' (whichever the backend runs)."""
+    blocks and the C++ kernels' (whichever the backend runs)."""
     numel = math.prod(shape)
     row = math.prod(independent_slice(spec, shape))
     reference = max(row, min(numel, ROW_BLOCK_ENTRIES)) * (entry_bytes + REFERENCE_BYTES_PER_ENTRY * (inputs + 1))
@@ -240,10 +242,26 @@ def _block_layout(device: torch.device, fused: bool) -> Tuple[int, int]:
 
 def _map_blocks(blocks: Pieces, tensors: List[torch.Tensor], work: Callable[[int, List[torch.Tensor]], T],
                 workers: int) -> Iterator[T]:
-    """work(start, pieces of `tensors`) for every block, results in block order. Up to `workers`
-    blocks are in flight, each single-threaded on the CPU (a block is too small for torch to split
-    one operation over threads profitably); a block's pages are released once its result has been
-    taken."""
+    """work(start, pieces of `tensors`) for every block, results in block order; a block's pages
+    are released once its result has been taken. A single block, or one worker (a GPU), runs on the
+    caller's thread, with its threads, CUDA device and stream. Otherwise up to `workers` blocks
+    are in flight on pool threads, each single-threaded (a block is too small for torch to split
+    one operation over threads profitably); the caller's thread count is restored afterwards
+    (torch.set_num_threads in a worker also changes the default of threads created later)."""
+    if workers == 1 or blocks.size >= blocks.n:
+        for start, stop in blocks.ranges():
+            yield work(start, blocks.read(tensors, start, stop))
+            blocks.release(start, stop)
+        return
+    threads = torch.get_num_threads()
+    try:
+        yield from _map_blocks_on_pool(blocks, tensors, work, workers)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _map_blocks_on_pool(blocks: Pieces, tensors: List[torch.Tensor], work: Callable[[int, List[torch.Tensor]], T],
+                        workers: int) -> Iterator[T]:
     with ThreadPoolExecutor(workers, initializer=_single_threaded) as pool:
         pending: Deque[Tuple[int, int, Future]] = deque()
         ranges = iter(blocks.ranges())

@@ -104,11 +104,11 @@ def test_della_keeps_large_magnitudes_more_often():
 @pytest.mark.skipif(backends.cpu_backend(warn_if_missing=False) is None, reason="needs the C++ extension")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 # Rows of up to 2^16 entries of a 16-bit dtype are sorted as 32-bit words, longer rows as 64-bit ones.
-@pytest.mark.parametrize("shape, offset", [((6, 4099), 0), ((3, 1000), 2**32 - 1500), ((5, 1), 17), ((1, 1), 0),
+@pytest.mark.parametrize("shape, offset", [((6, 4099), 0), ((3, 1000), 2**34 - 1500), ((5, 1), 17), ((1, 1), 0),
                                            ((1, 70001), 3), ((203, 37), 5), ((70, 12), 0)], ids=lambda c: str(c))
 def test_della_keep_kernel_equals_the_reference_mask(dtype, shape, offset):
     """Rows longer and shorter than a tile, many tied magnitudes (ranks by position), a row of
-    one, flat indices across 2^32 (Philox's high counter word), and many rows that do not end on
+    one, flat indices across 2^34 (Philox's high counter word: blocks of 4), and many rows that do not end on
     a byte of the packed mask (the threads split them in groups that do)."""
     from moefuse.ops.merge_reference import della_rank_probabilities, keep_mask
     from moefuse.ops.plan import KEEP_DELLA, KeepRule
@@ -125,6 +125,29 @@ def test_della_keep_kernel_equals_the_reference_mask(dtype, shape, offset):
     bits = torch.from_numpy(np.unpackbits(packed.numpy(), bitorder="little"))
     assert torch.equal(bits[:n].bool().reshape(shape), expected)
     assert not bits[n:].any()  # the last byte's unused bits stay 0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_draws_past_the_high_counter_word(backend):
+    """Flat offsets past 2^34 (Philox's high counter word is (j >> 2) >> 32): the fused pass keeps
+    exactly the entries whose reference draw is below the threshold."""
+    from moefuse.methods import get_method, resolve_params
+    from moefuse.ops.gta_pipeline import encode_rules
+    from moefuse.ops.philox import philox_uint32
+    from moefuse.ops.plan import gta_plan
+
+    if not backends.available(backend):
+        pytest.skip(f"{backend} backend unavailable")
+    impl = backends.cpu_backend(warn_if_missing=False) if backend == "cpu" else backends.triton_backend()
+    device = "cpu" if backend == "cpu" else DEVICE
+    n, offset = 3000, 2**34 - 1234  # counters 2^32 - 309 .. 2^32 + 441: both high words
+    spec = get_method("dare_linear")
+    plan = gta_plan(spec, resolve_params(spec, 1, {"density": 0.5, "seed": 3, "rescale": False}), n)
+    base, ones = torch.zeros(n, device=device), torch.ones(n, device=device)
+    out, _ = impl.fused_gta(base, [ones], encode_rules(plan, {}), plan.seed, [1.0], [1.0], False, False, 1.0, 1.0,
+                            torch.float32, offset)
+    expected = philox_uint32(plan.seed, 0, torch.arange(offset, offset + n)) < plan.rules[0].threshold32
+    assert torch.equal(out.cpu(), expected.float())
 
 
 def test_draws_are_random123_philox_words():

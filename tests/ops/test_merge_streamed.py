@@ -4,6 +4,8 @@ Model Stock stream blocks of whole rows."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -131,11 +133,10 @@ def test_row_local_methods_stream_blocks_of_whole_rows(shape, method, block):
 
 
 @pytest.mark.parametrize("method", ["della", "model_stock"])
-def test_gpu_layout_merges_one_block_at_a_time(method, monkeypatch):
-    """On a GPU, row-local merges run the reference on large blocks, one at a time (whole tensors
-    would need about 100 GB of temporaries for a 70B embedding). The same layout, forced on the CPU
-    with small blocks, gives the reference's numbers."""
-    assert rowwise._block_layout(torch.device("cuda"), fused=False) == (rowwise.GPU_BLOCK_ENTRIES, 1)
+def test_one_block_at_a_time_on_the_callers_thread(method, monkeypatch):
+    """The GPU layout (one block at a time, run on the caller's thread), forced on the CPU with
+    small blocks, gives the reference's numbers and leaves the caller's thread count alone."""
+    threads = torch.get_num_threads()
     monkeypatch.setattr(rowwise, "_block_layout", lambda device, fused: (250, 1))
     base, tensors = _case(torch.float32, "cpu", seed=2)
     params = ALL_PARAMS["della"] if method == "della" else ALL_PARAMS["model_stock_filter_wise"]
@@ -143,6 +144,20 @@ def test_gpu_layout_merges_one_block_at_a_time(method, monkeypatch):
     blocks = _streamed(base, tensors, method, 64, backend="reference", **params)
     assert [b.numel() for b in blocks][:2] == [202, 202]  # two rows of 101 per block of 250
     assert_merge_close(torch.cat(blocks).reshape(SHAPE), whole, scale=operand_scale(base, *tensors))
+    assert torch.get_num_threads() == threads
+
+
+def test_pool_workers_leave_the_callers_thread_count():
+    """Blocks on pool threads set one torch thread each; the caller's count is restored."""
+    threads = torch.get_num_threads()
+    base, tensors = _case(torch.float32, "cpu", seed=5)
+    _streamed(base, tensors, "model_stock", 64, backend="reference", filter_wise=True)
+    assert torch.get_num_threads() == threads
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert seen == [threads]
 
 
 def test_della_blocks_draw_by_flat_index():

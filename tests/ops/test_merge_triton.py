@@ -175,8 +175,9 @@ def test_dare_keep_rate_and_seeds(dtype):
     DEVICE != "cuda" or torch.cuda.mem_get_info()[0] < 30 * 2**30, reason="needs a GPU with 30 GiB free"
 )
 def test_offsets_past_two_to_the_32():
-    """64-bit offsets: the tail of a 2^32 + 4099 entry merge is stored in place and draws with
-    the high counter word j >> 32 = 1."""
+    """64-bit offsets: the tail of a 2^32 + 4099 entry merge is stored in place and draws as the
+    reference does (Philox counter j >> 2; its high word is tested by
+    tests/ops/test_merge_random.py::test_draws_past_the_high_counter_word)."""
     n = 2**32 + 4099
     base = torch.zeros(n, dtype=torch.bfloat16, device=DEVICE)
     ones = torch.ones(n, dtype=torch.bfloat16, device=DEVICE)
