@@ -60,20 +60,17 @@ struct Philox {
 // bits[k] = the draw of entry j = start + k for k < len (len <= TILE): word j % 4 of the Philox
 // block with counter q = j / 4 (moefuse/ops/philox.py), so one evaluation serves four entries.
 // A function of its own so that each clone vectorizes the 10 rounds (inlined into a caller, GCC
-// leaves them scalar); the blocks' words are gathered per word, then interleaved.
+// leaves them scalar).
 MOEFUSE_SIMD_CLONES __attribute__((noinline)) void draw_tile(uint64_t seed, int64_t start, int64_t len,
                                                              uint32_t stream, uint32_t* bits) {
   constexpr int64_t BLOCKS = TILE / 4 + 1;  // one more where start is not a multiple of 4
-  uint32_t words[4][BLOCKS], interleaved[4 * BLOCKS];
+  uint32_t words[4 * BLOCKS];
   const int64_t first = start >> 2, skip = start & 3, blocks = (skip + len + 3) >> 2;
   for (int64_t g = 0; g < blocks; ++g) {
     const Philox block(seed, uint64_t(first + g), stream);
-    for (int w = 0; w < 4; ++w) words[w][g] = block.w[w];
+    for (int w = 0; w < 4; ++w) words[4 * g + w] = block.w[w];
   }
-  for (int64_t g = 0; g < blocks; ++g) {
-    for (int w = 0; w < 4; ++w) interleaved[4 * g + w] = words[w][g];
-  }
-  std::memcpy(bits, interleaved + skip, len * sizeof(uint32_t));
+  std::memcpy(bits, words + skip, len * sizeof(uint32_t));
 }
 
 struct Rule {

@@ -19,9 +19,9 @@ recorded decisions of random rules that keep nothing by themselves (`moefuse.ops
 by the L1-norm pass and by the fused combine pass; the L1 pass keeps them for the combine where
 blocks start on whole bytes. With a backend that has `model_stock_rows` (the C++ extension),
 filter-wise Model Stock runs on blocks of FUSED_BLOCK_ENTRIES in that kernel. Otherwise blocks of
-ROW_BLOCK_ENTRIES (GPU_BLOCK_ENTRIES on a GPU) run the plain-PyTorch reference math. Each output block is handed to `emit` as
-it is produced. The numbers are the reference's within fp32 rounding; the L1 norms and Gram
-entries are summed in another order.
+ROW_BLOCK_ENTRIES (GPU_BLOCK_ENTRIES on a GPU) run the plain-PyTorch reference math. Each output
+block is handed to `emit` as it is produced. The numbers are the reference's within fp32
+rounding; the L1 norms and Gram entries are summed in another order.
 """
 
 from __future__ import annotations
@@ -249,9 +249,8 @@ def _map_blocks(blocks: Pieces, tensors: List[torch.Tensor], work: Callable[[int
     one operation over threads profitably); the caller's thread count is restored afterwards
     (torch.set_num_threads in a worker also changes the default of threads created later)."""
     if workers == 1 or blocks.size >= blocks.n:
-        for start, stop in blocks.ranges():
-            yield work(start, blocks.read(tensors, start, stop))
-            blocks.release(start, stop)
+        for start, _, piece in blocks.walk(tensors):
+            yield work(start, piece)
         return
     threads = torch.get_num_threads()
     try:
