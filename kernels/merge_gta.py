@@ -29,6 +29,9 @@ BLOCK = 2048  # elements per program: 8 per thread with 8 warps (16-byte loads o
 _LAUNCH = dict(num_warps=8, enable_fp_fusion=False)
 
 _ALWAYS = tl.constexpr(1 << 32)  # random threshold meaning "no random draw"
+# Where random keep decisions come from (`_keep`): drawn, replayed from bit buffers, or drawn and
+# recorded into them.
+_DRAW, _REPLAY, _RECORD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -112,19 +115,46 @@ def _draw(seed, model, offs):
 
 
 @triton.jit
-def _keep(key, offs, rules_ptr, model, seed):
-    """Keep mask of model `model` from its rules row (t_hi, cut_hi, t_lo, cut_lo, threshold)."""
+def _bit_buffer(table_ptr, index):
+    """The uint8 bit buffer whose data pointer is entry `index` of a pointer table."""
+    return tl.load(table_ptr + index).to(tl.pointer_type(tl.uint8))
+
+
+@triton.jit
+def _store_bits(bits_ptr, flags, n, BLOCK: tl.constexpr):
+    """Pack this program's BLOCK flags (entries offs = _tile(BLOCK)) into its BLOCK / 8 bytes of
+    bits_ptr: entry j in bit j % 8 of byte j / 8, for the ceil(n / 8) bytes of n entries."""
+    bytes_ = tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+    eights = tl.reshape(flags.to(tl.int32), [BLOCK // 8, 8])
+    packed = tl.sum(eights << tl.arange(0, 8)[None, :], axis=1)
+    tl.store(bits_ptr + bytes_, packed.to(tl.uint8), mask=bytes_ < (n + 7) // 8)
+
+
+@triton.jit
+def _keep(key, offs, offset, mask, rules_ptr, model, seed, keeps_table, n, KEEPS: tl.constexpr, BLOCK: tl.constexpr):
+    """Keep mask of model `model` from its rules row (t_hi, cut_hi, t_lo, cut_lo, threshold) for
+    entries offs of the slice (flat indices offs + offset). The random decision is drawn
+    (KEEPS == DRAW), replayed from bit buffer `model` of keeps_table (REPLAY), or drawn and
+    recorded there (RECORD; programs along grid axis 0 tile the slice)."""
     row = rules_ptr + model * 5
     t_hi = tl.load(row)
     cut_hi = tl.load(row + 1)
     t_lo = tl.load(row + 2)
     cut_lo = tl.load(row + 3)
     threshold = tl.load(row + 4)
-    in_hi = (key > t_hi) | ((key == t_hi) & (offs < cut_hi))
-    in_lo = (key > t_lo) | ((key == t_lo) & (offs < cut_lo))
+    index = offs + offset
+    in_hi = (key > t_hi) | ((key == t_hi) & (index < cut_hi))
+    in_lo = (key > t_lo) | ((key == t_lo) & (index < cut_lo))
     keep = in_hi & ~in_lo
     if threshold < _ALWAYS:
-        keep = keep & (_draw(seed, model, offs).to(tl.int64) < threshold)
+        if KEEPS == _REPLAY:
+            byte = tl.load(_bit_buffer(keeps_table, model) + (offs >> 3), mask=mask, other=0).to(tl.int32)
+            random = ((byte >> (offs & 7).to(tl.int32)) & 1) != 0
+        else:
+            random = _draw(seed, model, index).to(tl.int64) < threshold
+            if KEEPS == _RECORD:
+                _store_bits(_bit_buffer(keeps_table, model), random & mask, n, BLOCK)
+        keep = keep & random
     return keep
 
 
@@ -136,15 +166,16 @@ def _count_nonfinite(x, count_ptr):
 
 
 @triton.jit
-def _contribution(table_ptr, rules_ptr, coef_ptr, model, base_f32, offs, offset, mask, seed, DTYPE: tl.constexpr,
-                  ALIGNED: tl.constexpr, count_ptr, COUNT: tl.constexpr):
+def _contribution(table_ptr, rules_ptr, coef_ptr, keeps_table, model, base_f32, offs, offset, mask, n, seed,
+                  DTYPE: tl.constexpr, ALIGNED: tl.constexpr, KEEPS: tl.constexpr, BLOCK: tl.constexpr, count_ptr,
+                  COUNT: tl.constexpr):
     """D_i = keep_i ? c_i * d_i : 0 in fp32 (with COUNT, also count x_i's NaN/Inf at count_ptr);
-    the rules see flat indices offs + offset."""
+    the rules see flat indices offs + offset (random decisions as `_keep`'s KEEPS)."""
     x = _load_tile(table_ptr, model, offs, mask, DTYPE, ALIGNED)
     if COUNT:
         _count_nonfinite(x, count_ptr)
     d, key = _delta_and_key(x, base_f32)
-    keep = _keep(key, offs + offset, rules_ptr, model, seed)
+    keep = _keep(key, offs, offset, mask, rules_ptr, model, seed, keeps_table, n, KEEPS, BLOCK)
     return tl.where(keep, d * tl.load(coef_ptr + model), 0.0)
 
 
@@ -200,10 +231,10 @@ def _chunk_count_kernel(base_ptr, table_ptr, key_ptr, count_ptr, n, chunk, num_c
 
 
 @triton.jit
-def _l1_norm_kernel(base_ptr, table_ptr, rules_ptr, partial_ptr, n, num_models, seed, offset, ALIGNED: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _l1_norm_kernel(base_ptr, table_ptr, rules_ptr, keeps_table, partial_ptr, n, num_models, seed, offset,
+                    ALIGNED: tl.constexpr, KEEPS: tl.constexpr, BLOCK: tl.constexpr):
     """partial[tile, i] = (sum_j |d_ij|, sum_j keep_ij |d_ij|) over this tile, in fp64; the rules
-    see flat indices offs + offset."""
+    see flat indices offs + offset (random decisions as `_keep`'s KEEPS)."""
     offs = _tile(BLOCK)
     mask = offs < n
     base = _load_f32(base_ptr, offs, mask)
@@ -212,17 +243,18 @@ def _l1_norm_kernel(base_ptr, table_ptr, rules_ptr, partial_ptr, n, num_models, 
         x = _load_tile(table_ptr, i, offs, mask, base_ptr.dtype.element_ty, ALIGNED)
         d, key = _delta_and_key(x, base)
         magnitude = tl.abs(d).to(tl.float64)
-        keep = _keep(key, offs + offset, rules_ptr, i, seed)
+        keep = _keep(key, offs, offset, mask, rules_ptr, i, seed, keeps_table, n, KEEPS, BLOCK)
         tl.store(out + 2 * i, tl.sum(magnitude))
         tl.store(out + 2 * i + 1, tl.sum(tl.where(keep, magnitude, 0.0)))
 
 
 @triton.jit
-def _fused_gta_kernel(base_ptr, table_ptr, rules_ptr, coef_ptr, weight_ptr, out_ptr, count_ptr, n, num_models, seed,
-                      offset, weight_sum, lam, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, ALIGNED: tl.constexpr,
-                      BLOCK: tl.constexpr):
+def _fused_gta_kernel(base_ptr, table_ptr, rules_ptr, keeps_table, coef_ptr, weight_ptr, out_ptr, count_ptr, n,
+                      num_models, seed, offset, weight_sum, lam, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
+                      ALIGNED: tl.constexpr, KEEPS: tl.constexpr, BLOCK: tl.constexpr):
     """out = base + lam * M / W with M, W from the kept, weighted deltas (module docstring);
-    count[0] += NaN/Inf entries of the base, count[1 + i] those of input i."""
+    count[0] += NaN/Inf entries of the base, count[1 + i] those of input i. KEEPS: DRAW, or REPLAY
+    the random decisions from keeps_table."""
     offs = _tile(BLOCK)
     mask = offs < n
     DTYPE: tl.constexpr = base_ptr.dtype.element_ty
@@ -231,15 +263,15 @@ def _fused_gta_kernel(base_ptr, table_ptr, rules_ptr, coef_ptr, weight_ptr, out_
     base = _to_f32(raw_base)
     total = tl.zeros([BLOCK], tl.float32)
     for i in range(num_models):
-        total += _contribution(table_ptr, rules_ptr, coef_ptr, i, base, offs, offset, mask, seed, DTYPE, ALIGNED,
-                               count_ptr + 1 + i, True)
+        total += _contribution(table_ptr, rules_ptr, coef_ptr, keeps_table, i, base, offs, offset, mask, n, seed,
+                               DTYPE, ALIGNED, KEEPS, BLOCK, count_ptr + 1 + i, True)
     if CONSENSUS:
         positive = total >= 0
         mixed = tl.zeros([BLOCK], tl.float32)
         divisor = tl.zeros([BLOCK], tl.float32)
         for i in range(num_models):
-            D = _contribution(table_ptr, rules_ptr, coef_ptr, i, base, offs, offset, mask, seed, DTYPE, ALIGNED,
-                              count_ptr, False)
+            D = _contribution(table_ptr, rules_ptr, coef_ptr, keeps_table, i, base, offs, offset, mask, n, seed,
+                              DTYPE, ALIGNED, KEEPS, BLOCK, count_ptr, False)
             agree = ((D > 0) & positive) | ((D < 0) & ~positive)
             mixed += D * agree.to(tl.float32)  # NaN propagates, as in the reference
             divisor += tl.where(agree, tl.load(weight_ptr + i), 0.0)
@@ -254,27 +286,37 @@ def _fused_gta_kernel(base_ptr, table_ptr, rules_ptr, coef_ptr, weight_ptr, out_
 
 
 @triton.jit
-def _weighted_sum_kernel(table_ptr, coef_ptr, out_ptr, count_ptr, n, count, DTYPE: tl.constexpr,
-                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """out = sum_k c_k T_k, accumulated in fp32 from 0 in table order; count[k] += NaN/Inf of T_k."""
+def _weighted_sum_kernel(table_ptr, coef_ptr, out_ptr, count_ptr, n, count, row_length, DTYPE: tl.constexpr,
+                         PER_ROW: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """out = sum_k c_k T_k, accumulated in fp32 from 0 in table order; count[k] += NaN/Inf of T_k.
+    PER_ROW: each row of row_length entries has coefficients of its own, coef[row, k]."""
     offs = _tile(BLOCK)
     mask = offs < n
+    if PER_ROW:
+        coef_row = coef_ptr + (offs // row_length) * count
     acc = tl.zeros([BLOCK], tl.float32)
     for k in range(count):
         x = _load_tile(table_ptr, k, offs, mask, DTYPE, ALIGNED)
         _count_nonfinite(x, count_ptr + k)
-        acc += _to_f32(x) * tl.load(coef_ptr + k)
+        if PER_ROW:
+            acc += _to_f32(x) * tl.load(coef_row + k, mask=mask, other=0.0)
+        else:
+            acc += _to_f32(x) * tl.load(coef_ptr + k)
     tl.store(out_ptr + offs, _round_to(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _gram_kernel(base_ptr, table_ptr, partial_ptr, n, count, HAS_BASE: tl.constexpr, DTYPE: tl.constexpr,
-                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _gram_kernel(base_ptr, table_ptr, partial_ptr, row_length, tiles_per_row, count, HAS_BASE: tl.constexpr,
+                 DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """partial[tile, a, b] = <T_a - base, T_b - base> over this tile for a <= b, from exact fp64
-    products summed in fp64 (base 0 without HAS_BASE: x - 0 rounds to x)."""
-    offs = _tile(BLOCK)
-    mask = offs < n
-    out = partial_ptr + tl.program_id(0).to(tl.int64) * count * count
+    products summed in fp64 (base 0 without HAS_BASE: x - 0 rounds to x). The tensors are rows of
+    row_length entries, each cut into tiles_per_row tiles: tile p covers tile p % tiles_per_row
+    of row p // tiles_per_row."""
+    tile = tl.program_id(0)
+    in_row = (tile % tiles_per_row).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = in_row < row_length
+    offs = (tile // tiles_per_row).to(tl.int64) * row_length + in_row
+    out = partial_ptr + tile.to(tl.int64) * count * count
     if HAS_BASE:
         base = _load_f32(base_ptr, offs, mask)
     else:
@@ -284,6 +326,18 @@ def _gram_kernel(base_ptr, table_ptr, partial_ptr, n, count, HAS_BASE: tl.conste
         for b in range(a, count):
             right = _to_f32(_delta(_load_tile(table_ptr, b, offs, mask, DTYPE, ALIGNED), base)).to(tl.float64)
             tl.store(out + a * count + b, tl.sum(left * right))
+
+
+@triton.jit
+def _della_bits_kernel(rank_ptr, threshold_ptr, bits_ptr, n, seed, model, offset, BLOCK: tl.constexpr):
+    """DELLA's keep bits: entry j (flat index offset + j) of ascending row rank r is kept iff
+    philox(seed, model, offset + j) >> 8 < threshold[r], packed as `_store_bits`."""
+    offs = _tile(BLOCK)
+    mask = offs < n
+    rank = tl.load(rank_ptr + offs, mask=mask, other=0)
+    threshold = tl.load(threshold_ptr + rank, mask=mask, other=0)
+    draw = (_draw(seed, model, offs + offset) >> 8).to(tl.int64)
+    _store_bits(bits_ptr, (draw < threshold) & mask, n, BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,26 +402,40 @@ def chunk_counts(base: torch.Tensor, rows: Sequence[torch.Tensor], keys: Sequenc
     return counts
 
 
+def _keeps_table(random_keeps: Sequence[torch.Tensor], n: int, device: torch.device) -> torch.Tensor:
+    """Pointer table of the per-input uint8 bit buffers (ceil(n / 8) bytes each, contiguous)."""
+    for bits in random_keeps:
+        if bits.dtype != torch.uint8 or bits.numel() < (n + 7) // 8 or not bits.is_contiguous():
+            raise ValueError(f"random_keeps: need contiguous uint8 buffers of {(n + 7) // 8} bytes, got "
+                             f"{bits.dtype} [{bits.numel()}]")
+    return _pointer_table(random_keeps, device)[0] if random_keeps else torch.zeros(1, dtype=torch.int64, device=device)
+
+
 def l1_norm_partials(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor,
-                     seed: int, offset: int = 0) -> torch.Tensor:
+                     seed: int, offset: int = 0, random_keeps: Sequence[torch.Tensor] = (),
+                     replay: bool = False) -> torch.Tensor:
     """float64 [tiles, N, 2]: per-tile sums of |d_i| and of keep_i |d_i| (entry j at flat index
-    offset + j)."""
+    offset + j). Given `random_keeps` (a bit buffer per input), the random keep decisions are
+    recorded there, or with `replay` read from there instead of drawn."""
     n = base.numel()
     partials = torch.zeros(_blocks(n), len(inputs), 2, dtype=torch.float64, device=base.device)
     if n and inputs:
         table, aligned = _pointer_table(inputs, base.device)
+        keeps = (_REPLAY if replay else _RECORD) if random_keeps else _DRAW
         _l1_norm_kernel[(_blocks(n),)](
-            base, table, rules.to(base.device), partials, n, len(inputs), seed, offset, ALIGNED=aligned, BLOCK=BLOCK,
-            **_LAUNCH,
+            base, table, rules.to(base.device), _keeps_table(random_keeps, n, base.device), partials, n, len(inputs),
+            seed, offset, ALIGNED=aligned, KEEPS=keeps, BLOCK=BLOCK, **_LAUNCH,
         )
     return partials
 
 
 def fused_gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor, seed: int,
               coefficients: Sequence[float], weights: Sequence[float], consensus: bool, normalize: bool,
-              weight_sum: float, lam: float, out_dtype: torch.dtype, offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+              weight_sum: float, lam: float, out_dtype: torch.dtype, offset: int = 0,
+              random_keeps: Sequence[torch.Tensor] = ()) -> Tuple[torch.Tensor, torch.Tensor]:
     """The fused GTA pass: reads base and each input once, writes the merged tensor once (entry j
-    at flat index offset + j). Also returns int64 [1 + N] NaN/Inf counts (base first)."""
+    at flat index offset + j); given `random_keeps` it replays the random keep decisions recorded
+    there. Also returns int64 [1 + N] NaN/Inf counts (base first)."""
     out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     counts = torch.zeros(1 + len(inputs), dtype=torch.int64, device=base.device)
     n = base.numel()
@@ -375,39 +443,63 @@ def fused_gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.T
         device = base.device
         table, aligned = _pointer_table(inputs, device)
         _fused_gta_kernel[(_blocks(n),)](
-            base, table, rules.to(device), torch.tensor(list(coefficients), dtype=torch.float32, device=device),
+            base, table, rules.to(device), _keeps_table(random_keeps, n, device),
+            torch.tensor(list(coefficients), dtype=torch.float32, device=device),
             torch.tensor(list(weights), dtype=torch.float32, device=device), out, counts, n, len(inputs), seed, offset,
-            float(weight_sum), float(lam), CONSENSUS=consensus, NORMALIZE=normalize, ALIGNED=aligned, BLOCK=BLOCK,
-            **_LAUNCH,
+            float(weight_sum), float(lam), CONSENSUS=consensus, NORMALIZE=normalize, ALIGNED=aligned,
+            KEEPS=_REPLAY if random_keeps else _DRAW, BLOCK=BLOCK, **_LAUNCH,
         )
     return out, counts
 
 
-def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float],
-                 out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """sum_k c_k T_k in fp32, cast to out_dtype; also int64 [K] NaN/Inf counts of the T_k."""
+def weighted_sum(tensors: Sequence[torch.Tensor], coefficients, out_dtype: torch.dtype,
+                 row_length: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """sum_k c_k T_k in fp32, cast to out_dtype; also int64 [K] NaN/Inf counts of the T_k.
+    `coefficients`: K numbers, or with `row_length` a float32 device tensor [rows, K] of
+    coefficients for each row of row_length entries."""
     first = tensors[0]
     out = torch.empty(first.shape, dtype=out_dtype, device=first.device)
     counts = torch.zeros(len(tensors), dtype=torch.int64, device=first.device)
     n = first.numel()
     if n:
         table, aligned = _pointer_table(tensors, first.device)
+        per_row = row_length is not None
+        if not per_row:
+            coefficients = torch.tensor(list(coefficients), dtype=torch.float32, device=first.device)
         _weighted_sum_kernel[(_blocks(n),)](
-            table, torch.tensor(list(coefficients), dtype=torch.float32, device=first.device), out, counts, n,
-            len(tensors), DTYPE=_TL_DTYPES[first.dtype], ALIGNED=aligned, BLOCK=BLOCK, **_LAUNCH,
+            table, coefficients, out, counts, n, len(tensors), row_length if per_row else n,
+            DTYPE=_TL_DTYPES[first.dtype], PER_ROW=per_row, ALIGNED=aligned, BLOCK=BLOCK, **_LAUNCH,
         )
     return out, counts
 
 
-def gram_partials(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor]) -> torch.Tensor:
-    """float64 [tiles, K, K], upper triangle filled: per-tile <T_a - base, T_b - base>."""
+def gram_partials(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor],
+                  row_length: Optional[int] = None) -> torch.Tensor:
+    """float64 [rows, tiles, K, K], upper triangle filled: per-tile <T_a - base, T_b - base> within
+    each row of row_length entries (default: one row of all entries)."""
     first = tensors[0]
     n, count = first.numel(), len(tensors)
-    partials = torch.zeros(_blocks(n), count, count, dtype=torch.float64, device=first.device)
+    row_length = row_length or max(n, 1)
+    rows = n // row_length
+    # Short rows get short tiles (with fewer warps), so that lanes are not wasted past row ends.
+    block = min(BLOCK, max(16, triton.next_power_of_2(row_length)))
+    tiles = triton.cdiv(row_length, block)
+    partials = torch.zeros(rows, tiles, count, count, dtype=torch.float64, device=first.device)
     if n:
         table, aligned = _pointer_table(tensors, first.device)
-        _gram_kernel[(_blocks(n),)](
-            base if base is not None else first, table, partials, n, count, HAS_BASE=base is not None,
-            DTYPE=_TL_DTYPES[first.dtype], ALIGNED=aligned, BLOCK=BLOCK, **_LAUNCH,
+        _gram_kernel[(rows * tiles,)](
+            base if base is not None else first, table, partials, row_length, tiles, count, HAS_BASE=base is not None,
+            DTYPE=_TL_DTYPES[first.dtype], ALIGNED=aligned, BLOCK=block,
+            **dict(_LAUNCH, num_warps=max(1, min(8, block // 256))),
         )
     return partials
+
+
+def della_bits(ranks: torch.Tensor, thresholds: torch.Tensor, seed: int, model: int, offset: int) -> torch.Tensor:
+    """uint8 [ceil(n / 8)]: DELLA's keep bits for entries of ascending row ranks `ranks` (int64,
+    flat, n entries at flat indices offset + j) given per-rank int64 `thresholds`."""
+    n = ranks.numel()
+    bits = torch.zeros((n + 7) // 8, dtype=torch.uint8, device=ranks.device)
+    if n:
+        _della_bits_kernel[(_blocks(n),)](ranks, thresholds, bits, n, seed, model, offset, BLOCK=BLOCK, **_LAUNCH)
+    return bits

@@ -89,12 +89,16 @@ def merge_kernels() -> None:
         for method in moefuse.method_names():
             spec = moefuse.get_method(method)
             accepted = {param.name for param in spec.params}
-            # Sparse settings (density below 1, L1 rescale) so that the selection kernels run too.
-            params = {name: value for name, value in (("density", 0.5), ("rescale", True)) if name in accepted}
-            try:
-                moefuse.merge_tensors(base if spec.needs_base else None, inputs, method, backend="triton", **params)
-            except Exception:  # noqa: BLE001 - garbage read back, see above
-                pass
+            # Sparse settings (density below 1, L1 rescale) so that the selection kernels run too;
+            # SLERP's required t; Model Stock also filter-wise (its row kernels).
+            settings = (("density", 0.5), ("rescale", True), ("t", 0.3))
+            params = {name: value for name, value in settings if name in accepted}
+            for extra in ({"filter_wise": True}, {}) if "filter_wise" in accepted else ({},):
+                try:
+                    moefuse.merge_tensors(base if spec.needs_base else None, inputs[:spec.max_models], method,
+                                          backend="triton", **params, **extra)
+                except Exception:  # noqa: BLE001 - garbage read back, see above
+                    pass
 
 
 def moe_kernels() -> None:

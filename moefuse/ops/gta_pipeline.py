@@ -72,7 +72,7 @@ def run_gta(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: G
     keeps = {}  # extra keyword arguments: the recorded random keep decisions of each piece
     if scales is None:
         record = getattr(backend, "RECORDS_RANDOM_KEEPS", False) and any(r.kind == KEEP_RANDOM for r in plan.rules)
-        bits = torch.empty(len(inputs), (pieces.n + 7) // 8, dtype=torch.uint8) if record else None
+        bits = torch.empty(len(inputs), (pieces.n + 7) // 8, dtype=torch.uint8, device=base.device) if record else None
         before, after = torch.zeros(plan.num_models, dtype=torch.float64), torch.zeros(plan.num_models, dtype=torch.float64)
         for start, stop, (piece_base, *piece_inputs) in pieces.walk([base, *inputs]):
             keeps[start] = {} if bits is None else {"random_keeps": list(bits[:, start // 8:(stop + 7) // 8])}

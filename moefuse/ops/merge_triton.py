@@ -14,6 +14,7 @@ import torch
 
 from moefuse.errors import MergeInputError
 from moefuse.kernels import merge_gta as kernels
+from moefuse.ops.merge_reference import magnitude_keys, model_stock_t
 from moefuse.ops.select import LEVEL1_BINS, LEVEL2_BINS, level1_shift
 
 
@@ -76,26 +77,36 @@ def chunk_counts(base: torch.Tensor, inputs: Sequence[torch.Tensor], models: Seq
         return kernels.chunk_counts(base, rows, keys, chunk)
 
 
-def l1_norms(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor,
-             seed: int, offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
+RECORDS_RANDOM_KEEPS = True  # l1_norms records (or replays) random keep decisions; fused_gta replays them
+# Row-local merges (`moefuse.ops.rowwise`) run one block at a time on the caller's thread: the GPU
+# runs one block's kernels at a time anyway (and Triton's interpreter is not thread-safe).
+ONE_BLOCK_AT_A_TIME = True
+
+
+def l1_norms(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor, seed: int, offset: int,
+             random_keeps: Sequence[torch.Tensor] = (), replay: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """float64 [N] pair (CPU): sum_j |d_ij| and sum_j keep_ij |d_ij| (entry j of the slice has
-    flat index offset + j)."""
+    flat index offset + j). Given `random_keeps` (a uint8 buffer of ceil(len / 8) bytes per input
+    on the tensors' device), the random keep decisions are recorded there (bit j % 8 of byte
+    j / 8), or with `replay` read from there."""
     base, *inputs = _prepared([base, *inputs])
     with _device_of(base):
-        totals = kernels.l1_norm_partials(base, inputs, rules, seed, offset).sum(dim=0).cpu()
+        totals = kernels.l1_norm_partials(base, inputs, rules, seed, offset, random_keeps, replay).sum(dim=0).cpu()
     return totals[:, 0].contiguous(), totals[:, 1].contiguous()
 
 
 def fused_gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor, seed: int,
               coefficients: Sequence[float], weights: Sequence[float], consensus: bool, normalize: bool,
-              weight_sum: float, lam: float, out_dtype: torch.dtype, offset: int) -> Tuple[torch.Tensor, List[int]]:
+              weight_sum: float, lam: float, out_dtype: torch.dtype, offset: int,
+              random_keeps: Sequence[torch.Tensor] = ()) -> Tuple[torch.Tensor, List[int]]:
     """out = base + lam * M (/ W if normalize), M and W as in `moefuse.methods.gta`, with
     D_i = keep_i * coefficients[i] * d_i; and the NaN/Inf counts of the base and each input.
-    Entry j of the slice has flat index offset + j."""
+    Entry j of the slice has flat index offset + j; random keep decisions are replayed from
+    `random_keeps` where given (as recorded by `l1_norms`)."""
     base, *inputs = _prepared([base, *inputs])
     with _device_of(base):
         out, counts = kernels.fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize,
-                                        weight_sum, lam, out_dtype, offset)
+                                        weight_sum, lam, out_dtype, offset, random_keeps)
     return out, counts.tolist()
 
 
@@ -116,5 +127,37 @@ def gram(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = None) -
     tensors = _prepared(tensors)
     base = _prepared([base])[0] if base is not None else None
     with _device_of(tensors[0]):
-        upper = kernels.gram_partials(tensors, base).sum(dim=0).cpu()
+        upper = kernels.gram_partials(tensors, base).sum(dim=(0, 1)).cpu()
     return upper + upper.triu(1).T
+
+
+def model_stock_rows(base: torch.Tensor, inputs: Sequence[torch.Tensor], row_length: int,
+                     out_dtype: torch.dtype) -> Tuple[torch.Tensor, List[int]]:
+    """Filter-wise Model Stock of whole rows of row_length entries: each row's Gram matrix of task
+    vectors (exact fp64 products, fp64 sums), its factor t (`model_stock_t`), then
+    out = (1 - t) base + sum_i (t / N) x_i in fp32; and the NaN/Inf counts of the base and each
+    input."""
+    base, *inputs = _prepared([base, *inputs])
+    rows = base.numel() // row_length
+    with _device_of(base):
+        upper = kernels.gram_partials(inputs, base, row_length).sum(dim=1)
+        t = model_stock_t(upper + upper.triu(1).transpose(1, 2)).float()
+        coefficients = torch.stack([1 - t] + [t / len(inputs)] * len(inputs), dim=1).reshape(rows, 1 + len(inputs))
+        out, counts = kernels.weighted_sum([base, *inputs], coefficients.contiguous(), out_dtype, row_length)
+    return out, counts.tolist()
+
+
+def della_keep(base: torch.Tensor, x: torch.Tensor, probability: torch.Tensor, seed: int, stream: int,
+               offset: int) -> torch.Tensor:
+    """DELLA's keep mask of input `stream`, packed (entry j in bit j % 8 of byte j / 8): rows of
+    probability.numel() entries; entry j (flat index offset + j) of ascending |d| rank r in its row
+    (ties by index) is kept iff uniform(philox(seed, stream, offset + j)) < probability[r]."""
+    base, x = _prepared([base, x])
+    row_length = probability.numel()
+    with _device_of(base):
+        keys = magnitude_keys(x - base).reshape(-1, row_length)
+        order = torch.sort(keys, dim=1, stable=True).indices
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(row_length, device=order.device).expand_as(order))
+        # uniform = (draw >> 8) / 2^24 < p  <=>  draw >> 8 < ceil(p 2^24)  (p 2^24 is exact in fp64)
+        thresholds = torch.ceil(probability.to(torch.float64) * (1 << 24)).to(torch.int64).to(base.device)
+        return kernels.della_bits(ranks.reshape(-1), thresholds, seed, stream, offset)

@@ -5,23 +5,26 @@ of its |delta| within its row (along dim 1), and filter-wise Model Stock interpo
 (a row along the last dim) with a factor of its own. Both are local to rows, apart from DELLA's
 L1 rescale, which sums over the whole tensor. So instead of holding whole tensors (the reference
 allocates several fp32 and int64 copies of every input), `merge_row_blocks` walks blocks of whole
-rows (on the CPU one block per thread in flight, a single block on the caller's thread; on a GPU
-blocks of GPU_BLOCK_ENTRIES, one at a time, on the caller's thread):
+rows (with the C++ or reference CPU path one block per thread in flight, a single block on the
+caller's thread; with Triton or on a GPU blocks of GPU_BLOCK_ENTRIES, one at a time, on the
+caller's thread):
 
     DELLA                    1. (rescale "l1" only) each model's L1 norm before and after its mask
                              2. combine (the masks follow flat indices, so both passes agree)
     filter-wise Model Stock  one pass: each block's filters interpolated
 
 With a backend that has DELLA's `della_keep` kernel (the C++ extension: a radix sort per row and
-SIMD Philox) and contiguous rows (tensors of at most 2 dims), DELLA runs on blocks of
-FUSED_BLOCK_ENTRIES in the backend's kernels: the masks are packed into bits and replayed as the
-recorded decisions of random rules that keep nothing by themselves (`moefuse.ops.gta_pipeline`),
-by the L1-norm pass and by the fused combine pass; the L1 pass keeps them for the combine where
-blocks start on whole bytes. With a backend that has `model_stock_rows` (the C++ extension),
-filter-wise Model Stock runs on blocks of FUSED_BLOCK_ENTRIES in that kernel. Otherwise blocks of
-ROW_BLOCK_ENTRIES (GPU_BLOCK_ENTRIES on a GPU) run the plain-PyTorch reference math. Each output
-block is handed to `emit` as it is produced. The numbers are the reference's within fp32
-rounding; the L1 norms and Gram entries are summed in another order.
+SIMD Philox; Triton: torch's segmented sort for the ranks, then one kernel for the draws) and
+contiguous rows (tensors of at most 2 dims), DELLA runs in the backend's kernels: the masks are
+packed into bits and replayed as the recorded decisions of random rules that keep nothing by
+themselves (`moefuse.ops.gta_pipeline`), by the L1-norm pass and by the fused combine pass; the L1
+pass keeps them for the combine where blocks start on whole bytes. With a backend that has
+`model_stock_rows` (C++: a row at a time in cache; Triton: per-row Gram tiles, then a weighted sum
+with per-row coefficients), filter-wise Model Stock runs in that kernel. Otherwise blocks of
+ROW_BLOCK_ENTRIES (GPU_BLOCK_ENTRIES on a GPU) run the plain-PyTorch reference math. On the CPU
+the kernels take blocks of FUSED_BLOCK_ENTRIES. Each output block is handed to `emit` as it is
+produced. The numbers are the reference's within fp32 rounding; the L1 norms and Gram entries are
+summed in another order.
 """
 
 from __future__ import annotations
@@ -54,8 +57,9 @@ ROW_BLOCK_ENTRIES = 1 << 16
 # for 2^20 entries, not 2^16 (with 2^16 the two workers waited on the GIL: 47 s for 4 x 1.98 GB).
 FUSED_BLOCK_ENTRIES = 1 << 20
 FUSED_BYTES_PER_ENTRY = 2  # per block entry and input: its bool mask and its bits, rounded up
-# On a GPU the reference runs one block at a time, in blocks large enough that its kernel launches
-# (a few dozen per block) cost little, and small enough that its temporaries (below) stay a few GB.
+# On a GPU (and with Triton) blocks run one at a time, large enough that their kernel launches (a
+# few dozen per block for the reference) cost little, and small enough that the temporaries stay a
+# few GB (the reference's below; Triton's DELLA ranks take about 32 bytes per entry of one input).
 GPU_BLOCK_ENTRIES = 1 << 24
 # The reference's temporaries per block entry and input (measured: DELLA 24 bytes, Model Stock 14).
 REFERENCE_BYTES_PER_ENTRY = 32
@@ -84,13 +88,11 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
     row = independent_slice(spec, shape)
     row_numel = math.prod(row)
     whole = row == tuple(shape) or row_numel == 0
-    on_cpu = base.device.type == "cpu"
     if plan is None:
-        fused = on_cpu and hasattr(backend, "model_stock_rows")
+        fused = hasattr(backend, "model_stock_rows")
     else:  # the mask kernel needs contiguous rows (blocks of at most 2 dims), the passes replayed keeps
-        fused = on_cpu and len(shape) <= 2 and hasattr(backend, "della_keep") \
-            and getattr(backend, "RECORDS_RANDOM_KEEPS", False)
-    block_entries, workers = _block_layout(base.device, fused)
+        fused = len(shape) <= 2 and hasattr(backend, "della_keep") and getattr(backend, "RECORDS_RANDOM_KEEPS", False)
+    block_entries, workers = _block_layout(backend, base.device, fused)
     blocks = Pieces(pieces.n, max(1, pieces.n if whole else max(1, block_entries // row_numel) * row_numel),
                     pieces.release, pieces.cast)
 
@@ -149,14 +151,14 @@ def _fused_della(backend, plan: GtaPlan, blocks: Pieces, tensors: List[torch.Ten
     def packed_masks(start: int, piece: List[torch.Tensor]) -> List[torch.Tensor]:
         shaped_base, *shaped_inputs = shaped(piece)
         return [_della_bits(backend, shaped_base, x, rule, plan.seed, i, start) if rule.kind == KEEP_DELLA
-                else torch.zeros((x.numel() + 7) // 8, dtype=torch.uint8)  # a rule that keeps all or nothing itself
+                else torch.zeros((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device)  # keeps all or nothing itself
                 for i, (x, rule) in enumerate(zip(shaped_inputs, plan.rules))]
 
     scales = plan.static_scales()
     kept_bits = None
     if scales is None:
         if blocks.size % 8 == 0 or blocks.size >= blocks.n:
-            kept_bits = torch.empty(len(tensors) - 1, (blocks.n + 7) // 8, dtype=torch.uint8)
+            kept_bits = torch.empty(len(tensors) - 1, (blocks.n + 7) // 8, dtype=torch.uint8, device=tensors[0].device)
 
         def block_norms(start: int, piece: List[torch.Tensor]) -> torch.Tensor:
             bits = packed_masks(start, piece)
@@ -231,11 +233,11 @@ def blocks_in_flight() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _block_layout(device: torch.device, fused: bool) -> Tuple[int, int]:
+def _block_layout(backend, device: torch.device, fused: bool) -> Tuple[int, int]:
     """(entries per block, blocks in flight): on the CPU one block per thread, of
-    FUSED_BLOCK_ENTRIES for the C++ kernels or ROW_BLOCK_ENTRIES for the reference; on a GPU one
-    block of GPU_BLOCK_ENTRIES at a time."""
-    if device.type != "cpu":
+    FUSED_BLOCK_ENTRIES for the C++ kernels or ROW_BLOCK_ENTRIES for the reference; on a GPU, or
+    with a backend that runs ONE_BLOCK_AT_A_TIME (Triton), one block of GPU_BLOCK_ENTRIES at a time."""
+    if device.type != "cpu" or getattr(backend, "ONE_BLOCK_AT_A_TIME", False):
         return GPU_BLOCK_ENTRIES, 1
     return (FUSED_BLOCK_ENTRIES if fused else ROW_BLOCK_ENTRIES), blocks_in_flight()
 

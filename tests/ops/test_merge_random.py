@@ -101,15 +101,24 @@ def test_della_keeps_large_magnitudes_more_often():
     assert abs(rate_large - 0.6) < 0.01 and abs(rate_small - 0.4) < 0.01, (rate_large, rate_small)
 
 
-@pytest.mark.skipif(backends.cpu_backend(warn_if_missing=False) is None, reason="needs the C++ extension")
+def _fast_backend(name: str):
+    """(backend module, device of its tensors) for "cpu" or "triton"; skips where unavailable."""
+    if not backends.available(name):
+        pytest.skip(f"{name} backend unavailable")
+    if name == "cpu":
+        return backends.cpu_backend(warn_if_missing=False), "cpu"
+    return backends.triton_backend(), DEVICE
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 # Rows of up to 2^16 entries of a 16-bit dtype are sorted as 32-bit words, longer rows as 64-bit ones.
 @pytest.mark.parametrize("shape, offset", [((6, 4099), 0), ((3, 1000), 2**34 - 1500), ((5, 1), 17), ((1, 1), 0),
                                            ((1, 70001), 3), ((203, 37), 5), ((70, 12), 0)], ids=lambda c: str(c))
-def test_della_keep_kernel_equals_the_reference_mask(dtype, shape, offset):
+def test_della_keep_kernel_equals_the_reference_mask(backend, dtype, shape, offset):
     """Rows longer and shorter than a tile, many tied magnitudes (ranks by position), a row of
     one, flat indices across 2^34 (Philox's high counter word: blocks of 4), and many rows that do not end on
-    a byte of the packed mask (the threads split them in groups that do)."""
+    a byte of the packed mask (the CPU threads split them in groups that do)."""
     from moefuse.ops.merge_reference import della_rank_probabilities, keep_mask
     from moefuse.ops.plan import KEEP_DELLA, KeepRule
 
@@ -119,7 +128,8 @@ def test_della_keep_kernel_equals_the_reference_mask(dtype, shape, offset):
     rule = KeepRule(KEEP_DELLA, density=0.4, epsilon=0.15)
     expected = keep_mask((model - base).float(), rule, 9, 2, offset)
     probability = della_rank_probabilities(shape[1], rule.density, rule.epsilon)
-    packed = backends.cpu_backend(warn_if_missing=False).della_keep(base, model, probability, 9, 2, offset)
+    impl, device = _fast_backend(backend)
+    packed = impl.della_keep(base.to(device), model.to(device), probability, 9, 2, offset).cpu()
     n = base.numel()
     assert packed.dtype == torch.uint8 and packed.shape == ((n + 7) // 8,)
     bits = torch.from_numpy(np.unpackbits(packed.numpy(), bitorder="little"))
@@ -136,10 +146,7 @@ def test_draws_past_the_high_counter_word(backend):
     from moefuse.ops.philox import philox_uint32
     from moefuse.ops.plan import gta_plan
 
-    if not backends.available(backend):
-        pytest.skip(f"{backend} backend unavailable")
-    impl = backends.cpu_backend(warn_if_missing=False) if backend == "cpu" else backends.triton_backend()
-    device = "cpu" if backend == "cpu" else DEVICE
+    impl, device = _fast_backend(backend)
     n, offset = 3000, 2**34 - 1234  # counters 2^32 - 309 .. 2^32 + 441: both high words
     spec = get_method("dare_linear")
     plan = gta_plan(spec, resolve_params(spec, 1, {"density": 0.5, "seed": 3, "rescale": False}), n)
@@ -160,36 +167,40 @@ def test_draws_are_random123_philox_words():
     assert words[4:] != words[:4]
 
 
-@pytest.mark.skipif(backends.cpu_backend(warn_if_missing=False) is None, reason="needs the C++ extension")
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("n", [1, 1023, 5000], ids=lambda n: f"n{n}")
-def test_dare_keep_decisions_are_recorded_once_and_replayed(n):
-    """The CPU L1 pass records each Philox keep decision as a bit; the fused pass replays the
-    bits instead of drawing: the recorded bits are the draws, and the fused pass follows them."""
+def test_dare_keep_decisions_are_recorded_once_and_replayed(backend, n):
+    """The L1 pass records each Philox keep decision as a bit; the fused pass replays the bits
+    instead of drawing: the recorded bits are the draws, and the fused pass follows them."""
     from moefuse.methods import get_method, resolve_params
     from moefuse.ops.gta_pipeline import ALWAYS, RANDOM_THRESHOLD, encode_rules
     from moefuse.ops.philox import philox_uint32
     from moefuse.ops.plan import gta_plan
 
-    cpu = backends.cpu_backend(warn_if_missing=False)
+    impl, device = _fast_backend(backend)
     generator = torch.Generator().manual_seed(n)
     base = torch.randn(n, generator=generator).to(torch.bfloat16)
-    inputs = [(base.float() + 0.1 * torch.randn(n, generator=generator)).to(torch.bfloat16) for _ in range(2)]
+    inputs = [(base.float() + 0.1 * torch.randn(n, generator=generator)).to(device, torch.bfloat16) for _ in range(2)]
+    base = base.to(device)
     spec = get_method("dare_ties")
     plan = gta_plan(spec, resolve_params(spec, 2, {"density": 0.3, "weight": [0.6, 0.4], "seed": 5}), n)
     rules, offset = encode_rules(plan, {}), 12345
-    bits = [torch.zeros((n + 7) // 8, dtype=torch.uint8) for _ in inputs]
-    cpu.l1_norms(base, inputs, rules, plan.seed, offset, random_keeps=bits)
+    bits = [torch.zeros((n + 7) // 8, dtype=torch.uint8, device=device) for _ in inputs]
+    impl.l1_norms(base, inputs, rules, plan.seed, offset, random_keeps=bits)
     positions = torch.arange(n)
     for i, recorded in enumerate(bits):
-        unpacked = (recorded[positions // 8].long() >> (positions % 8)) & 1
+        unpacked = (recorded.cpu()[positions // 8].long() >> (positions % 8)) & 1
         drawn = philox_uint32(plan.seed, i, torch.arange(offset, offset + n)) < plan.rules[i].threshold32
         assert torch.equal(unpacked.bool(), drawn)
 
     def fused(rules, **keeps):
-        return cpu.fused_gta(base, inputs, rules, plan.seed, [0.6, 0.4], [0.6, 0.4], True, True, 1.0, 1.0,
-                             torch.float32, offset, **keeps)[0]
+        return impl.fused_gta(base, inputs, rules, plan.seed, [0.6, 0.4], [0.6, 0.4], True, True, 1.0, 1.0,
+                              torch.float32, offset, **keeps)[0]
 
     assert torch.equal(fused(rules, random_keeps=bits), fused(rules))
     keep_everything = rules.clone()
     keep_everything[:, RANDOM_THRESHOLD] = ALWAYS
     assert torch.equal(fused(rules, random_keeps=[torch.full_like(b, 255) for b in bits]), fused(keep_everything))
+    with_replayed_norms = impl.l1_norms(base, inputs, rules, plan.seed, offset,
+                                        random_keeps=[torch.zeros_like(b) for b in bits], replay=True)
+    assert torch.equal(with_replayed_norms[1], torch.zeros(2, dtype=torch.float64))  # nothing kept

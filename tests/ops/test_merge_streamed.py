@@ -137,7 +137,7 @@ def test_one_block_at_a_time_on_the_callers_thread(method, monkeypatch):
     """The GPU layout (one block at a time, run on the caller's thread), forced on the CPU with
     small blocks, gives the reference's numbers and leaves the caller's thread count alone."""
     threads = torch.get_num_threads()
-    monkeypatch.setattr(rowwise, "_block_layout", lambda device, fused: (250, 1))
+    monkeypatch.setattr(rowwise, "_block_layout", lambda backend, device, fused: (250, 1))
     base, tensors = _case(torch.float32, "cpu", seed=2)
     params = ALL_PARAMS["della"] if method == "della" else ALL_PARAMS["model_stock_filter_wise"]
     whole = moefuse.merge_tensors(base, tensors, method, backend="reference", **params)

@@ -17,6 +17,7 @@ from moefuse.ops.merge_reference import (  # noqa: E402
     gram_reference,
     keep_mask,
     magnitude_keys,
+    model_stock_reference,
     rank_order,
     weighted_sum_reference,
 )
@@ -322,6 +323,18 @@ def test_weighted_sum(dtype, out_dtype):
     expected = weighted_sum_reference(tensors, coefficients).to(out_dtype)
     assert result.shape == expected.shape
     assert_merge_close(result.cpu(), expected.cpu())
+
+
+@pytest.mark.parametrize("shape", [(3, 3000), (50, 1), (6, 17), (0, 5)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_model_stock_rows(dtype, shape):
+    """One factor per row: rows longer than a tile (their Gram summed over tiles), rows of one
+    entry (every cosine is +-1), short rows, no rows."""
+    base, inputs = make_case("random", shape, 3, dtype, seed=9)
+    out, counts = merge_triton.model_stock_rows(base.reshape(-1), [x.reshape(-1) for x in inputs], shape[1], dtype)
+    assert counts == [0, 0, 0, 0] and out.dtype == dtype and out.shape == (base.numel(),)
+    expected = model_stock_reference(base.cpu(), [x.cpu() for x in inputs], filter_wise=True).to(dtype)
+    assert_merge_close(out.cpu().reshape(shape), expected)
 
 
 def test_tensors_on_the_wrong_device_are_refused():
