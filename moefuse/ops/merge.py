@@ -132,7 +132,7 @@ def _merge(base, tensors: List[torch.Tensor], method: str, emit: Emit, streaming
                                   emit if out is None else out.append)
         check(counts, names)
         if out is not None:
-            emit(out.tensor)
+            emit(out.result())
         return reference_input.shape
     if impl is None:
         whole = pieces.read(([flat_base] if base is not None else []) + flat, 0, n)
@@ -183,15 +183,25 @@ def _row_local(spec: MethodSpec, resolved, plan) -> bool:
 
 
 class _Collected:
-    """The flat output of an in-memory merge, filled block by block in order."""
+    """The flat output of an in-memory merge, filled block by block in order (a single block that
+    is the whole output is kept as it is, not copied)."""
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device):
-        self.tensor = torch.empty(n, dtype=dtype, device=device)
+        self.n, self.dtype, self.device = n, dtype, device
+        self.tensor: Optional[torch.Tensor] = None
         self.filled = 0
 
     def append(self, block: torch.Tensor) -> None:
-        self.tensor[self.filled:self.filled + block.numel()] = block.reshape(-1)
+        if self.tensor is None and block.numel() == self.n:
+            self.tensor = block.reshape(-1)
+        else:
+            if self.tensor is None:
+                self.tensor = torch.empty(self.n, dtype=self.dtype, device=self.device)
+            self.tensor[self.filled:self.filled + block.numel()] = block.reshape(-1)
         self.filled += block.numel()
+
+    def result(self) -> torch.Tensor:
+        return self.tensor if self.tensor is not None else torch.empty(self.n, dtype=self.dtype, device=self.device)
 
 
 def _reference(spec: MethodSpec, resolved, plan, base, tensors: List[torch.Tensor]) -> torch.Tensor:
