@@ -1,6 +1,6 @@
 """Run the quality evaluation and write benches/results/quality.{json,png}.
 
-    python -m benches.quality.run            # full run (CPU, about 15-30 minutes on 2 cores)
+    python -m benches.quality.run            # full run (CPU, about 5 minutes on 2 cores)
     python -m benches.quality.run --smoke    # tiny sizes, a few steps (what the test suite runs)
 """
 
