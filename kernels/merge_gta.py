@@ -127,7 +127,7 @@ def _store_bits(bits_ptr, flags, n, BLOCK: tl.constexpr):
     bytes_ = tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
     eights = tl.reshape(flags.to(tl.int32), [BLOCK // 8, 8])
     packed = tl.sum(eights << tl.arange(0, 8)[None, :], axis=1)
-    tl.store(bits_ptr + bytes_, packed.to(tl.uint8), mask=bytes_ < (n + 7) // 8)
+    tl.store(bits_ptr + bytes_, packed.to(tl.uint8), mask=bytes_ * 8 < n)  # int64: n + 7 could wrap in int32
 
 
 @triton.jit

@@ -38,10 +38,10 @@ def rank_order(delta: torch.Tensor) -> torch.Tensor:
     return torch.sort(magnitude_keys(delta), descending=True, stable=True).indices
 
 
-def della_rank_probabilities(length: int, density: float, epsilon: float) -> torch.Tensor:
-    """Keep probability of each ascending rank r in a row of `length` (float64 [length]):
-    rho - eps + 2 eps r / (length - 1); a row of length 1 gets rho."""
-    ranks = torch.arange(length, dtype=torch.float64)
+def della_rank_probabilities(length: int, density: float, epsilon: float, device=None) -> torch.Tensor:
+    """Keep probability of each ascending rank r in a row of `length` (float64 [length], on
+    `device`): rho - eps + 2 eps r / (length - 1); a row of length 1 gets rho."""
+    ranks = torch.arange(length, dtype=torch.float64, device=device)
     spread = ranks / (length - 1) if length > 1 else torch.full_like(ranks, 0.5)
     return (density - epsilon) + spread * (2 * epsilon)
 
@@ -57,7 +57,7 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
         (1, -1) + (1,) * (rows.dim() - 2)
     ).expand_as(order)
     ranks.scatter_(1, order, position)
-    table = della_rank_probabilities(rows.shape[1], density, epsilon).to(delta.device)
+    table = della_rank_probabilities(rows.shape[1], density, epsilon, delta.device)
     return table[ranks].reshape(delta.shape)
 
 
@@ -176,7 +176,8 @@ def slerp_coefficients(gram: torch.Tensor, t: float) -> List[float]:
 
 
 def model_stock_t(gram: torch.Tensor) -> torch.Tensor:
-    """Model Stock's interpolation factor from Gram matrices [..., N, N] of the task vectors."""
+    """Model Stock's interpolation factor from Gram matrices [..., N, N] of the task vectors (only
+    their diagonal and upper triangle are read)."""
     count = gram.shape[-1]
     norms = torch.diagonal(gram, dim1=-2, dim2=-1).sqrt()
     pairs = [(a, b) for a in range(count) for b in range(a + 1, count)]

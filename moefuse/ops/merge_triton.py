@@ -14,7 +14,7 @@ import torch
 
 from moefuse.errors import MergeInputError
 from moefuse.kernels import merge_gta as kernels
-from moefuse.ops.merge_reference import magnitude_keys, model_stock_t
+from moefuse.ops.merge_reference import model_stock_t
 from moefuse.ops.select import LEVEL1_BINS, LEVEL2_BINS, level1_shift
 
 
@@ -81,6 +81,7 @@ RECORDS_RANDOM_KEEPS = True  # l1_norms records (or replays) random keep decisio
 # Row-local merges (`moefuse.ops.rowwise`) run one block at a time on the caller's thread: the GPU
 # runs one block's kernels at a time anyway (and Triton's interpreter is not thread-safe).
 ONE_BLOCK_AT_A_TIME = True
+GRAM_PARTIAL_ENTRIES = 1 << 23  # fp64 partial Gram sums held at a time by model_stock_rows (64 MB)
 
 
 def l1_norms(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor, seed: int, offset: int,
@@ -136,12 +137,18 @@ def model_stock_rows(base: torch.Tensor, inputs: Sequence[torch.Tensor], row_len
     """Filter-wise Model Stock of whole rows of row_length entries: each row's Gram matrix of task
     vectors (exact fp64 products, fp64 sums), its factor t (`model_stock_t`), then
     out = (1 - t) base + sum_i (t / N) x_i in fp32; and the NaN/Inf counts of the base and each
-    input."""
+    input. The Gram tiles are summed for GRAM_PARTIAL_ENTRIES fp64 values at a time (short rows
+    would otherwise take far more memory in partial sums than in data)."""
     base, *inputs = _prepared([base, *inputs])
     rows = base.numel() // row_length
+    partials_per_row = len(inputs) ** 2 * -(-row_length // kernels.BLOCK)
+    chunk = max(1, GRAM_PARTIAL_ENTRIES // partials_per_row) * row_length
     with _device_of(base):
-        upper = kernels.gram_partials(inputs, base, row_length).sum(dim=1)
-        t = model_stock_t(upper + upper.triu(1).transpose(1, 2)).float()
+        t = torch.empty(rows, dtype=torch.float32, device=base.device)
+        for start in range(0, base.numel(), chunk):
+            upper = kernels.gram_partials([x[start:start + chunk] for x in inputs], base[start:start + chunk],
+                                          row_length).sum(dim=1)
+            t[start // row_length:start // row_length + upper.shape[0]] = model_stock_t(upper)
         coefficients = torch.stack([1 - t] + [t / len(inputs)] * len(inputs), dim=1).reshape(rows, 1 + len(inputs))
         out, counts = kernels.weighted_sum([base, *inputs], coefficients.contiguous(), out_dtype, row_length)
     return out, counts.tolist()
@@ -155,9 +162,12 @@ def della_keep(base: torch.Tensor, x: torch.Tensor, probability: torch.Tensor, s
     base, x = _prepared([base, x])
     row_length = probability.numel()
     with _device_of(base):
-        keys = magnitude_keys(x - base).reshape(-1, row_length)
+        # |d| as its bit pattern in d's own 16- or 32-bit dtype: non-negative, ordered like |d|
+        # (`magnitude_keys` without the widening to int64, which would double the sort's work)
+        delta = (x - base).abs()
+        keys = delta.view(torch.int32 if delta.element_size() == 4 else torch.int16).reshape(-1, row_length)
         order = torch.sort(keys, dim=1, stable=True).indices
         ranks = torch.empty_like(order).scatter_(1, order, torch.arange(row_length, device=order.device).expand_as(order))
         # uniform = (draw >> 8) / 2^24 < p  <=>  draw >> 8 < ceil(p 2^24)  (p 2^24 is exact in fp64)
-        thresholds = torch.ceil(probability.to(torch.float64) * (1 << 24)).to(torch.int64).to(base.device)
+        thresholds = torch.ceil(probability.to(base.device, torch.float64) * (1 << 24)).to(torch.int64)
         return kernels.della_bits(ranks.reshape(-1), thresholds, seed, stream, offset)

@@ -93,8 +93,10 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
     else:  # the mask kernel needs contiguous rows (blocks of at most 2 dims), the passes replayed keeps
         fused = len(shape) <= 2 and hasattr(backend, "della_keep") and getattr(backend, "RECORDS_RANDOM_KEEPS", False)
     block_entries, workers = _block_layout(backend, base.device, fused)
-    blocks = Pieces(pieces.n, max(1, pieces.n if whole else max(1, block_entries // row_numel) * row_numel),
-                    pieces.release, pieces.cast)
+    rows_per_block = max(1, block_entries // max(row_numel, 1))
+    if rows_per_block >= 8:
+        rows_per_block -= rows_per_block % 8  # blocks start on whole bytes of DELLA's bit masks
+    blocks = Pieces(pieces.n, max(1, pieces.n if whole else rows_per_block * row_numel), pieces.release, pieces.cast)
 
     def shaped(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
         block_shape = tuple(shape) if whole else (tensors[0].numel() // row_numel, *row)
@@ -189,7 +191,7 @@ def _della_bits(backend, base: torch.Tensor, x: torch.Tensor, rule, seed: int, m
     """DELLA's mask of a block of at most 2 dims (rows along dim 1) by the backend's kernel, packed
     (entry j in bit j % 8 of byte j / 8)."""
     row_length = x.shape[-1] if x.dim() == 2 else x.numel()
-    probability = della_rank_probabilities(row_length, rule.density, rule.epsilon)
+    probability = della_rank_probabilities(row_length, rule.density, rule.epsilon, x.device)
     return backend.della_keep(base, x, probability, seed, model, offset)
 
 

@@ -185,8 +185,11 @@ def test_dare_keep_decisions_are_recorded_once_and_replayed(backend, n):
     spec = get_method("dare_ties")
     plan = gta_plan(spec, resolve_params(spec, 2, {"density": 0.3, "weight": [0.6, 0.4], "seed": 5}), n)
     rules, offset = encode_rules(plan, {}), 12345
-    bits = [torch.zeros((n + 7) // 8, dtype=torch.uint8, device=device) for _ in inputs]
+    # Each buffer is followed by guard bytes, which recording must leave alone.
+    buffers = [torch.full(((n + 7) // 8 + 16,), 0xAA, dtype=torch.uint8, device=device) for _ in inputs]
+    bits = [buffer[:(n + 7) // 8] for buffer in buffers]
     impl.l1_norms(base, inputs, rules, plan.seed, offset, random_keeps=bits)
+    assert all((buffer[(n + 7) // 8:] == 0xAA).all() for buffer in buffers)
     positions = torch.arange(n)
     for i, recorded in enumerate(bits):
         unpacked = (recorded.cpu()[positions // 8].long() >> (positions % 8)) & 1

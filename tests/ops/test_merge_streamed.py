@@ -31,6 +31,7 @@ def small_chunks(monkeypatch):
     """Tie chunks, level-1 ranges, pieces and row blocks small enough for many of each."""
     monkeypatch.setattr(rowwise, "ROW_BLOCK_ENTRIES", 250)
     monkeypatch.setattr(rowwise, "FUSED_BLOCK_ENTRIES", 250)
+    monkeypatch.setattr(rowwise, "GPU_BLOCK_ENTRIES", 250)
     monkeypatch.setattr(pieces_module, "TIE_CHUNK", 64)
     monkeypatch.setattr(select, "TIE_CHUNK", 64)
     monkeypatch.setattr(select, "MIN_RANGE", 64)
@@ -105,7 +106,7 @@ def test_nonfinite_input_is_named_after_the_last_piece():
         _streamed(base, tensors, "ties", 64, backend="cpu", density=0.5)
 
 
-ROW_CASES = [  # shape, method, entries per emitted block (ROW_BLOCK_ENTRIES = 250)
+ROW_CASES = [  # shape, method, entries per emitted block (blocks of at most 250 entries)
     ((37, 101), "della", 202),  # two rows of 101: blocks off the byte grid, masks ranked in both passes
     ((40, 64), "della", 192),  # three rows of 64: masks kept in bits from the L1 pass for the combine
     ((9, 4, 30), "della", 240),  # ranks run along dim 1: two slices along dim 0
@@ -116,20 +117,27 @@ ROW_CASES = [  # shape, method, entries per emitted block (ROW_BLOCK_ENTRIES = 2
 ]
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("shape, method, block", ROW_CASES, ids=lambda c: str(c))
-def test_row_local_methods_stream_blocks_of_whole_rows(shape, method, block):
+def test_row_local_methods_stream_blocks_of_whole_rows(shape, method, block, backend):
+    """Streamed and in memory, in many blocks (the CPU's thread pool, Triton's one at a time)."""
+    device = _device_for(backend)
     generator = torch.Generator().manual_seed(3)
     base = torch.randn(shape, generator=generator).to(torch.bfloat16)
     tensors = [(base.float() + 0.05 * torch.randn(shape, generator=generator)).to(torch.bfloat16) for _ in range(3)]
     params = ALL_PARAMS["della"] if method == "della" else ALL_PARAMS["model_stock_filter_wise"]
+    whole = moefuse.merge_tensors(base, tensors, method, backend="reference", **params)
+    base, tensors = base.to(device), [t.to(device) for t in tensors]
     released = []
-    pieces = _streamed(base, tensors, method, 64, release=lambda a, b: released.append((a, b)), **params)
+    pieces = _streamed(base, tensors, method, 64, release=lambda a, b: released.append((a, b)), backend=backend,
+                       **params)
     n = base.numel()
     assert [p.numel() for p in pieces] == [block] * (n // block) + ([n % block] if n % block else [])
     assert released[-len(pieces):] == [(start, min(n, start + block)) for start in range(0, n, block)]
-    whole = moefuse.merge_tensors(base, tensors, method, backend="reference", **params)
-    streamed = torch.cat(pieces).reshape(shape)
-    assert_merge_close(streamed, whole, scale=operand_scale(base, *tensors))
+    streamed = torch.cat(pieces).reshape(shape).cpu()
+    assert_merge_close(streamed, whole, scale=operand_scale(base.cpu(), *(t.cpu() for t in tensors)))
+    in_memory = moefuse.merge_tensors(base, tensors, method, backend=backend, **params).cpu()
+    assert_merge_close(in_memory, whole, scale=operand_scale(base.cpu(), *(t.cpu() for t in tensors)))
 
 
 @pytest.mark.parametrize("method", ["della", "model_stock"])

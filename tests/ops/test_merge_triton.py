@@ -327,13 +327,17 @@ def test_weighted_sum(dtype, out_dtype):
 
 @pytest.mark.parametrize("shape", [(3, 3000), (50, 1), (6, 17), (0, 5)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_model_stock_rows(dtype, shape):
+def test_model_stock_rows(dtype, shape, monkeypatch):
     """One factor per row: rows longer than a tile (their Gram summed over tiles), rows of one
-    entry (every cosine is +-1), short rows, no rows."""
+    entry (every cosine is +-1), short rows, no rows; Gram partials in chunks of a few rows; an
+    output dtype of its own."""
+    monkeypatch.setattr(merge_triton, "GRAM_PARTIAL_ENTRIES", 100)
+    out_dtype = DTYPES[(DTYPES.index(dtype) + 1) % len(DTYPES)]
     base, inputs = make_case("random", shape, 3, dtype, seed=9)
-    out, counts = merge_triton.model_stock_rows(base.reshape(-1), [x.reshape(-1) for x in inputs], shape[1], dtype)
-    assert counts == [0, 0, 0, 0] and out.dtype == dtype and out.shape == (base.numel(),)
-    expected = model_stock_reference(base.cpu(), [x.cpu() for x in inputs], filter_wise=True).to(dtype)
+    out, counts = merge_triton.model_stock_rows(base.reshape(-1), [x.reshape(-1) for x in inputs], shape[1],
+                                                out_dtype)
+    assert counts == [0, 0, 0, 0] and out.dtype == out_dtype and out.shape == (base.numel(),)
+    expected = model_stock_reference(base.cpu(), [x.cpu() for x in inputs], filter_wise=True).to(out_dtype)
     assert_merge_close(out.cpu().reshape(shape), expected)
 
 
