@@ -145,6 +145,15 @@ void check_same(const at::Tensor& base, const std::vector<at::Tensor>& inputs) {
   }
 }
 
+// The output of a pass over tensors like `like`: `given` (checked) or a new tensor.
+at::Tensor output_for(const at::Tensor& like, at::ScalarType dtype, const c10::optional<at::Tensor>& given) {
+  if (!given.has_value()) return at::empty(like.sizes(), like.options().dtype(dtype));
+  const at::Tensor& out = *given;
+  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.scalar_type() == dtype && out.numel() == like.numel(),
+              "out must be a contiguous CPU tensor of the output dtype with one entry per input entry");
+  return out.view(like.sizes());
+}
+
 template <typename T>
 std::vector<const T*> pointers(const std::vector<at::Tensor>& inputs) {
   std::vector<const T*> out;
@@ -577,7 +586,7 @@ std::tuple<at::Tensor, std::vector<int64_t>> fused_gta(
     const at::Tensor& base, const std::vector<at::Tensor>& inputs, const at::Tensor& rules_tensor, int64_t seed,
     const std::vector<double>& coefficients, const std::vector<double>& weights, bool consensus, bool normalize,
     double weight_sum, double lam, at::ScalarType out_dtype, int64_t offset,
-    const std::vector<at::Tensor>& cached_keeps) {
+    const std::vector<at::Tensor>& cached_keeps, const c10::optional<at::Tensor>& given_out) {
   check_same(base, inputs);
   const int64_t m = inputs.size(), n = base.numel();
   const auto cached = keep_bit_buffers(cached_keeps, m, n);
@@ -587,7 +596,7 @@ std::tuple<at::Tensor, std::vector<int64_t>> fused_gta(
                        std::vector<float>(weights.begin(), weights.end()),
                        uint64_t(seed), consensus, normalize,
                        static_cast<float>(weight_sum), static_cast<float>(lam)};
-  auto out = at::empty(base.sizes(), base.options().dtype(out_dtype));
+  auto out = output_for(base, out_dtype, given_out);
   const int64_t threads = at::get_num_threads();
   std::vector<std::vector<int64_t>> bad(threads, std::vector<int64_t>(m + 1, 0));  // base, then inputs
   MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "fused_gta", [&] {
@@ -614,12 +623,13 @@ std::tuple<at::Tensor, std::vector<int64_t>> fused_gta(
 
 std::tuple<at::Tensor, std::vector<int64_t>> weighted_sum(const std::vector<at::Tensor>& tensors,
                                                           const std::vector<double>& coefficients,
-                                                          at::ScalarType out_dtype) {
+                                                          at::ScalarType out_dtype,
+                                                          const c10::optional<at::Tensor>& given_out) {
   TORCH_CHECK(!tensors.empty() && tensors.size() == coefficients.size(), "one coefficient per tensor");
   check_same(tensors[0], tensors);
   const int64_t n = tensors[0].numel(), m = tensors.size();
   std::vector<float> coeff(coefficients.begin(), coefficients.end());
-  auto out = at::empty(tensors[0].sizes(), tensors[0].options().dtype(out_dtype));
+  auto out = output_for(tensors[0], out_dtype, given_out);
   std::vector<std::vector<int64_t>> bad(at::get_num_threads(), std::vector<int64_t>(m, 0));
   MOEFUSE_DISPATCH_FLOAT(tensors[0].scalar_type(), "weighted_sum", [&] {
     using in_t = scalar_t;

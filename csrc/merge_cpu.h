@@ -25,14 +25,17 @@ std::tuple<at::Tensor, at::Tensor> l1_norms(const at::Tensor& base, const std::v
                                             const at::Tensor& rules, int64_t seed, int64_t offset,
                                             const std::vector<at::Tensor>& keeps, bool replay);
 // The fused pass and the weighted sum also return the NaN/Inf count of each input read
-// (fused_gta: the base first, then the inputs).
+// (fused_gta: the base first, then the inputs). They write into `out` where given (a contiguous
+// CPU tensor of out_dtype with as many entries as the inputs, e.g. a reused buffer), else into a
+// new tensor.
 std::tuple<at::Tensor, std::vector<int64_t>> fused_gta(
     const at::Tensor& base, const std::vector<at::Tensor>& inputs, const at::Tensor& rules, int64_t seed,
     const std::vector<double>& coefficients, const std::vector<double>& weights, bool consensus, bool normalize,
-    double weight_sum, double lam, at::ScalarType out_dtype, int64_t offset, const std::vector<at::Tensor>& cached_keeps);
+    double weight_sum, double lam, at::ScalarType out_dtype, int64_t offset, const std::vector<at::Tensor>& cached_keeps,
+    const c10::optional<at::Tensor>& out);
 std::tuple<at::Tensor, std::vector<int64_t>> weighted_sum(const std::vector<at::Tensor>& tensors,
                                                           const std::vector<double>& coefficients,
-                                                          at::ScalarType out_dtype);
+                                                          at::ScalarType out_dtype, const c10::optional<at::Tensor>& out);
 at::Tensor gram(const std::vector<at::Tensor>& tensors, const c10::optional<at::Tensor>& base);
 // Filter-wise Model Stock over rows of row_length entries: each row gets its own factor t from
 // the Gram matrix of its task vectors, out = (1 - t) base + t / m sum_i inputs_i. Also returns

@@ -357,6 +357,16 @@ def _pointer_table(tensors: Sequence[torch.Tensor], device: torch.device) -> Tup
     return torch.tensor(pointers, dtype=torch.int64, device=device), all(p % 16 == 0 for p in pointers)
 
 
+def _output_for(like: torch.Tensor, dtype: torch.dtype, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """`out` viewed in like's shape after checking it, or a new tensor."""
+    if out is None:
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    if out.dtype != dtype or out.numel() != like.numel() or out.device != like.device or not out.is_contiguous():
+        raise ValueError(f"out: need a contiguous {dtype} tensor of {like.numel()} entries on {like.device}, got "
+                         f"{out.dtype} [{out.numel()}] on {out.device}")
+    return out.view(like.shape)
+
+
 def _blocks(n: int) -> int:
     return triton.cdiv(n, BLOCK)
 
@@ -432,11 +442,13 @@ def l1_norm_partials(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: 
 def fused_gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor, seed: int,
               coefficients: Sequence[float], weights: Sequence[float], consensus: bool, normalize: bool,
               weight_sum: float, lam: float, out_dtype: torch.dtype, offset: int = 0,
-              random_keeps: Sequence[torch.Tensor] = ()) -> Tuple[torch.Tensor, torch.Tensor]:
+              random_keeps: Sequence[torch.Tensor] = (), out: Optional[torch.Tensor] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The fused GTA pass: reads base and each input once, writes the merged tensor once (entry j
-    at flat index offset + j); given `random_keeps` it replays the random keep decisions recorded
-    there. Also returns int64 [1 + N] NaN/Inf counts (base first)."""
-    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    at flat index offset + j) into `out` (a new tensor if None); given `random_keeps` it replays
+    the random keep decisions recorded there. Also returns int64 [1 + N] NaN/Inf counts (base
+    first)."""
+    out = _output_for(base, out_dtype, out)
     counts = torch.zeros(1 + len(inputs), dtype=torch.int64, device=base.device)
     n = base.numel()
     if n:
@@ -453,12 +465,13 @@ def fused_gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.T
 
 
 def weighted_sum(tensors: Sequence[torch.Tensor], coefficients, out_dtype: torch.dtype,
-                 row_length: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """sum_k c_k T_k in fp32, cast to out_dtype; also int64 [K] NaN/Inf counts of the T_k.
-    `coefficients`: K numbers, or with `row_length` a float32 device tensor [rows, K] of
-    coefficients for each row of row_length entries."""
+                 row_length: Optional[int] = None, out: Optional[torch.Tensor] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """sum_k c_k T_k in fp32, cast to out_dtype, into `out` (a new tensor if None); also int64 [K]
+    NaN/Inf counts of the T_k. `coefficients`: K numbers, or with `row_length` a float32 device
+    tensor [rows, K] of coefficients for each row of row_length entries."""
     first = tensors[0]
-    out = torch.empty(first.shape, dtype=out_dtype, device=first.device)
+    out = _output_for(first, out_dtype, out)
     counts = torch.zeros(len(tensors), dtype=torch.int64, device=first.device)
     n = first.numel()
     if n:

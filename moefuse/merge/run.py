@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -79,13 +80,43 @@ class _Loader:
         self._pool.shutdown(wait=True)
 
 
+class _PiecePool:
+    """Buffers of PIECE_ENTRIES entries for the merged pieces, lent to the merge and given back
+    once written, so that the same few are reused: the fused pass writing into a fresh buffer
+    would pay a page fault per 4 KiB (on a VM that hands freed memory back to its host, a host
+    fault too). As many are alive as pieces are in flight."""
+
+    def __init__(self):
+        self._free: Dict[torch.dtype, List[torch.Tensor]] = {}
+        self._lent: Dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def take(self, entries: int, dtype: torch.dtype) -> torch.Tensor:
+        if entries > PIECE_ENTRIES:
+            return torch.empty(entries, dtype=dtype)
+        with self._lock:
+            free = self._free.get(dtype)
+            buffer = free.pop() if free else torch.empty(PIECE_ENTRIES, dtype=dtype)
+            self._lent[buffer.data_ptr()] = buffer
+        return buffer[:entries]
+
+    def give_back(self, piece: torch.Tensor) -> None:
+        """Reuse the buffer of a written piece (a piece from elsewhere is left alone)."""
+        with self._lock:
+            buffer = self._lent.pop(piece.data_ptr(), None)
+            if buffer is not None:
+                self._free.setdefault(buffer.dtype, []).append(buffer)
+
+
 class _Output:
     """Writes tensors piece by piece on one thread, in order, with at most WRITES_IN_FLIGHT
-    writes queued, and advances the progress bar by the bytes written."""
+    writes queued, and advances the progress bar by the bytes written; the buffers of written
+    pieces go back to `pool`."""
 
     def __init__(self, writer: ShardedWriter, bar: tqdm):
         self.writer = writer
         self.bar = bar
+        self.pool = _PiecePool()
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._pending: "deque[Future]" = deque()
         self._started = time.perf_counter()
@@ -102,6 +133,7 @@ class _Output:
     def append(self, piece: torch.Tensor) -> None:
         def write():
             self.writer.append(piece)
+            self.pool.give_back(piece)
             self.bar.update(piece.numel() * piece.element_size())
         self._submit(write)
 
@@ -147,7 +179,8 @@ def _merge_task(plan: MergePlan, task: TensorTask, tensors: List[torch.Tensor], 
                     source.release(start, stop)
 
             merge_streamed(base, inputs, method, output.append, piece_size=PIECE_ENTRIES, release=release,
-                           compute_dtype=plan.compute_dtype, out_dtype=task.out_dtype, backend=backend, **task.params)
+                           compute_dtype=plan.compute_dtype, allocate=output.pool.take, out_dtype=task.out_dtype,
+                           backend=backend, **task.params)
         else:
             output.append(merge_tensors(base, inputs, method, out_dtype=task.out_dtype, backend=backend,
                                         **task.params).reshape(-1))

@@ -9,8 +9,8 @@ A backend module supplies the kernels named in `moefuse.ops.select` plus
 
     l1_norms(base, inputs, rules, seed, offset, random_keeps=(), replay=False) -> (float64 [N], float64 [N])
     fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize,
-              weight_sum, lam, out_dtype, offset, random_keeps=())
-        -> (Tensor, [NaN/Inf count of base, input 0, ...])
+              weight_sum, lam, out_dtype, offset, random_keeps=(), out=None)
+        -> (Tensor (`out` where given), [NaN/Inf count of base, input 0, ...])
 
 where `offset` is the flat index of the slice's first entry (rank cuts and random draws use
 indices into the whole tensor). A backend with RECORDS_RANDOM_KEEPS = True takes `random_keeps`,
@@ -24,13 +24,15 @@ so DARE draws its Philox numbers once (and DELLA's masks, `moefuse.ops.rowwise`,
 
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from moefuse.ops.pieces import Pieces
 from moefuse.ops.plan import KEEP_ALL, KEEP_NONE, KEEP_RANDOM, KEEP_RANKS, GtaPlan
 from moefuse.ops.select import EVERYTHING, NOTHING, NOTHING_KEY, rank_thresholds
+
+Allocate = Callable[[int, torch.dtype], torch.Tensor]  # (entries, dtype) -> a contiguous output buffer
 
 # Columns of the rules tensor. An entry j of model i with magnitude key k is kept iff
 #   (k > t_hi or (k == t_hi and j < cut_hi))          -- among the top rank_hi
@@ -63,10 +65,10 @@ def weight_sum_divisor(plan: GtaPlan) -> float:
 
 
 def run_gta(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: GtaPlan, out_dtype: torch.dtype,
-            pieces: Pieces, emit: Callable[[torch.Tensor], None]) -> List[int]:
-    """Merge flat `base` and `inputs`, passing the output to `emit` piece by piece; returns the
-    NaN/Inf count of the base and of each input (counted by the fused pass itself, so checking
-    inputs costs no extra read)."""
+            pieces: Pieces, emit: Callable[[torch.Tensor], None], allocate: Optional[Allocate] = None) -> List[int]:
+    """Merge flat `base` and `inputs`, passing the output to `emit` piece by piece (written into
+    `allocate(entries, dtype)` where given); returns the NaN/Inf count of the base and of each
+    input (counted by the fused pass itself, so checking inputs costs no extra read)."""
     rules = encode_rules(plan, rank_thresholds(backend, base, inputs, plan, pieces))
     scales = plan.static_scales()
     keeps = {}  # extra keyword arguments: the recorded random keep decisions of each piece
@@ -83,10 +85,11 @@ def run_gta(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: G
         scales = plan.l1_scales(before.tolist(), after.tolist())
     coefficients = [w * s for w, s in zip(plan.weights, scales)]
     counts = [0] * (1 + len(inputs))
-    for start, _, (piece_base, *piece_inputs) in pieces.walk([base, *inputs]):
+    for start, stop, (piece_base, *piece_inputs) in pieces.walk([base, *inputs]):
         out, piece_counts = backend.fused_gta(
             piece_base, piece_inputs, rules, plan.seed, coefficients, list(plan.weights), plan.consensus,
             plan.normalize, weight_sum_divisor(plan), plan.lam, out_dtype, start, **keeps.get(start, {}),
+            out=allocate(stop - start, out_dtype) if allocate is not None else None,
         )
         emit(out)
         counts = [a + b for a, b in zip(counts, piece_counts)]

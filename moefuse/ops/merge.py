@@ -17,7 +17,7 @@ import torch
 from moefuse.errors import MergeConfigError, MergeInputError
 from moefuse.methods import MethodSpec, get_method, resolve_params
 from moefuse.ops import backends
-from moefuse.ops.gta_pipeline import run_gta
+from moefuse.ops.gta_pipeline import Allocate, run_gta
 from moefuse.ops.merge_reference import (
     gram_reference,
     gta_reference,
@@ -76,6 +76,7 @@ def merge_streamed(
     piece_size: int,
     release: Optional[Callable[[int, int], None]] = None,
     compute_dtype: Optional[torch.dtype] = None,
+    allocate: Optional[Allocate] = None,
     out_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
     allow_nonfinite: bool = False,
@@ -92,8 +93,12 @@ def merge_streamed(
     cast inputs. DELLA and filter-wise Model Stock are emitted in blocks of whole rows
     (`moefuse.ops.rowwise`); the reference backend merges the whole tensor in memory (and emits
     it as one piece).
+
+    With `allocate(entries, dtype)`, the fast backends write each output piece of the other
+    methods into the contiguous buffer it returns (a caller can so reuse the buffers of pieces it
+    has consumed: a fresh buffer costs a page fault per 4 KiB).
     """
-    _merge(base, list(tensors), method, emit, (piece_size, release, compute_dtype), out_dtype, backend,
+    _merge(base, list(tensors), method, emit, (piece_size, release, compute_dtype, allocate), out_dtype, backend,
            allow_nonfinite, params)
 
 
@@ -106,10 +111,11 @@ def _merge(base, tensors: List[torch.Tensor], method: str, emit: Emit, streaming
     reference_input = _check_inputs(spec, base, tensors)
     resolved = resolve_params(spec, len(tensors), params)
     n = reference_input.numel()
+    allocate = None
     if streaming is None:
         pieces = Pieces.whole(n)
     else:
-        piece_size, release, compute_dtype = streaming
+        piece_size, release, compute_dtype, allocate = streaming
         if compute_dtype is not None and compute_dtype not in SUPPORTED_DTYPES:
             raise MergeConfigError(f"compute dtype {compute_dtype} is not supported; use float32, bfloat16 or float16")
         cast = compute_dtype if compute_dtype not in (None, reference_input.dtype) else None
@@ -147,19 +153,19 @@ def _merge(base, tensors: List[torch.Tensor], method: str, emit: Emit, streaming
             for _, _, (piece,) in pieces.walk([flat_base]):
                 emit(piece.to(out_dtype, copy=True))
         else:
-            check(run_gta(impl, flat_base, flat, plan, out_dtype, pieces, emit), names)
+            check(run_gta(impl, flat_base, flat, plan, out_dtype, pieces, emit, allocate), names)
     elif spec.family == "linear":
         _check_linear_weights(resolved)
         coefficients = linear_coefficients(resolved.per_model["weight"], resolved.shared["normalize"])
-        _weighted_sum(impl, flat, coefficients, out_dtype, check, names, pieces, emit)
+        _weighted_sum(impl, flat, coefficients, out_dtype, check, names, pieces, emit, allocate)
     elif spec.family == "slerp":
         pair = [flat_base, flat[0]]
         coefficients = slerp_coefficients(_gram(impl, pair, None, check, names, pieces), resolved.shared["t"])
-        _weighted_sum(impl, pair, coefficients, out_dtype, check, names, pieces, emit)
+        _weighted_sum(impl, pair, coefficients, out_dtype, check, names, pieces, emit, allocate)
     elif spec.family == "model_stock":
         t = model_stock_t(_gram(impl, flat, flat_base, check, names, pieces)).item()
         coefficients = [1 - t] + [t / len(tensors)] * len(tensors)
-        _weighted_sum(impl, [flat_base, *flat], coefficients, out_dtype, check, names, pieces, emit)
+        _weighted_sum(impl, [flat_base, *flat], coefficients, out_dtype, check, names, pieces, emit, allocate)
     else:
         raise AssertionError(f"unhandled method family {spec.family!r}")
     return reference_input.shape
@@ -229,10 +235,11 @@ def _check_linear_weights(resolved) -> None:
 
 
 def _weighted_sum(impl, tensors: List[torch.Tensor], coefficients: List[float], out_dtype, check, names,
-                  pieces: Pieces, emit: Emit) -> None:
+                  pieces: Pieces, emit: Emit, allocate: Optional[Allocate]) -> None:
     counts = [0] * len(tensors)
-    for _, _, piece in pieces.walk(tensors):
-        out, piece_counts = impl.weighted_sum(piece, coefficients, out_dtype)
+    for start, stop, piece in pieces.walk(tensors):
+        out, piece_counts = impl.weighted_sum(piece, coefficients, out_dtype,
+                                              out=allocate(stop - start, out_dtype) if allocate is not None else None)
         emit(out)
         counts = [a + b for a, b in zip(counts, piece_counts)]
     check(counts, names[-len(tensors):])

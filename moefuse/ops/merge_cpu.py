@@ -42,17 +42,18 @@ def l1_norms(base, inputs, rules: torch.Tensor, seed: int, offset: int, random_k
 
 
 def fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize, weight_sum, lam,
-              out_dtype, offset: int, random_keeps: Sequence[torch.Tensor] = ()) -> Tuple[torch.Tensor, List[int]]:
+              out_dtype, offset: int, random_keeps: Sequence[torch.Tensor] = (),
+              out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, List[int]]:
     out, nonfinite = _C.fused_gta(
         base, list(inputs), rules, seed, list(coefficients), list(weights), consensus, normalize,
-        weight_sum, lam, out_dtype, offset, list(random_keeps),
+        weight_sum, lam, out_dtype, offset, list(random_keeps), out,
     )
     return out, list(nonfinite)
 
 
-def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float],
-                 out_dtype: torch.dtype) -> Tuple[torch.Tensor, List[int]]:
-    out, nonfinite = _C.weighted_sum([t.contiguous() for t in tensors], list(coefficients), out_dtype)
+def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float], out_dtype: torch.dtype,
+                 out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, List[int]]:
+    out, nonfinite = _C.weighted_sum([t.contiguous() for t in tensors], list(coefficients), out_dtype, out)
     return out, list(nonfinite)
 
 

@@ -99,25 +99,26 @@ def l1_norms(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Te
 def fused_gta(base: torch.Tensor, inputs: Sequence[torch.Tensor], rules: torch.Tensor, seed: int,
               coefficients: Sequence[float], weights: Sequence[float], consensus: bool, normalize: bool,
               weight_sum: float, lam: float, out_dtype: torch.dtype, offset: int,
-              random_keeps: Sequence[torch.Tensor] = ()) -> Tuple[torch.Tensor, List[int]]:
+              random_keeps: Sequence[torch.Tensor] = (), out: Optional[torch.Tensor] = None
+              ) -> Tuple[torch.Tensor, List[int]]:
     """out = base + lam * M (/ W if normalize), M and W as in `moefuse.methods.gta`, with
     D_i = keep_i * coefficients[i] * d_i; and the NaN/Inf counts of the base and each input.
     Entry j of the slice has flat index offset + j; random keep decisions are replayed from
-    `random_keeps` where given (as recorded by `l1_norms`)."""
+    `random_keeps` where given (as recorded by `l1_norms`). Written into `out` where given."""
     base, *inputs = _prepared([base, *inputs])
     with _device_of(base):
         out, counts = kernels.fused_gta(base, inputs, rules, seed, coefficients, weights, consensus, normalize,
-                                        weight_sum, lam, out_dtype, offset, random_keeps)
+                                        weight_sum, lam, out_dtype, offset, random_keeps, out)
     return out, counts.tolist()
 
 
-def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float],
-                 out_dtype: torch.dtype) -> Tuple[torch.Tensor, List[int]]:
-    """sum_k c_k T_k accumulated in fp32 from 0 in input order, cast to out_dtype; and the
-    NaN/Inf count of each T_k."""
+def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float], out_dtype: torch.dtype,
+                 out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, List[int]]:
+    """sum_k c_k T_k accumulated in fp32 from 0 in input order, cast to out_dtype (into `out`
+    where given); and the NaN/Inf count of each T_k."""
     tensors = _prepared(tensors)
     with _device_of(tensors[0]):
-        out, counts = kernels.weighted_sum(tensors, coefficients, out_dtype)
+        out, counts = kernels.weighted_sum(tensors, coefficients, out_dtype, out=out)
     return out, counts.tolist()
 
 

@@ -188,6 +188,34 @@ def test_non_contiguous_inputs(backend):
     _merge_both(backend, base.T, transposed, "ties", density=0.5)
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_kernels_write_into_a_given_out(backend):
+    """fused_gta and weighted_sum fill a given contiguous `out` and return it; an `out` of the
+    wrong size or dtype is refused."""
+    from moefuse.ops.gta_pipeline import encode_rules
+    from moefuse.ops.plan import KEEP_ALL, GtaPlan, KeepRule
+
+    device = _device_for(backend)
+    impl = backends.cpu_backend(warn_if_missing=False) if backend == "cpu" else backends.triton_backend()
+    base, tensors = _inputs((1000,), torch.bfloat16, device)
+    plan = GtaPlan((KeepRule(KEEP_ALL),) * 3, (1.0,) * 3, consensus=True, normalize=True, lam=1.0, rescale=None, seed=0)
+    rules = encode_rules(plan, {})
+
+    def fused(**out):
+        return impl.fused_gta(base, tensors, rules, 0, [1.0] * 3, [1.0] * 3, True, True, 3.0, 1.0, torch.float32, 0,
+                              **out)[0]
+
+    out = torch.empty(1000, dtype=torch.float32, device=device)
+    assert fused(out=out).data_ptr() == out.data_ptr() and torch.equal(out, fused())
+    summed = torch.empty(1000, dtype=torch.bfloat16, device=device)
+    assert impl.weighted_sum(tensors, [0.5, 0.25, 0.25], torch.bfloat16, out=summed)[0].data_ptr() == summed.data_ptr()
+    assert torch.equal(summed, impl.weighted_sum(tensors, [0.5, 0.25, 0.25], torch.bfloat16)[0])
+    for wrong in (torch.empty(999, dtype=torch.float32, device=device), torch.empty(1000, dtype=torch.float16,
+                                                                                     device=device)):
+        with pytest.raises((RuntimeError, ValueError), match="out"):
+            fused(out=wrong)
+
+
 def test_huge_1d_tensor_on_cpu():
     """2^24 + 3 entries: past any tile or chunk boundary, fp32 with ties at the cut."""
     _device_for("cpu")

@@ -99,6 +99,27 @@ def test_pieces_are_cast_to_the_compute_dtype():
     assert torch.equal(torch.cat(pieces).reshape(SHAPE), expected)
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "linear", "model_stock"])
+def test_pieces_are_written_into_the_allocated_buffers(method, backend):
+    """With `allocate`, each emitted piece is the buffer it returned, holding the merged entries."""
+    device = _device_for(backend)
+    base, tensors = _case(torch.bfloat16, device)
+    method, base, tensors = _method_inputs(method, base, tensors)
+    params = ALL_PARAMS[method]
+    lent = []
+
+    def allocate(entries, dtype):
+        lent.append(torch.full((entries,), float("nan"), dtype=dtype, device=device))
+        return lent[-1]
+
+    pieces = _streamed(base, tensors, method, 1024, allocate=allocate, backend=backend, **params)
+    assert len(pieces) == len(lent) == 4
+    assert all(p.data_ptr() == buffer.data_ptr() and p.numel() == buffer.numel() for p, buffer in zip(pieces, lent))
+    expected = moefuse.merge_tensors(base, tensors, method, backend=backend, **params)
+    assert torch.equal(torch.cat(pieces).reshape(SHAPE), expected)
+
+
 def test_nonfinite_input_is_named_after_the_last_piece():
     base, tensors = _case(torch.float32, "cpu")
     tensors[1][-1, -1] = float("nan")
