@@ -92,6 +92,8 @@ class _PiecePool:
         self._lock = threading.Lock()
 
     def take(self, entries: int, dtype: torch.dtype) -> torch.Tensor:
+        """A buffer of `entries` entries: a free one where there is one (a piece larger than
+        PIECE_ENTRIES gets a new buffer of its own, which is not kept)."""
         if entries > PIECE_ENTRIES:
             return torch.empty(entries, dtype=dtype)
         with self._lock:
