@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benches import common
+from benches import common, plots
 from tests.real_model import variants
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -152,10 +152,7 @@ def markdown_table(path: Path) -> str:
 
 def plot(rows: list, path: Path, device: str) -> None:
     """Prefill and decode tokens/s per implementation, one group of bars per dtype."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     dtypes = sorted({r["dtype"] for r in rows})
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -171,10 +168,7 @@ def plot(rows: list, path: Path, device: str) -> None:
         axis.set_xticks([d * 4 + 1 for d in range(len(dtypes))], [d[6:] for d in dtypes])
         axis.set(ylabel="tokens/s", title=phase)
         axis.legend()
-    figure.suptitle(f"generation with a merged MoE on {device}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    plots.save_figure(figure, path, title=f"generation with a merged MoE on {device}")
 
 
 if __name__ == "__main__":

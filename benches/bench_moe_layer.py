@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import moefuse
-from benches import common
+from benches import common, plots
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 common.apply_thread_setting()
@@ -203,10 +203,7 @@ def markdown_table(path: Path) -> str:
 
 def plot(rows: list, path: Path, device: str) -> None:
     """Milliseconds against tokens, one line per implementation, one panel per (shape, dtype)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     panels = sorted({(r["shape"], r["dtype"]) for r in rows})
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
@@ -222,10 +219,7 @@ def plot(rows: list, path: Path, device: str) -> None:
         axis.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms (best of rounds)",
                  title=f"{shape} {dtype[6:]}")
         axis.legend(fontsize=7)
-    figure.suptitle(f"MoE block experts on {device}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    plots.save_figure(figure, path, dpi=100, title=f"MoE block experts on {device}")
 
 
 if __name__ == "__main__":

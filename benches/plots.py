@@ -11,16 +11,32 @@ def _load(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def plot(name: str, path: Path) -> None:
-    """Bar chart of moefuse's speedup over its peer and of peak extra memory, per configuration."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only: benchmarks run without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(figure, path: Path, dpi: int = 110, title: str = "") -> None:
+    """Lay `figure` out (under `title`, if any), write it to `path` and close it."""
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    pyplot().close(figure)
+
+
+def plot(name: str, path: Path) -> None:
+    """Bar chart of moefuse's speedup over its peer and of peak extra memory, per configuration."""
+    plt = pyplot()
+
     data = _load(path)
     if data["rows"] and "tool" in data["rows"][0]:
-        _plot_tools(name, data, Path(path), plt)
+        _plot_tools(name, data, Path(path))
         return
     rows = [r for r in data["rows"] if r.get("speedup") is not None]
     if not rows:
@@ -40,24 +56,20 @@ def plot(name: str, path: Path) -> None:
     memory.legend()
     for axis in (speed, memory):
         axis.tick_params(axis="x", rotation=70, labelsize=7)
-    figure.tight_layout()
-    figure.savefig(Path(path).with_suffix(".png"), dpi=110)
-    plt.close(figure)
+    save_figure(figure, Path(path).with_suffix(".png"))
 
 
-def _plot_tools(name: str, data: dict, path: Path, plt) -> None:
+def _plot_tools(name: str, data: dict, path: Path) -> None:
     """Wall time and peak RSS per tool (end-to-end benchmarks)."""
     rows = data["rows"]
-    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (time_axis, memory_axis) = pyplot().subplots(1, 2, figsize=(11, 4))
     labels = [r["tool"] for r in rows]
     time_axis.barh(labels, [r["seconds"] for r in rows], color="tab:blue")
     time_axis.set_xlabel("wall time (s)")
     memory_axis.barh(labels, [r["peak_rss_gb"] for r in rows], color="tab:orange")
     memory_axis.set_xlabel("peak RSS (GB)")
-    figure.suptitle(f"{name}: {rows[0]['config'].split(':')[0]} on {data['machine']['device']}")
-    figure.tight_layout()
-    figure.savefig(path.with_suffix(".png"), dpi=110)
-    plt.close(figure)
+    save_figure(figure, path.with_suffix(".png"),
+                title=f"{name}: {rows[0]['config'].split(':')[0]} on {data['machine']['device']}")
 
 
 def markdown_table(path: Path) -> str:

@@ -11,6 +11,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from benches import plots
 from benches.common import RESULTS, machine
 from benches.quality.data import DOMAINS
 from benches.quality.pipeline import FULL, SMOKE, Run
@@ -31,10 +32,7 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     rows = summary["rows"]
     figure, axis = plt.subplots(figsize=(12, 0.35 * len(rows) + 1.5))
@@ -47,9 +45,7 @@ def plot(summary: dict, path: Path) -> None:
     axis.set_xlabel("held-out loss (nats/token)")
     axis.legend(loc="lower right")
     axis.set_title(f"merged models and MoEs from 4 domain experts (seed {summary['seed']})")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    plots.save_figure(figure, path)
 
 
 def main(argv=None) -> dict:
