@@ -17,6 +17,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -210,12 +214,82 @@ MOEFUSE_SIMD_CLONES void keys_tile(const T* x, const T* b, int64_t len, int32_t*
   load_keys(x, b, len, keys);
 }
 
-// Adds the entries of x - b over [0, len) to h, binned by key >> shift.
+// The level-1 bins [lo, hi] a histogram counts one by one; the others are counted in two lumps,
+// bin hi + 1 for those above and bin lo - 1 for those below (`lo > 0` and `hi < LEVEL1_BINS - 1`
+// where there are such bins).
+struct Band {
+  int32_t lo = 0, hi = LEVEL1_BINS - 1;
+
+  bool everything() const { return lo == 0 && hi == LEVEL1_BINS - 1; }
+};
+
+// Bins of keys[0, len) (key >> shift) that lie in the band, in order, as offsets from band.lo
+// into `inside` (room for len + 16); also the counts above and below. Returns how many are inside.
+inline int64_t band_select_scalar(const int32_t* keys, int64_t len, int shift, Band band, int32_t* inside,
+                                  int64_t* above, int64_t* below) {
+  const uint32_t width = uint32_t(band.hi - band.lo);
+  int64_t m = 0;
+  for (int64_t k = 0; k < len; ++k) {
+    const int32_t bin = keys[k] >> shift;
+    *above += bin > band.hi;
+    *below += bin < band.lo;
+    inside[m] = bin - band.lo;
+    m += uint32_t(bin - band.lo) <= width;
+  }
+  return m;
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MOEFUSE_AVX512_BAND 1
+// The same with AVX-512: 16 keys per step, the inside ones packed by vpcompressd (register form;
+// its memory form is slow on AMD Zen 4).
+__attribute__((target("avx512f,popcnt"))) int64_t band_select_avx512(const int32_t* keys, int64_t len, int shift,
+                                                                      Band band, int32_t* inside, int64_t* above,
+                                                                      int64_t* below) {
+  const __m512i lo = _mm512_set1_epi32(band.lo), hi = _mm512_set1_epi32(band.hi);
+  const __m128i count = _mm_cvtsi32_si128(shift);
+  int64_t m = 0, k = 0;
+  for (; k + 16 <= len; k += 16) {
+    const __m512i bin = _mm512_sra_epi32(_mm512_loadu_si512(keys + k), count);
+    const __mmask16 over = _mm512_cmpgt_epi32_mask(bin, hi), under = _mm512_cmplt_epi32_mask(bin, lo);
+    const __mmask16 in = __mmask16(~(over | under));
+    *above += _mm_popcnt_u32(over);
+    *below += _mm_popcnt_u32(under);
+    _mm512_storeu_si512(inside + m, _mm512_maskz_compress_epi32(in, _mm512_sub_epi32(bin, lo)));
+    m += _mm_popcnt_u32(in);
+  }
+  return m + band_select_scalar(keys + k, len - k, shift, band, inside + m, above, below);
+}
+#endif
+
+int64_t band_select(const int32_t* keys, int64_t len, int shift, Band band, int32_t* inside, int64_t* above,
+                    int64_t* below) {
+#ifdef MOEFUSE_AVX512_BAND
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return band_select_avx512(keys, len, shift, band, inside, above, below);
+#endif
+  return band_select_scalar(keys, len, shift, band, inside, above, below);
+}
+
+// Adds the entries of x - b over [0, len) to h, binned by key >> shift. Adding every entry to
+// its bin is a serial chain of loads and stores (about 0.9 ns per entry on a 2-core AMD EPYC);
+// with a narrow band, only the entries inside it are added one by one, after a vectorized pass
+// that picks them and counts the lumps.
 template <typename T>
-MOEFUSE_SIMD_CLONES void histogram_tile(const T* x, const T* b, int64_t len, int shift, int32_t* h) {
+MOEFUSE_SIMD_CLONES void histogram_tile(const T* x, const T* b, int64_t len, int shift, Band band, int32_t* h) {
   int32_t keys[TILE];
   load_keys(x, b, len, keys);
-  for (int64_t k = 0; k < len; ++k) ++h[keys[k] >> shift];
+  if (band.everything()) {
+    for (int64_t k = 0; k < len; ++k) ++h[keys[k] >> shift];
+    return;
+  }
+  int32_t inside[TILE + 16];
+  int64_t above = 0, below = 0;
+  const int64_t m = band_select(keys, len, shift, band, inside, &above, &below);
+  int32_t* counts = h + band.lo;
+  for (int64_t k = 0; k < m; ++k) ++counts[inside[k]];
+  if (above) h[band.hi + 1] += int32_t(above);
+  if (below) h[band.lo - 1] += int32_t(below);
 }
 
 template <typename T>
@@ -485,9 +559,16 @@ std::vector<int64_t> count_nonfinite(const std::vector<at::Tensor>& tensors) {
 }
 
 at::Tensor histogram_level1(const at::Tensor& base, const std::vector<at::Tensor>& inputs, int64_t shift,
-                            int64_t size) {
+                            int64_t size, const std::vector<int64_t>& lo, const std::vector<int64_t>& hi) {
   check_same(base, inputs);
   TORCH_CHECK(size > 0, "range size must be positive");
+  TORCH_CHECK(lo.size() == hi.size() && (lo.empty() || lo.size() == inputs.size()),
+              "give one band (lo, hi) per input, or none");
+  std::vector<Band> bands(inputs.size());
+  for (size_t i = 0; i < lo.size(); ++i) {
+    TORCH_CHECK(0 <= lo[i] && lo[i] <= hi[i] && hi[i] < LEVEL1_BINS, "band bins must satisfy 0 <= lo <= hi < 32768");
+    bands[i] = Band{int32_t(lo[i]), int32_t(hi[i])};
+  }
   const int64_t rows = inputs.size(), n = base.numel(), ranges = std::max<int64_t>(1, (n + size - 1) / size);
   const int64_t tiles_per_range = (size + TILE - 1) / TILE;  // tiles never straddle two ranges
   // Each thread counts into its own histograms (zeroed on first use), summed at the end; a
@@ -504,7 +585,7 @@ at::Tensor histogram_level1(const at::Tensor& base, const std::vector<at::Tensor
         const int64_t len = std::min({TILE, n - s, (r + 1) * size - s});
         if (len <= 0) continue;
         for (int64_t i = 0; i < rows; ++i) {
-          histogram_tile(xs[i] + s, b + s, len, int(shift), h.data() + (i * ranges + r) * LEVEL1_BINS);
+          histogram_tile(xs[i] + s, b + s, len, int(shift), bands[i], h.data() + (i * ranges + r) * LEVEL1_BINS);
         }
       }
     });

@@ -18,11 +18,17 @@ def count_nonfinite(tensors: Sequence[torch.Tensor]) -> List[int]:
     return list(_C.count_nonfinite([t.contiguous() for t in tensors]))
 
 
+HISTOGRAM_BANDS = True  # histogram_level1 can count only a band of bins (moefuse.ops.select)
+
+
 def histogram_level1(base: torch.Tensor, inputs: Sequence[torch.Tensor], models: Sequence[int],
-                     range_size: int) -> torch.Tensor:
+                     range_size: int, bands: Optional[Sequence[Tuple[int, int]]] = None) -> torch.Tensor:
     """Per-range level-1 histograms (int32 [models, ceil(n / range_size), bins]): they also
-    locate threshold ties, which spares the tie-count pass for 16-bit dtypes."""
-    return _C.histogram_level1(base, [inputs[i] for i in models], level1_shift(base.dtype), range_size)
+    locate threshold ties, which spares the tie-count pass for 16-bit dtypes. With `bands`, one
+    (lo, hi) per model, bins outside [lo, hi] are lumped into bins hi + 1 (keys above) and lo - 1
+    (keys below)."""
+    lo, hi = ([band[0] for band in bands], [band[1] for band in bands]) if bands else ([], [])
+    return _C.histogram_level1(base, [inputs[i] for i in models], level1_shift(base.dtype), range_size, lo, hi)
 
 
 def histogram_level2(base, inputs, models: Sequence[int], prefixes: Sequence[int]) -> torch.Tensor:

@@ -1,0 +1,159 @@
+"""Rank selection with bands (moefuse.ops.select): the CPU kernel's banded histograms count
+exactly, and thresholds equal the reference's rank order whether the bands guessed from the
+tensor's prefix hold the ranks or not (then every bin is counted again)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moefuse.ops import backends, select
+from moefuse.ops.merge_reference import magnitude_keys, rank_order
+from moefuse.ops.pieces import Pieces
+from moefuse.ops.plan import KEEP_RANKS, GtaPlan, KeepRule
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BINS = select.LEVEL1_BINS
+
+
+@pytest.fixture
+def merge_cpu():
+    if not backends.available("cpu"):
+        pytest.fail(f"C++ extension missing: {backends.cpu_unavailable_reason()}")
+    from moefuse.ops import merge_cpu
+
+    return merge_cpu
+
+
+def _bins(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return magnitude_keys(x - base) >> select.level1_shift(base.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 17, 5003])
+def test_banded_histogram_counts_the_band_and_two_lumps(merge_cpu, dtype, n):
+    """Inside the band: the counts of every bin; bin hi + 1: all keys above; bin lo - 1: all keys
+    below; nothing elsewhere. Sizes exercise the 16-wide vector loop and its scalar tail."""
+    generator = torch.Generator().manual_seed(n)
+    base, x, y = [torch.randn(n, generator=generator).to(dtype) for _ in range(3)]
+    bins = [_bins(base, x), _bins(base, y)]
+    middle = int(bins[0].median())
+    bands = [(0, BINS - 1), (0, 5), (BINS - 8, BINS - 1), (middle, middle), (middle - 40, middle + 3)]
+    range_size = 1000
+    for band in bands:
+        hist = merge_cpu.histogram_level1(base, [x, y], [0, 1], range_size, bands=[band, (0, BINS - 1)])
+        assert hist.shape == (2, -(-n // range_size), BINS)
+        lo, hi = band
+        for r in range(hist.shape[1]):
+            part = bins[0][r * range_size:(r + 1) * range_size]
+            expected = torch.bincount(part, minlength=BINS)
+            expected[hi + 1:] = 0
+            expected[:lo] = 0
+            if hi + 1 < BINS:
+                expected[hi + 1] = (part > hi).sum()
+            if lo > 0:
+                expected[lo - 1] = (part < lo).sum()
+            assert torch.equal(hist[0, r].long(), expected), band
+            everything = torch.bincount(bins[1][r * range_size:(r + 1) * range_size], minlength=BINS)
+            assert torch.equal(hist[1, r].long(), everything)
+
+
+@pytest.mark.parametrize("bands, message", [
+    ([(3, 2)], "0 <= lo <= hi"),
+    ([(0, BINS)], "0 <= lo <= hi"),
+    ([(-1, 5)], "0 <= lo <= hi"),
+    ([(0, 5), (0, 5)], "one band"),
+])
+def test_bad_bands_are_refused(merge_cpu, bands, message):
+    base = torch.zeros(10)
+    with pytest.raises(RuntimeError, match=message):
+        merge_cpu.histogram_level1(base, [base], [0], 16, bands=bands)
+
+
+def _case(kind: str, n: int, dtype: torch.dtype):
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(n, generator=generator)
+    if kind == "quantized":  # many magnitudes tied at every cut
+        inputs = [base + 0.01 * torch.randint(-4, 5, (n,), generator=generator) for _ in range(3)]
+    elif kind == "mostly zero":  # frozen weights: the cuts fall on magnitude 0 or just above
+        inputs = [base + (torch.rand(n, generator=generator) < 0.2) * torch.randn(n, generator=generator)
+                  for _ in range(3)]
+    else:
+        inputs = [base + scale * torch.randn(n, generator=generator) for scale in (0.001, 0.01, 0.1)]
+    return base.to(dtype), [x.to(dtype) for x in inputs]
+
+
+def _misleading_prefix(base: torch.Tensor, inputs, prefix: int):
+    """Huge deltas in the prefix the bands are guessed from: the bands sit far above the ranks."""
+    generator = torch.Generator().manual_seed(8)
+    shift = 1000 * (1 + torch.rand(prefix, generator=generator))
+    return base, [torch.cat([x[:prefix] + shift.to(x.dtype), x[prefix:]]) for x in inputs]
+
+
+def _assert_exact(base, inputs, thresholds):
+    n = base.numel()
+    index = torch.arange(n)
+    for (i, rank), threshold in thresholds.items():
+        keys = magnitude_keys(inputs[i] - base)
+        inside = (keys > threshold.key) | ((keys == threshold.key) & (index < threshold.cut))
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[rank_order(inputs[i] - base)[:rank]] = True
+        if threshold.key == 0:  # which zero deltas count as kept does not matter (select.py)
+            inside, expected = inside[keys != 0], expected[keys != 0]
+        assert torch.equal(inside, expected), (i, rank, threshold)
+
+
+@pytest.mark.parametrize("piece", [None, 1024, 16384], ids=["whole", "pieces", "larger pieces"])
+@pytest.mark.parametrize("kind", ["random", "quantized", "mostly zero", "misleading prefix"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_banded_selection_gives_exact_thresholds(merge_cpu, dtype, kind, piece, monkeypatch):
+    """Ranges of 4096 entries: the first one is counted in every bin, the rest in bands; pieces
+    of 1024 end there, pieces of 16384 (and the whole tensor) are cut there."""
+    monkeypatch.setattr(select, "SAMPLE_MIN_ENTRIES", 1 << 12)
+    monkeypatch.setattr(select, "TIE_CHUNK", 64)
+    monkeypatch.setattr(select, "MIN_RANGE", 1024)
+    n = 40_000
+    base, inputs = _case("random" if kind == "misleading prefix" else kind, n, dtype)
+    if kind == "misleading prefix":
+        base, inputs = _misleading_prefix(base, inputs, 4096)
+    passes = []
+    histogram = merge_cpu.histogram_level1
+
+    def spy(base, inputs, models, range_size, bands=None):
+        passes.append((base.numel(), bands))
+        return histogram(base, inputs, models, range_size, bands=bands)
+
+    monkeypatch.setattr(merge_cpu, "histogram_level1", spy)
+    # model 3's ranks span most entries: its band is every bin
+    ranks = [(0, 1), (0, n // 10), (0, n // 2), (n // 3, n - 7)]
+    plan = GtaPlan(tuple(KeepRule(KEEP_RANKS, rank_lo=lo, rank_hi=hi) for lo, hi in ranks), (1.0,) * 4,
+                   consensus=False, normalize=False, lam=1.0, rescale=None, seed=0)
+    inputs = inputs + [inputs[0]]
+    pieces = Pieces.streaming(n, piece) if piece else Pieces.whole(n)
+    thresholds = select.rank_thresholds(merge_cpu, base, inputs, plan, pieces)
+    _assert_exact(base, inputs, thresholds)
+    offset, first_pass = 0, 0
+    while offset < n:  # the first pass: the prefix in every bin, then bands
+        entries, bands = passes[first_pass]
+        assert (bands is None) == (offset < 4096), (offset, bands)
+        offset, first_pass = offset + entries, first_pass + 1
+    again = passes[first_pass:]
+    if kind == "misleading prefix":  # a rank outside its band: every bin counted again
+        assert sum(entries for entries, _ in again) == n and all(bands is None for _, bands in again)
+    else:
+        assert again == [], "the guessed bands should have held every rank"
+
+
+def test_small_tensors_and_other_backends_count_every_bin(merge_cpu, monkeypatch):
+    """Below SAMPLE_MIN_ENTRIES, or with a backend that has no bands, there is no band pass."""
+    range_size = select.level1_range_size(5000)
+    assert select._band_start(merge_cpu, 5000, range_size) is None
+    monkeypatch.setattr(select, "SAMPLE_MIN_ENTRIES", 1 << 10)
+    monkeypatch.setattr(select, "MIN_RANGE", 256)
+    range_size = select.level1_range_size(5000)
+    assert select._band_start(merge_cpu, 5000, range_size) == range_size
+
+    class NoBands:
+        pass
+
+    assert select._band_start(NoBands, 5000, range_size) is None
