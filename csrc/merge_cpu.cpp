@@ -223,17 +223,19 @@ struct Band {
   bool everything() const { return lo == 0 && hi == LEVEL1_BINS - 1; }
 };
 
-// Bins of keys[0, len) (key >> shift) that lie in the band, in order, as offsets from band.lo
-// into `inside` (room for len + 16); also the counts above and below. Returns how many are inside.
+// The keys of keys[0, len) whose bin (key >> shift) lies in the band, in order, as
+// key - (band.lo << shift), into `inside` (room for len + 16); also adds the numbers of keys
+// above and below the band. Returns how many are inside.
 inline int64_t band_select_scalar(const int32_t* keys, int64_t len, int shift, Band band, int32_t* inside,
                                   int64_t* above, int64_t* below) {
   const uint32_t width = uint32_t(band.hi - band.lo);
+  const int32_t origin = band.lo << shift;
   int64_t m = 0;
   for (int64_t k = 0; k < len; ++k) {
     const int32_t bin = keys[k] >> shift;
     *above += bin > band.hi;
     *below += bin < band.lo;
-    inside[m] = bin - band.lo;
+    inside[m] = keys[k] - origin;
     m += uint32_t(bin - band.lo) <= width;
   }
   return m;
@@ -247,15 +249,16 @@ __attribute__((target("avx512f,popcnt"))) int64_t band_select_avx512(const int32
                                                                       Band band, int32_t* inside, int64_t* above,
                                                                       int64_t* below) {
   const __m512i lo = _mm512_set1_epi32(band.lo), hi = _mm512_set1_epi32(band.hi);
+  const __m512i origin = _mm512_set1_epi32(band.lo << shift);
   const __m128i count = _mm_cvtsi32_si128(shift);
   int64_t m = 0, k = 0;
   for (; k + 16 <= len; k += 16) {
-    const __m512i bin = _mm512_sra_epi32(_mm512_loadu_si512(keys + k), count);
+    const __m512i key = _mm512_loadu_si512(keys + k), bin = _mm512_sra_epi32(key, count);
     const __mmask16 over = _mm512_cmpgt_epi32_mask(bin, hi), under = _mm512_cmplt_epi32_mask(bin, lo);
     const __mmask16 in = __mmask16(~(over | under));
     *above += _mm_popcnt_u32(over);
     *below += _mm_popcnt_u32(under);
-    _mm512_storeu_si512(inside + m, _mm512_maskz_compress_epi32(in, _mm512_sub_epi32(bin, lo)));
+    _mm512_storeu_si512(inside + m, _mm512_maskz_compress_epi32(in, _mm512_sub_epi32(key, origin)));
     m += _mm_popcnt_u32(in);
   }
   return m + band_select_scalar(keys + k, len - k, shift, band, inside + m, above, below);
@@ -271,10 +274,20 @@ int64_t band_select(const int32_t* keys, int64_t len, int shift, Band band, int3
   return band_select_scalar(keys, len, shift, band, inside, above, below);
 }
 
-// Adds the entries of x - b over [0, len) to h, binned by key >> shift. Adding every entry to
-// its bin is a serial chain of loads and stores (about 0.9 ns per entry on a 2-core AMD EPYC);
-// with a narrow band, only the entries inside it are added one by one, after a vectorized pass
-// that picks them and counts the lumps.
+// Adds the keys of keys[0, len) whose bin lies in the band to counts[(key - (band.lo << shift))
+// >> index_shift] one by one (a serial chain of loads and stores, about 0.9 ns per key on a
+// 2-core AMD EPYC, which is why only the keys inside a narrow band take it); also adds the
+// numbers of keys above and below the band.
+template <typename C>
+inline void count_band(const int32_t* keys, int64_t len, int shift, Band band, int index_shift, C* counts,
+                       int64_t* above, int64_t* below) {
+  int32_t inside[TILE + 16];
+  const int64_t m = band_select(keys, len, shift, band, inside, above, below);
+  for (int64_t k = 0; k < m; ++k) ++counts[inside[k] >> index_shift];
+}
+
+// Adds the entries of x - b over [0, len) to h, binned by key >> shift: in every bin, or in the
+// band's bins and its two lumps.
 template <typename T>
 MOEFUSE_SIMD_CLONES void histogram_tile(const T* x, const T* b, int64_t len, int shift, Band band, int32_t* h) {
   int32_t keys[TILE];
@@ -283,11 +296,8 @@ MOEFUSE_SIMD_CLONES void histogram_tile(const T* x, const T* b, int64_t len, int
     for (int64_t k = 0; k < len; ++k) ++h[keys[k] >> shift];
     return;
   }
-  int32_t inside[TILE + 16];
   int64_t above = 0, below = 0;
-  const int64_t m = band_select(keys, len, shift, band, inside, &above, &below);
-  int32_t* counts = h + band.lo;
-  for (int64_t k = 0; k < m; ++k) ++counts[inside[k]];
+  count_band(keys, len, shift, band, shift, h + band.lo, &above, &below);
   if (above) h[band.hi + 1] += int32_t(above);
   if (below) h[band.lo - 1] += int32_t(below);
 }
@@ -597,18 +607,19 @@ at::Tensor histogram_level2(const at::Tensor& base, const std::vector<at::Tensor
                             const std::vector<int64_t>& prefixes) {
   check_same(base, inputs);
   TORCH_CHECK(base.scalar_type() == at::kFloat, "histogram_level2 is for float32 tensors");
+  TORCH_CHECK(prefixes.size() == inputs.size(), "give one prefix per input");
+  for (auto prefix : prefixes) TORCH_CHECK(0 <= prefix && prefix < LEVEL1_BINS, "prefixes are level-1 bins, 0 <= prefix < 32768");
   const int64_t rows = inputs.size(), n = base.numel();
   std::vector<std::vector<int64_t>> local(at::get_num_threads(), std::vector<int64_t>(rows * LEVEL2_BINS, 0));
   const float* b = base.data_ptr<float>();
   auto xs = pointers<float>(inputs);
   for_tiles(n, [&](int64_t thread, int64_t s, int64_t e) {
     int32_t keys[TILE];
+    int64_t outside = 0;
     for (int64_t r = 0; r < rows; ++r) {
-      int64_t* h = local[thread].data() + r * LEVEL2_BINS;
       keys_tile(xs[r] + s, b + s, e - s, keys);
-      for (int64_t k = 0; k < e - s; ++k) {
-        if ((keys[k] >> 16) == prefixes[r]) ++h[keys[k] & 0xFFFF];
-      }
+      const Band prefix{int32_t(prefixes[r]), int32_t(prefixes[r])};  // keys of that prefix: their low 16 bits
+      count_band(keys, e - s, 16, prefix, 0, local[thread].data() + r * LEVEL2_BINS, &outside, &outside);
     }
   });
   return sum_per_thread(local, {rows, LEVEL2_BINS});

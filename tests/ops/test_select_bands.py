@@ -70,6 +70,20 @@ def test_bad_bands_are_refused(merge_cpu, bands, message):
         merge_cpu.histogram_level1(base, [base], [0], 16, bands=bands)
 
 
+@pytest.mark.parametrize("n", [1, 17, 5003])
+def test_level2_histogram_counts_the_low_bits_of_one_prefix(merge_cpu, n):
+    generator = torch.Generator().manual_seed(n)
+    base, x, y = [torch.randn(n, generator=generator) for _ in range(3)]
+    keys = [magnitude_keys(x - base), magnitude_keys(y - base)]
+    prefixes = [int(keys[0][n // 2] >> 16), 0x7F80]  # a prefix present, and Inf's (absent)
+    hist = merge_cpu.histogram_level2(base, [x, y], [0, 1], prefixes)
+    for row, (key, prefix) in enumerate(zip(keys, prefixes)):
+        inside = key[(key >> 16) == prefix]
+        assert torch.equal(hist[row], torch.bincount(inside & 0xFFFF, minlength=select.LEVEL2_BINS))
+    with pytest.raises(RuntimeError, match="prefixes are level-1 bins"):
+        merge_cpu.histogram_level2(base, [x], [0], [BINS])
+
+
 def _case(kind: str, n: int, dtype: torch.dtype):
     generator = torch.Generator().manual_seed(7)
     base = torch.randn(n, generator=generator)
