@@ -34,6 +34,11 @@ from moefuse.ops.select import EVERYTHING, NOTHING, NOTHING_KEY, rank_thresholds
 
 Allocate = Callable[[int, torch.dtype], torch.Tensor]  # (entries, dtype) -> a contiguous output buffer
 
+
+def output_buffer(allocate: Optional[Allocate], entries: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """`allocate(entries, dtype)`, or None (the kernel makes its own output) without `allocate`."""
+    return allocate(entries, dtype) if allocate is not None else None
+
 # Columns of the rules tensor. An entry j of model i with magnitude key k is kept iff
 #   (k > t_hi or (k == t_hi and j < cut_hi))          -- among the top rank_hi
 #   and not (k > t_lo or (k == t_lo and j < cut_lo))  -- and not among the top rank_lo
@@ -89,7 +94,7 @@ def run_gta(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: G
         out, piece_counts = backend.fused_gta(
             piece_base, piece_inputs, rules, plan.seed, coefficients, list(plan.weights), plan.consensus,
             plan.normalize, weight_sum_divisor(plan), plan.lam, out_dtype, start, **keeps.get(start, {}),
-            out=allocate(stop - start, out_dtype) if allocate is not None else None,
+            out=output_buffer(allocate, stop - start, out_dtype),
         )
         emit(out)
         counts = [a + b for a, b in zip(counts, piece_counts)]

@@ -17,7 +17,7 @@ import torch
 from moefuse.errors import MergeConfigError, MergeInputError
 from moefuse.methods import MethodSpec, get_method, resolve_params
 from moefuse.ops import backends
-from moefuse.ops.gta_pipeline import Allocate, run_gta
+from moefuse.ops.gta_pipeline import Allocate, output_buffer, run_gta
 from moefuse.ops.merge_reference import (
     gram_reference,
     gta_reference,
@@ -135,7 +135,7 @@ def _merge(base, tensors: List[torch.Tensor], method: str, emit: Emit, streaming
     if row_local and (streaming is not None or impl is not None):
         out = None if streaming is not None else _Collected(n, out_dtype, reference_input.device)
         counts = merge_row_blocks(impl, spec, plan, flat_base, flat, tuple(reference_input.shape), pieces, out_dtype,
-                                  emit if out is None else out.append)
+                                  emit if out is None else out.append, allocate)
         check(counts, names)
         if out is not None:
             emit(out.result())
@@ -239,7 +239,7 @@ def _weighted_sum(impl, tensors: List[torch.Tensor], coefficients: List[float], 
     counts = [0] * len(tensors)
     for start, stop, piece in pieces.walk(tensors):
         out, piece_counts = impl.weighted_sum(piece, coefficients, out_dtype,
-                                              out=allocate(stop - start, out_dtype) if allocate is not None else None)
+                                              out=output_buffer(allocate, stop - start, out_dtype))
         emit(out)
         counts = [a + b for a, b in zip(counts, piece_counts)]
     check(counts, names[-len(tensors):])

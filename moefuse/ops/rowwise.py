@@ -34,12 +34,12 @@ import math
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import Callable, Deque, Iterator, List, Sequence, Tuple, TypeVar
+from typing import Callable, Deque, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
 from moefuse.methods import MethodSpec
-from moefuse.ops.gta_pipeline import encode_rules, weight_sum_divisor
+from moefuse.ops.gta_pipeline import Allocate, encode_rules, output_buffer, weight_sum_divisor
 from moefuse.ops.merge_reference import (
     combine_kept,
     della_rank_probabilities,
@@ -79,11 +79,12 @@ def independent_slice(spec: MethodSpec, shape: Tuple[int, ...]) -> Tuple[int, ..
 
 def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tensor, inputs: Sequence[torch.Tensor],
                      shape: Tuple[int, ...], pieces: Pieces, out_dtype: torch.dtype,
-                     emit: Callable[[torch.Tensor], None]) -> List[int]:
+                     emit: Callable[[torch.Tensor], None], allocate: Optional[Allocate] = None) -> List[int]:
     """Merge flat `base` and `inputs` (DELLA when `plan` is given, else filter-wise Model Stock)
     block by block, reading through `pieces`' release and cast; returns the NaN/Inf count of the
     base and of each input. `backend`: a backend module (or None), for its `della_keep` and
-    `model_stock_rows` kernels where it has them."""
+    `model_stock_rows` kernels where it has them. DELLA's kernels write each block into
+    `allocate(entries, dtype)` where given (called from the worker threads)."""
     inputs = list(inputs)
     row = independent_slice(spec, shape)
     row_numel = math.prod(row)
@@ -112,7 +113,7 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
         return _emit_blocks(blocks, [base, *inputs], emit, _reference_work(
             shaped, out_dtype, lambda b, xs, start: model_stock_reference(b, xs, filter_wise=True)), workers)
     if fused:
-        return _fused_della(backend, plan, blocks, [base, *inputs], shaped, out_dtype, emit, workers)
+        return _fused_della(backend, plan, blocks, [base, *inputs], shaped, out_dtype, emit, workers, allocate)
 
     def block_norms(start: int, piece: List[torch.Tensor]) -> torch.Tensor:
         piece_base, *piece_inputs = shaped(piece)
@@ -140,7 +141,8 @@ def _l1_scales(plan: GtaPlan, blocks: Pieces, tensors: List[torch.Tensor],
 
 
 def _fused_della(backend, plan: GtaPlan, blocks: Pieces, tensors: List[torch.Tensor], shaped,
-                 out_dtype: torch.dtype, emit: Callable[[torch.Tensor], None], workers: int) -> List[int]:
+                 out_dtype: torch.dtype, emit: Callable[[torch.Tensor], None], workers: int,
+                 allocate: Optional[Allocate]) -> List[int]:
     """DELLA with the backend's kernels: masks by its `della_keep`, packed into bits and replayed as the
     recorded decisions of random rules whose own draws keep nothing (threshold 0) by the L1-norm
     and fused passes. Where every block starts on a byte of a tensor-wide bit buffer, the L1 pass
@@ -180,7 +182,8 @@ def _fused_della(backend, plan: GtaPlan, blocks: Pieces, tensors: List[torch.Ten
             bits = list(kept_bits[:, start // 8:(start + piece[0].numel() + 7) // 8])
         out, counts = backend.fused_gta(piece[0], piece[1:], rules, plan.seed, coefficients, list(plan.weights),
                                         plan.consensus, plan.normalize, weight_sum_divisor(plan), plan.lam,
-                                        out_dtype, start, random_keeps=bits)
+                                        out_dtype, start, random_keeps=bits,
+                                        out=output_buffer(allocate, piece[0].numel(), out_dtype))
         return counts, out
 
     return _emit_blocks(blocks, tensors, emit, work, workers)

@@ -120,6 +120,24 @@ def test_pieces_are_written_into_the_allocated_buffers(method, backend):
     assert torch.equal(torch.cat(pieces).reshape(SHAPE), expected)
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_della_blocks_are_written_into_the_allocated_buffers(backend):
+    """DELLA's row blocks (merged on worker threads on the CPU) go into the lent buffers too."""
+    device = _device_for(backend)
+    base, tensors = _case(torch.bfloat16, device)
+    lent = []
+
+    def allocate(entries, dtype):
+        lent.append(torch.full((entries,), float("nan"), dtype=dtype, device=device))
+        return lent[-1]
+
+    blocks = _streamed(base, tensors, "della", 1024, allocate=allocate, backend=backend, **ALL_PARAMS["della"])
+    assert len(blocks) == len(lent) > 1
+    assert {b.data_ptr() for b in blocks} == {buffer.data_ptr() for buffer in lent}
+    expected = moefuse.merge_tensors(base, tensors, "della", backend=backend, **ALL_PARAMS["della"])
+    assert torch.equal(torch.cat(blocks).reshape(SHAPE), expected)
+
+
 def test_nonfinite_input_is_named_after_the_last_piece():
     base, tensors = _case(torch.float32, "cpu")
     tensors[1][-1, -1] = float("nan")
