@@ -39,6 +39,7 @@ def output_buffer(allocate: Optional[Allocate], entries: int, dtype: torch.dtype
     """`allocate(entries, dtype)`, or None (the kernel makes its own output) without `allocate`."""
     return allocate(entries, dtype) if allocate is not None else None
 
+
 # Columns of the rules tensor. An entry j of model i with magnitude key k is kept iff
 #   (k > t_hi or (k == t_hi and j < cut_hi))          -- among the top rank_hi
 #   and not (k > t_lo or (k == t_lo and j < cut_lo))  -- and not among the top rank_lo
