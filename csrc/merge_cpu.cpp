@@ -85,13 +85,22 @@ struct Rule {
 
 // The rank test of one tile in 32-bit arithmetic (keys are at most 0x7FFFFFFF): `threshold`
 // clamped to [-1, INT32_MAX] keeps its meaning, and `cut` becomes an offset inside the tile.
+// Where the cut does not fall inside the tile (`uncut`: every entry is on the same side of it),
+// the test is the single comparison key > whole: key > threshold before the cut's tile, key >=
+// threshold after it.
 struct TileBound {
-  int32_t threshold, cut;
+  int32_t threshold, cut, whole;
+  bool uncut;
   TileBound(int64_t t, int64_t c, int64_t start, int64_t len)
       : threshold(static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(t, -1), INT32_MAX))),
-        cut(static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(c - start, 0), len))) {}
+        cut(static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(c - start, 0), len))),
+        whole(cut == 0 ? threshold : threshold - 1),
+        uncut(cut == 0 || cut == len) {}
   // Bitwise, not short-circuit, operators: branch-free, so that the loops calling it vectorize.
-  inline bool above(int32_t key, int32_t k) const { return (key > threshold) | ((key == threshold) & (k < cut)); }
+  template <bool kUncut>
+  inline bool above(int32_t key, int32_t k) const {
+    return kUncut ? key > whole : (key > threshold) | ((key == threshold) & (k < cut));
+  }
 };
 
 // Fills d[0, len) with the deltas of x against b (rounded to the input dtype) and keys with
@@ -355,12 +364,13 @@ __attribute__((always_inline)) inline void random_keeps(uint64_t seed, int64_t s
 
 // One model's part of a fused tile: d[k] = c * delta_k where the rule keeps entry k (else 0),
 // total[k] += d[k]; returns the number of NaN/Inf entries of x. One loop, no intermediate buffers.
-template <typename T, bool kRanks, bool kRandom>
+// kUncut: neither rank cut falls inside the tile (TileBound::uncut).
+template <typename T, bool kRanks, bool kUncut, bool kRandom>
 __attribute__((always_inline)) inline int32_t kept_contributions(const T* x, const T* b, int64_t start, int64_t len,
+                                                                 const TileBound& hi, const TileBound& lo,
                                                                  const Rule& rule, uint64_t seed, uint32_t stream,
                                                                  const RandomKeeps& bits, float c,
                                                                  float* __restrict__ d, float* __restrict__ total) {
-  const TileBound hi(rule.t_hi, rule.cut_hi, start, len), lo(rule.t_lo, rule.cut_lo, start, len);
   uint8_t random_keep[kRandom ? TILE : 1];
   if (kRandom) {
     random_keeps(seed, start, len, stream, static_cast<uint32_t>(rule.random_threshold), bits, random_keep);
@@ -370,7 +380,7 @@ __attribute__((always_inline)) inline int32_t kept_contributions(const T* x, con
     int32_t key;
     bad += !std::isfinite(Elem<T>::value(x[k]));
     const float delta = Elem<T>::delta(x[k], b[k], &key);
-    bool keep = !kRanks || (hi.above(key, k) & !lo.above(key, k));
+    bool keep = !kRanks || (hi.above<kUncut>(key, k) & !lo.above<kUncut>(key, k));
     if (kRandom) keep &= random_keep[k] != 0;
     d[k] = keep ? delta * c : 0.f;
     total[k] += d[k];
@@ -378,20 +388,34 @@ __attribute__((always_inline)) inline int32_t kept_contributions(const T* x, con
   return bad;
 }
 
-// kept_contributions for `rule`, instantiated for its kind (called directly, so that each call is
-// inlined into the caller's AVX-512/AVX2 clone).
+// kept_contributions for `rule` over one tile, instantiated for its kind (called directly, so that
+// each call is inlined into the caller's AVX-512/AVX2 clone).
+template <typename T, bool kRandom>
+__attribute__((always_inline)) inline int32_t add_ranked(const T* x, const T* b, int64_t start, int64_t len,
+                                                         const Rule& rule, uint64_t seed, uint32_t stream,
+                                                         const RandomKeeps& bits, float c, float* __restrict__ d,
+                                                         float* __restrict__ total) {
+  const TileBound hi(rule.t_hi, rule.cut_hi, start, len), lo(rule.t_lo, rule.cut_lo, start, len);
+  if (hi.uncut && lo.uncut) {
+    return kept_contributions<T, true, true, kRandom>(x, b, start, len, hi, lo, rule, seed, stream, bits, c, d, total);
+  }
+  return kept_contributions<T, true, false, kRandom>(x, b, start, len, hi, lo, rule, seed, stream, bits, c, d, total);
+}
+
 template <typename T>
 __attribute__((always_inline)) inline int32_t add_kept(const T* x, const T* b, int64_t start, int64_t len,
                                                        const Rule& rule, uint64_t seed, uint32_t stream,
                                                        const RandomKeeps& bits, float c, float* __restrict__ d,
                                                        float* __restrict__ total) {
   if (rule.keeps_all()) {
-    return kept_contributions<T, false, false>(x, b, start, len, rule, seed, stream, bits, c, d, total);
+    const TileBound none(-1, 0, start, len);
+    return kept_contributions<T, false, true, false>(x, b, start, len, none, none, rule, seed, stream, bits, c, d,
+                                                     total);
   }
   if (rule.random_threshold < ALWAYS) {
-    return kept_contributions<T, true, true>(x, b, start, len, rule, seed, stream, bits, c, d, total);
+    return add_ranked<T, true>(x, b, start, len, rule, seed, stream, bits, c, d, total);
   }
-  return kept_contributions<T, true, false>(x, b, start, len, rule, seed, stream, bits, c, d, total);
+  return add_ranked<T, false>(x, b, start, len, rule, seed, stream, bits, c, d, total);
 }
 
 // sum_{k < len} term(k) in LANES partial sums (one running sum would be a serial chain of adds,
