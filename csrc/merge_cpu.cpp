@@ -223,14 +223,17 @@ MOEFUSE_SIMD_CLONES void keys_tile(const T* x, const T* b, int64_t len, int32_t*
   load_keys(x, b, len, keys);
 }
 
-// The level-1 bins [lo, hi] a histogram counts one by one; the others are counted in two lumps,
-// bin hi + 1 for those above and bin lo - 1 for those below (`lo > 0` and `hi < LEVEL1_BINS - 1`
-// where there are such bins).
+// A run of level-1 bins [lo, hi] that a histogram counts one by one.
 struct Band {
   int32_t lo = 0, hi = LEVEL1_BINS - 1;
 
   bool everything() const { return lo == 0 && hi == LEVEL1_BINS - 1; }
 };
+
+// The bands of one input, ascending, with at least one bin between two: the keys outside them
+// are counted in lumps, those below the first band in bin lo - 1, those between two bands in the
+// bin just above the lower one, those above the last band in bin hi + 1. Empty: every bin.
+using Bands = std::vector<Band>;
 
 // The keys of keys[0, len) whose bin (key >> shift) lies in the band, in order, as
 // key - (band.lo << shift), into `inside` (room for len + 16); also adds the numbers of keys
@@ -285,30 +288,38 @@ int64_t band_select(const int32_t* keys, int64_t len, int shift, Band band, int3
 
 // Adds the keys of keys[0, len) whose bin lies in the band to counts[(key - (band.lo << shift))
 // >> index_shift] one by one (a serial chain of loads and stores, about 0.9 ns per key on a
-// 2-core AMD EPYC, which is why only the keys inside a narrow band take it); also adds the
-// numbers of keys above and below the band.
+// 2-core AMD EPYC, which is why only the keys inside narrow bands take it); also adds the
+// numbers of keys above and below the band. Returns how many keys are inside.
 template <typename C>
-inline void count_band(const int32_t* keys, int64_t len, int shift, Band band, int index_shift, C* counts,
-                       int64_t* above, int64_t* below) {
+inline int64_t count_band(const int32_t* keys, int64_t len, int shift, Band band, int index_shift, C* counts,
+                          int64_t* above, int64_t* below) {
   int32_t inside[TILE + 16];
   const int64_t m = band_select(keys, len, shift, band, inside, above, below);
   for (int64_t k = 0; k < m; ++k) ++counts[inside[k] >> index_shift];
+  return m;
 }
 
 // Adds the entries of x - b over [0, len) to h, binned by key >> shift: in every bin, or in the
-// band's bins and its two lumps.
+// bands' bins and the lumps around them (Bands).
 template <typename T>
-MOEFUSE_SIMD_CLONES void histogram_tile(const T* x, const T* b, int64_t len, int shift, Band band, int32_t* h) {
+MOEFUSE_SIMD_CLONES void histogram_tile(const T* x, const T* b, int64_t len, int shift, const Bands& bands,
+                                        int32_t* h) {
   int32_t keys[TILE];
   load_keys(x, b, len, keys);
-  if (band.everything()) {
+  if (bands.empty()) {
     for (int64_t k = 0; k < len; ++k) ++h[keys[k] >> shift];
     return;
   }
-  int64_t above = 0, below = 0;
-  count_band(keys, len, shift, band, shift, h + band.lo, &above, &below);
-  if (above) h[band.hi + 1] += int32_t(above);
-  if (below) h[band.lo - 1] += int32_t(below);
+  int64_t counted_below = 0, above = 0;  // keys below the current band already counted
+  for (size_t t = 0; t < bands.size(); ++t) {
+    int64_t below = 0;
+    above = 0;
+    const int64_t inside = count_band(keys, len, shift, bands[t], shift, h + bands[t].lo, &above, &below);
+    const int32_t lump = t == 0 ? bands[0].lo - 1 : bands[t - 1].hi + 1;
+    if (below > counted_below) h[lump] += int32_t(below - counted_below);
+    counted_below = below + inside;
+  }
+  if (above) h[bands.back().hi + 1] += int32_t(above);
 }
 
 template <typename T>
@@ -592,17 +603,29 @@ std::vector<int64_t> count_nonfinite(const std::vector<at::Tensor>& tensors) {
   return counts;
 }
 
+// Bands from their flat form (lo0, hi0, lo1, hi1, ... per input), checked; one band of every
+// bin becomes the empty list (count every bin directly).
+std::vector<Bands> read_bands(const std::vector<std::vector<int64_t>>& flat, size_t inputs) {
+  TORCH_CHECK(flat.empty() || flat.size() == inputs, "give the bands of every input, or none");
+  std::vector<Bands> out(inputs);
+  for (size_t i = 0; i < flat.size(); ++i) {
+    TORCH_CHECK(!flat[i].empty() && flat[i].size() % 2 == 0, "give each input's bands as (lo, hi) pairs, at least one");
+    for (size_t j = 0; j < flat[i].size(); j += 2) {
+      const int64_t lo = flat[i][j], hi = flat[i][j + 1];
+      TORCH_CHECK(0 <= lo && lo <= hi && hi < LEVEL1_BINS, "band bins must satisfy 0 <= lo <= hi < 32768");
+      TORCH_CHECK(j == 0 || lo > out[i].back().hi + 1, "bands must ascend with at least one bin between two");
+      out[i].push_back(Band{int32_t(lo), int32_t(hi)});
+    }
+    if (out[i].size() == 1 && out[i][0].everything()) out[i].clear();
+  }
+  return out;
+}
+
 at::Tensor histogram_level1(const at::Tensor& base, const std::vector<at::Tensor>& inputs, int64_t shift,
-                            int64_t size, const std::vector<int64_t>& lo, const std::vector<int64_t>& hi) {
+                            int64_t size, const std::vector<std::vector<int64_t>>& flat_bands) {
   check_same(base, inputs);
   TORCH_CHECK(size > 0, "range size must be positive");
-  TORCH_CHECK(lo.size() == hi.size() && (lo.empty() || lo.size() == inputs.size()),
-              "give one band (lo, hi) per input, or none");
-  std::vector<Band> bands(inputs.size());
-  for (size_t i = 0; i < lo.size(); ++i) {
-    TORCH_CHECK(0 <= lo[i] && lo[i] <= hi[i] && hi[i] < LEVEL1_BINS, "band bins must satisfy 0 <= lo <= hi < 32768");
-    bands[i] = Band{int32_t(lo[i]), int32_t(hi[i])};
-  }
+  const std::vector<Bands> bands = read_bands(flat_bands, inputs.size());
   const int64_t rows = inputs.size(), n = base.numel(), ranges = std::max<int64_t>(1, (n + size - 1) / size);
   const int64_t tiles_per_range = (size + TILE - 1) / TILE;  // tiles never straddle two ranges
   // Each thread counts into its own histograms (zeroed on first use), summed at the end; a

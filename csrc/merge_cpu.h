@@ -10,10 +10,12 @@ namespace moefuse {
 
 std::vector<int64_t> count_nonfinite(const std::vector<at::Tensor>& tensors);
 // Level-1 histograms per range: int32 [inputs, max(1, ceil(n / size)), 32768]; range r covers
-// the flat entries [r * size, (r + 1) * size). With bands (lo[i], hi[i] per input), input i's
-// bins outside [lo, hi] are lumped: bin hi + 1 counts every key above, bin lo - 1 every key below.
+// the flat entries [r * size, (r + 1) * size). With bands (per input: lo0, hi0, lo1, hi1, ...
+// ascending, at least one bin between two), only the bins inside them are counted one by one;
+// bin lo0 - 1 counts every key below the first band, bin hi + 1 of a band every key between it
+// and the next band (or above it, for the last).
 at::Tensor histogram_level1(const at::Tensor& base, const std::vector<at::Tensor>& inputs, int64_t shift,
-                            int64_t size, const std::vector<int64_t>& lo, const std::vector<int64_t>& hi);
+                            int64_t size, const std::vector<std::vector<int64_t>>& bands);
 at::Tensor histogram_level2(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
                             const std::vector<int64_t>& prefixes);
 at::Tensor chunk_counts(const at::Tensor& base, const std::vector<at::Tensor>& inputs,

@@ -22,13 +22,14 @@ HISTOGRAM_BANDS = True  # histogram_level1 can count only a band of bins (moefus
 
 
 def histogram_level1(base: torch.Tensor, inputs: Sequence[torch.Tensor], models: Sequence[int],
-                     range_size: int, bands: Optional[Sequence[Tuple[int, int]]] = None) -> torch.Tensor:
+                     range_size: int, bands: Optional[Sequence[Sequence[Tuple[int, int]]]] = None) -> torch.Tensor:
     """Per-range level-1 histograms (int32 [models, ceil(n / range_size), bins]): they also
-    locate threshold ties, which spares the tie-count pass for 16-bit dtypes. With `bands`, one
-    (lo, hi) per model, bins outside [lo, hi] are lumped into bins hi + 1 (keys above) and lo - 1
-    (keys below)."""
-    lo, hi = ([band[0] for band in bands], [band[1] for band in bands]) if bands else ([], [])
-    return _C.histogram_level1(base, [inputs[i] for i in models], level1_shift(base.dtype), range_size, lo, hi)
+    locate threshold ties, which spares the tie-count pass for 16-bit dtypes. With `bands`, per
+    model its bands (lo, hi), ascending with at least one bin between two: only their bins are
+    counted one by one; bin lo - 1 of the first band holds the keys below it, bin hi + 1 of each
+    band the keys between it and the next band (above it, for the last)."""
+    flat = [[bin_ for band in model_bands for bin_ in band] for model_bands in bands] if bands else []
+    return _C.histogram_level1(base, [inputs[i] for i in models], level1_shift(base.dtype), range_size, flat)
 
 
 def histogram_level2(base, inputs, models: Sequence[int], prefixes: Sequence[int]) -> torch.Tensor:

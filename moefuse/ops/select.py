@@ -4,12 +4,13 @@ Magnitude keys are the IEEE bit patterns of |d| in d's dtype (see `magnitude_key
 order like |d|. The entry of descending rank r (ties by increasing flat index) is found with:
 
 1. a histogram of `key >> LEVEL1_SHIFT` (32768 bins; exact for 16-bit dtypes). Where the
-   backend can count a band of bins only (HISTOGRAM_BANDS), the first SAMPLE_SHARE of the
-   entries are counted in every bin; from them, each model gets the band of bins its ranks very
-   likely fall in, and the rest of the pass counts those bins one by one and the others as two
-   lumps (above, below), about twice as fast on the CPU, in the same sequential read. A rank
-   that falls outside its band (a prefix unlike the rest) is located again with every bin
-   counted, so the result never depends on the guess.
+   backend can count bands of bins only (HISTOGRAM_BANDS), the first SAMPLE_SHARE of the
+   entries are counted in every bin; from them, each rank gets the band of bins it very likely
+   falls in (a model's bands are joined where they touch; breadcrumbs' two far-apart ranks keep
+   two), and the rest of the pass counts those bins one by one and the others in lumps between
+   the bands, about twice as fast on the CPU, in the same sequential read. A rank that falls
+   outside its bands (a prefix unlike the rest) is located again with every bin counted, so the
+   result never depends on the guess.
 2. for fp32, a histogram of the low 16 bits inside the chosen level-1 bin,
 3. when the threshold key is shared by several entries, per-chunk counts of that key, then a
    scan of one chunk, to find the flat index where the r-th entry sits.
@@ -23,8 +24,9 @@ The result is a `Threshold(key, cut)`: an entry is among the top r iff
     histogram_level1(base, inputs, models, range_size[, bands]) -> int64 [len(models), 32768], or
         counts per range [len(models), ceil(n / range_size), 32768] (range r: flat entries
         [r range_size, (r + 1) range_size)), which also locate ties for 16-bit dtypes; `bands`
-        (with HISTOGRAM_BANDS = True): one (lo, hi) per model, keys above hi counted in bin
-        hi + 1 and keys below lo in bin lo - 1
+        (with HISTOGRAM_BANDS = True): per model its bands (lo, hi), ascending with at least
+        one bin between two; keys below the first band are counted in its bin lo - 1, keys
+        between a band and the next (or above the last) in the band's bin hi + 1
     histogram_level2(base, inputs, models, prefixes) -> int64 [len(models), 65536]
         (low 16 bits of keys whose high bits equal the prefix; fp32 only)
     chunk_counts(base, inputs, models, keys, chunk) -> int64 [len(models), ceil(n / chunk)]
@@ -108,7 +110,8 @@ class RangeCounts:
 
 
 Band = Tuple[int, int]
-EVERY_BIN: Band = (0, LEVEL1_BINS - 1)
+Bands = Tuple[Band, ...]  # one model's bands, ascending, at least one bin apart
+EVERY_BIN: Bands = ((0, LEVEL1_BINS - 1),)
 
 
 def _band_start(backend, n: int, range_size: int) -> Optional[int]:
@@ -120,38 +123,55 @@ def _band_start(backend, n: int, range_size: int) -> Optional[int]:
     return start if start < n else None
 
 
-def _bands(counts: torch.Tensor, ranks: Dict[int, List[int]], models: List[int], n: int) -> Optional[List[Band]]:
-    """Per model, the level-1 bins [lo, hi] that its ranks very likely fall in, judged from the
-    level-1 counts of a prefix of the tensor ([models, bins]); None where no band is narrow."""
+def _rank_band(counts: torch.Tensor, rank: int, n: int) -> Band:
+    """The level-1 bins [lo, hi] that descending rank `rank` of n entries very likely falls in,
+    judged from one model's level-1 counts of a prefix of the tensor ([bins])."""
+    seen = int(counts.sum())
+    share = rank / n
+    expected = share * seen
+    margin = SAMPLE_SIGMAS * (expected * (1 - share)) ** 0.5 + SAMPLE_SLACK * seen
+    top, bottom = int(expected - margin), int(expected + margin)  # prefix ranks; past either end,
+    hi = _locate(counts, top)[0] if top > 0 else LEVEL1_BINS - 1  # keys not seen yet count
+    lo = _locate(counts, bottom)[0] if bottom < seen - 1 else 0
+    return lo, hi
+
+
+def _joined(bands: Sequence[Band]) -> Bands:
+    """The union of `bands` as ascending bands with at least one bin between two."""
+    joined: List[Band] = []
+    for lo, hi in sorted(bands):
+        if joined and lo <= joined[-1][1] + 1:
+            joined[-1] = (joined[-1][0], max(joined[-1][1], hi))
+        else:
+            joined.append((lo, hi))
+    return tuple(joined)
+
+
+def _bands(counts: torch.Tensor, ranks: Dict[int, List[int]], models: List[int], n: int) -> Optional[List[Bands]]:
+    """Per model, the bands of level-1 bins that its ranks very likely fall in, judged from the
+    level-1 counts of a prefix of the tensor ([models, bins]); EVERY_BIN where they would hold
+    more than MAX_BAND_SHARE of the prefix; None where no model has narrow bands."""
     bands = []
     for row, model in enumerate(models):
-        seen = int(counts[row].sum())
-        lo, hi = LEVEL1_BINS - 1, 0
-        for rank in ranks[model]:
-            share = rank / n
-            expected = share * seen
-            margin = SAMPLE_SIGMAS * (expected * (1 - share)) ** 0.5 + SAMPLE_SLACK * seen
-            top, bottom = int(expected - margin), int(expected + margin)  # prefix ranks; past either end,
-            hi = max(hi, _locate(counts[row], top)[0] if top > 0 else LEVEL1_BINS - 1)  # keys not seen yet count
-            lo = min(lo, _locate(counts[row], bottom)[0] if bottom < seen - 1 else 0)
-        narrow = int(counts[row, lo:hi + 1].sum()) <= MAX_BAND_SHARE * seen
-        bands.append((lo, hi) if narrow else EVERY_BIN)
+        joined = _joined([_rank_band(counts[row], rank, n) for rank in ranks[model]])
+        inside = sum(int(counts[row, lo:hi + 1].sum()) for lo, hi in joined)
+        bands.append(joined if inside <= MAX_BAND_SHARE * int(counts[row].sum()) else EVERY_BIN)
     return bands if any(band != EVERY_BIN for band in bands) else None
 
 
 def _level1(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], models: List[int], pieces: Pieces,
-            ranks: Optional[Dict[int, List[int]]]) -> Tuple[torch.Tensor, Optional[RangeCounts], int, Optional[List[Band]]]:
+            ranks: Optional[Dict[int, List[int]]]) -> Tuple[torch.Tensor, Optional[RangeCounts], int, Optional[List[Bands]]]:
     """Level-1 histograms: totals [models, bins] and, when the backend gives them, per-range
     counts over ranges of `range_size` flat entries. With `ranks` (model -> its ranks) and a
-    backend that counts bands, entries past `_band_start` are counted only in each model's band
-    (`_bands` of the counts so far) and two lumps, whose totals still give every rank inside the
-    band exactly; the bands used are returned (None: every bin was counted)."""
+    backend that counts bands, entries past `_band_start` are counted only in each model's bands
+    (`_bands` of the counts so far) and the lumps around them, whose totals still give every rank
+    inside a band exactly; the bands used are returned (None: every bin was counted)."""
     range_size = level1_range_size(pieces.n)
     # A bin counts at most n entries: int32 sums (7x faster than adding into int64) while they fit.
     totals = torch.zeros(len(models), LEVEL1_BINS, dtype=torch.int32 if pieces.n < 2**31 else torch.int64)
     per_range: Optional[RangeCounts] = RangeCounts(-(-pieces.n // range_size))
     band_start = _band_start(backend, pieces.n, range_size) if ranks else None
-    bands: Optional[List[Band]] = None
+    bands: Optional[List[Bands]] = None
     decided = band_start is None
     for start, stop, piece in pieces.walk([base, *inputs]):
         cuts = [start, band_start, stop] if band_start is not None and start < band_start < stop else [start, stop]
@@ -174,7 +194,7 @@ def _locate_level1(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], 
                    queries: List[Tuple[int, int]], pieces: Pieces):
     """For each query (model, rank): (model, rank, level-1 bin holding the rank, rank left inside
     that bin), with the per-range counts and range size of `_level1`. Where a rank fell outside
-    its model's band (the prefix misled), every bin is counted again."""
+    its model's bands (the prefix misled), every bin is counted again."""
     ranks: Optional[Dict[int, List[int]]] = {i: [rank for model, rank in queries if model == i] for i in models}
     while True:
         hist1, per_range, range_size, bands = _level1(backend, base, inputs, models, pieces, ranks)
@@ -182,7 +202,7 @@ def _locate_level1(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], 
         for i, rank in queries:
             b, above = _locate(hist1[models.index(i)], rank)
             located.append((i, rank, b, rank - above))
-        if bands is None or all(bands[models.index(i)][0] <= b <= bands[models.index(i)][1] for i, _, b, _ in located):
+        if bands is None or all(any(lo <= b <= hi for lo, hi in bands[models.index(i)]) for i, _, b, _ in located):
             return located, per_range, range_size
         ranks = None
 

@@ -29,45 +29,61 @@ def _bins(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return magnitude_keys(x - base) >> select.level1_shift(base.dtype)
 
 
+def _expected_banded(bins: torch.Tensor, bands) -> torch.Tensor:
+    """bincount inside the bands; below the first band in its bin lo - 1; between a band and the
+    next (or above the last) in the band's bin hi + 1; nothing elsewhere."""
+    everything = torch.bincount(bins, minlength=BINS)
+    expected = torch.zeros(BINS, dtype=torch.int64)
+    for t, (lo, hi) in enumerate(bands):
+        expected[lo:hi + 1] = everything[lo:hi + 1]
+        if t == 0 and lo > 0:
+            expected[lo - 1] = (bins < lo).sum()
+        upper = bands[t + 1][0] if t + 1 < len(bands) else BINS
+        if hi + 1 < BINS:
+            expected[hi + 1] = ((bins > hi) & (bins < upper)).sum()
+    return expected
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [1, 17, 5003])
-def test_banded_histogram_counts_the_band_and_two_lumps(merge_cpu, dtype, n):
-    """Inside the band: the counts of every bin; bin hi + 1: all keys above; bin lo - 1: all keys
-    below; nothing elsewhere. Sizes exercise the 16-wide vector loop and its scalar tail."""
+def test_banded_histogram_counts_the_bands_and_the_lumps(merge_cpu, dtype, n):
+    """Inside the bands: the counts of every bin; the lumps below, between and above them; nothing
+    elsewhere. Sizes exercise the 16-wide vector loop and its scalar tail."""
     generator = torch.Generator().manual_seed(n)
     base, x, y = [torch.randn(n, generator=generator).to(dtype) for _ in range(3)]
     bins = [_bins(base, x), _bins(base, y)]
     middle = int(bins[0].median())
-    bands = [(0, BINS - 1), (0, 5), (BINS - 8, BINS - 1), (middle, middle), (middle - 40, middle + 3)]
+    cases = [((0, 5),), ((BINS - 8, BINS - 1),), ((middle, middle),), ((middle - 40, middle + 3),),
+             ((0, 0), (middle, middle + 2)),  # two bands, the first at bin 0
+             ((middle - 300, middle - 2), (middle, middle), (BINS - 3, BINS - 1)),  # one bin between two
+             ((middle - 9, middle - 5), (middle + 30, middle + 31))]
     range_size = 1000
-    for band in bands:
-        hist = merge_cpu.histogram_level1(base, [x, y], [0, 1], range_size, bands=[band, (0, BINS - 1)])
+    for bands in cases:
+        hist = merge_cpu.histogram_level1(base, [x, y], [0, 1], range_size, bands=[bands, select.EVERY_BIN])
         assert hist.shape == (2, -(-n // range_size), BINS)
-        lo, hi = band
         for r in range(hist.shape[1]):
-            part = bins[0][r * range_size:(r + 1) * range_size]
-            expected = torch.bincount(part, minlength=BINS)
-            expected[hi + 1:] = 0
-            expected[:lo] = 0
-            if hi + 1 < BINS:
-                expected[hi + 1] = (part > hi).sum()
-            if lo > 0:
-                expected[lo - 1] = (part < lo).sum()
-            assert torch.equal(hist[0, r].long(), expected), band
-            everything = torch.bincount(bins[1][r * range_size:(r + 1) * range_size], minlength=BINS)
-            assert torch.equal(hist[1, r].long(), everything)
+            part = slice(r * range_size, (r + 1) * range_size)
+            assert torch.equal(hist[0, r].long(), _expected_banded(bins[0][part], bands)), bands
+            assert torch.equal(hist[1, r].long(), torch.bincount(bins[1][part], minlength=BINS))
 
 
 @pytest.mark.parametrize("bands, message", [
-    ([(3, 2)], "0 <= lo <= hi"),
-    ([(0, BINS)], "0 <= lo <= hi"),
-    ([(-1, 5)], "0 <= lo <= hi"),
-    ([(0, 5), (0, 5)], "one band"),
+    ([[(3, 2)]], "0 <= lo <= hi"),
+    ([[(0, BINS)]], "0 <= lo <= hi"),
+    ([[(-1, 5)]], "0 <= lo <= hi"),
+    ([[(0, 5)], [(0, 5)]], "bands of every input"),
+    ([[]], "at least one"),
+    ([[(10, 20), (21, 30)]], "at least one bin between"),  # no bin left for the lump between
+    ([[(10, 20), (5, 8)]], "ascend"),
 ])
 def test_bad_bands_are_refused(merge_cpu, bands, message):
     base = torch.zeros(10)
     with pytest.raises(RuntimeError, match=message):
         merge_cpu.histogram_level1(base, [base], [0], 16, bands=bands)
+
+
+def test_rank_bands_are_joined_where_they_touch():
+    assert select._joined([(50, 60), (5, 9), (10, 20), (58, 70), (72, 80)]) == ((5, 20), (50, 70), (72, 80))
 
 
 @pytest.mark.parametrize("n", [1, 17, 5003])
@@ -138,11 +154,11 @@ def test_banded_selection_gives_exact_thresholds(merge_cpu, dtype, kind, piece, 
         return histogram(base, inputs, models, range_size, bands=bands)
 
     monkeypatch.setattr(merge_cpu, "histogram_level1", spy)
-    # model 3's ranks span most entries: its band is every bin
-    ranks = [(0, 1), (0, n // 10), (0, n // 2), (n // 3, n - 7)]
+    # model 3 keeps the ranks between 1% and 35% (breadcrumbs): two bands, far apart
+    ranks = [(0, 1), (0, n // 10), (0, n // 2), (n // 100, n * 35 // 100)]
     plan = GtaPlan(tuple(KeepRule(KEEP_RANKS, rank_lo=lo, rank_hi=hi) for lo, hi in ranks), (1.0,) * 4,
                    consensus=False, normalize=False, lam=1.0, rescale=None, seed=0)
-    inputs = inputs + [inputs[0]]
+    inputs = inputs + [inputs[2]]
     pieces = Pieces.streaming(n, piece) if piece else Pieces.whole(n)
     thresholds = select.rank_thresholds(merge_cpu, base, inputs, plan, pieces)
     _assert_exact(base, inputs, thresholds)
@@ -151,6 +167,8 @@ def test_banded_selection_gives_exact_thresholds(merge_cpu, dtype, kind, piece, 
         entries, bands = passes[first_pass]
         assert (bands is None) == (offset < 4096), (offset, bands)
         offset, first_pass = offset + entries, first_pass + 1
+    if kind == "random":
+        assert len(passes[first_pass - 1][1][3]) == 2, passes[first_pass - 1][1]
     again = passes[first_pass:]
     if kind == "misleading prefix":  # a rank outside its band: every bin counted again
         assert sum(entries for entries, _ in again) == n and all(bands is None for _, bands in again)
