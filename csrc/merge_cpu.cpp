@@ -857,14 +857,15 @@ at::Tensor gram(const std::vector<at::Tensor>& tensors, const c10::optional<at::
 
 std::tuple<at::Tensor, std::vector<int64_t>> model_stock_rows(const at::Tensor& base,
                                                               const std::vector<at::Tensor>& inputs,
-                                                              int64_t row_length, at::ScalarType out_dtype) {
+                                                              int64_t row_length, at::ScalarType out_dtype,
+                                                              const c10::optional<at::Tensor>& given_out) {
   check_same(base, inputs);
   const int64_t m = inputs.size(), n = base.numel();
   TORCH_CHECK(m >= 2, "Model Stock needs at least two inputs besides the base");
   TORCH_CHECK(row_length > 0 ? n % row_length == 0 : n == 0, "the tensor must hold whole rows of ", row_length,
               " entries");
   const int64_t rows = row_length > 0 ? n / row_length : 0, threads = at::get_num_threads();
-  auto out = at::empty(base.sizes(), base.options().dtype(out_dtype));
+  auto out = output_for(base, out_dtype, given_out);
   std::vector<std::vector<int64_t>> bad(threads, std::vector<int64_t>(m + 1, 0));  // base, then inputs
   MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "model_stock_rows", [&] {
     using in_t = scalar_t;

@@ -41,11 +41,12 @@ std::tuple<at::Tensor, std::vector<int64_t>> weighted_sum(const std::vector<at::
                                                           at::ScalarType out_dtype, const c10::optional<at::Tensor>& out);
 at::Tensor gram(const std::vector<at::Tensor>& tensors, const c10::optional<at::Tensor>& base);
 // Filter-wise Model Stock over rows of row_length entries: each row gets its own factor t from
-// the Gram matrix of its task vectors, out = (1 - t) base + t / m sum_i inputs_i. Also returns
-// the NaN/Inf count of the base, then of each input.
+// the Gram matrix of its task vectors, out = (1 - t) base + t / m sum_i inputs_i, written into
+// `out` where given (as fused_gta). Also returns the NaN/Inf count of the base, then of each input.
 std::tuple<at::Tensor, std::vector<int64_t>> model_stock_rows(const at::Tensor& base,
                                                               const std::vector<at::Tensor>& inputs,
-                                                              int64_t row_length, at::ScalarType out_dtype);
+                                                              int64_t row_length, at::ScalarType out_dtype,
+                                                              const c10::optional<at::Tensor>& out);
 // DELLA's keep mask over whole rows of probability.numel() entries: entry c of row r (flat index
 // j = offset + r * len + c) is kept iff uniform(draw(seed, j, stream)) < probability[rank], draw the
 // Philox word of moefuse/ops/philox.py, rank the ascending rank of |x - base| in its row (ties by

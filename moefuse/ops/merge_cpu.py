@@ -65,11 +65,12 @@ def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float],
 
 
 def model_stock_rows(base: torch.Tensor, inputs: Sequence[torch.Tensor], row_length: int,
-                     out_dtype: torch.dtype) -> Tuple[torch.Tensor, List[int]]:
+                     out_dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, List[int]]:
     """Filter-wise Model Stock of flat tensors holding whole rows of `row_length` entries (one
-    interpolation factor per row); also the NaN/Inf counts of the base, then of each input."""
+    interpolation factor per row), into `out` where given; also the NaN/Inf counts of the base,
+    then of each input."""
     out, nonfinite = _C.model_stock_rows(base.contiguous().reshape(-1), [x.contiguous().reshape(-1) for x in inputs],
-                                         row_length, out_dtype)
+                                         row_length, out_dtype, out)
     return out, list(nonfinite)
 
 

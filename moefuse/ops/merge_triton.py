@@ -134,10 +134,10 @@ def gram(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = None) -
 
 
 def model_stock_rows(base: torch.Tensor, inputs: Sequence[torch.Tensor], row_length: int,
-                     out_dtype: torch.dtype) -> Tuple[torch.Tensor, List[int]]:
+                     out_dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, List[int]]:
     """Filter-wise Model Stock of whole rows of row_length entries: each row's Gram matrix of task
     vectors (exact fp64 products, fp64 sums), its factor t (`model_stock_t`), then
-    out = (1 - t) base + sum_i (t / N) x_i in fp32; and the NaN/Inf counts of the base and each
+    out = (1 - t) base + sum_i (t / N) x_i in fp32 (into `out` where given); and the NaN/Inf counts of the base and each
     input. The Gram tiles are summed for GRAM_PARTIAL_ENTRIES fp64 values at a time (short rows
     would otherwise take far more memory in partial sums than in data)."""
     base, *inputs = _prepared([base, *inputs])
@@ -151,7 +151,7 @@ def model_stock_rows(base: torch.Tensor, inputs: Sequence[torch.Tensor], row_len
                                           row_length).sum(dim=1)
             t[start // row_length:start // row_length + upper.shape[0]] = model_stock_t(upper)
         coefficients = torch.stack([1 - t] + [t / len(inputs)] * len(inputs), dim=1).reshape(rows, 1 + len(inputs))
-        out, counts = kernels.weighted_sum([base, *inputs], coefficients.contiguous(), out_dtype, row_length)
+        out, counts = kernels.weighted_sum([base, *inputs], coefficients.contiguous(), out_dtype, row_length, out)
     return out, counts.tolist()
 
 

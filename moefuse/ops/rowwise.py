@@ -83,7 +83,7 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
     """Merge flat `base` and `inputs` (DELLA when `plan` is given, else filter-wise Model Stock)
     block by block, reading through `pieces`' release and cast; returns the NaN/Inf count of the
     base and of each input. `backend`: a backend module (or None), for its `della_keep` and
-    `model_stock_rows` kernels where it has them. DELLA's kernels write each block into
+    `model_stock_rows` kernels where it has them. Those kernels write each block into
     `allocate(entries, dtype)` where given (called from the worker threads)."""
     inputs = list(inputs)
     row = independent_slice(spec, shape)
@@ -105,7 +105,8 @@ def merge_row_blocks(backend, spec: MethodSpec, plan: GtaPlan, base: torch.Tenso
 
     if plan is None and fused:
         def stock_work(start: int, piece: List[torch.Tensor]) -> Tuple[List[int], torch.Tensor]:
-            out, counts = backend.model_stock_rows(piece[0], piece[1:], max(row_numel, 1), out_dtype)
+            out, counts = backend.model_stock_rows(piece[0], piece[1:], max(row_numel, 1), out_dtype,
+                                                   out=output_buffer(allocate, piece[0].numel(), out_dtype))
             return counts, out
 
         return _emit_blocks(blocks, [base, *inputs], emit, stock_work, workers)

@@ -121,8 +121,10 @@ def test_pieces_are_written_into_the_allocated_buffers(method, backend):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_della_blocks_are_written_into_the_allocated_buffers(backend):
-    """DELLA's row blocks (merged on worker threads on the CPU) go into the lent buffers too."""
+@pytest.mark.parametrize("method, params", [("della", ALL_PARAMS["della"]), ("model_stock", dict(filter_wise=True))],
+                         ids=["della", "model_stock filter_wise"])
+def test_row_blocks_are_written_into_the_allocated_buffers(backend, method, params):
+    """Row blocks (merged on worker threads on the CPU) go into the lent buffers too."""
     device = _device_for(backend)
     base, tensors = _case(torch.bfloat16, device)
     lent = []
@@ -131,10 +133,10 @@ def test_della_blocks_are_written_into_the_allocated_buffers(backend):
         lent.append(torch.full((entries,), float("nan"), dtype=dtype, device=device))
         return lent[-1]
 
-    blocks = _streamed(base, tensors, "della", 1024, allocate=allocate, backend=backend, **ALL_PARAMS["della"])
+    blocks = _streamed(base, tensors, method, 1024, allocate=allocate, backend=backend, **params)
     assert len(blocks) == len(lent) > 1
     assert {b.data_ptr() for b in blocks} == {buffer.data_ptr() for buffer in lent}
-    expected = moefuse.merge_tensors(base, tensors, "della", backend=backend, **ALL_PARAMS["della"])
+    expected = moefuse.merge_tensors(base, tensors, method, backend=backend, **params)
     assert torch.equal(torch.cat(blocks).reshape(SHAPE), expected)
 
 
