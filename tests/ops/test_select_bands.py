@@ -82,6 +82,20 @@ def test_bad_bands_are_refused(merge_cpu, bands, message):
         merge_cpu.histogram_level1(base, [base], [0], 16, bands=bands)
 
 
+def test_bands_wider_than_the_share_limit_count_every_bin():
+    """Per model: narrow bands around its ranks, or EVERY_BIN where they would hold more than
+    MAX_BAND_SHARE of the prefix; None where no model has narrow bands."""
+    counts = torch.zeros(2, BINS, dtype=torch.int64)
+    counts[:, 1000:2000] = 100  # 100000 keys spread evenly over 1000 bins
+    n = 1_000_000
+    narrow = {0: [n // 2], 1: [n * k // 50 for k in range(1, 50)]}  # model 1: a rank every 2%
+    bands = select._bands(counts, narrow, [0, 1], n)
+    (lo, hi), = bands[0]
+    assert 1000 < lo < 1500 < hi < 2000 and hi - lo < 100, bands[0]
+    assert bands[1] == select.EVERY_BIN
+    assert select._bands(counts, {0: narrow[1], 1: narrow[1]}, [0, 1], n) is None
+
+
 def test_rank_bands_are_joined_where_they_touch():
     assert select._joined([(50, 60), (5, 9), (10, 20), (58, 70), (72, 80)]) == ((5, 20), (50, 70), (72, 80))
 
