@@ -15,6 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("histogram_level1", &moefuse::histogram_level1, nogil);
   m.def("histogram_level2", &moefuse::histogram_level2, nogil);
   m.def("chunk_counts", &moefuse::chunk_counts, nogil);
+  m.def("nth_key_index", &moefuse::nth_key_index, nogil);
   m.def("l1_norms", &moefuse::l1_norms, nogil);
   m.def("fused_gta", &moefuse::fused_gta, nogil);
   m.def("weighted_sum", &moefuse::weighted_sum, nogil);

@@ -698,6 +698,31 @@ at::Tensor chunk_counts(const at::Tensor& base, const std::vector<at::Tensor>& i
   return out;
 }
 
+std::tuple<int64_t, int64_t> nth_key_index(const at::Tensor& base, const at::Tensor& x, int64_t key, int64_t left) {
+  check_same(base, {x});
+  TORCH_CHECK(0 <= key && key <= INT32_MAX && left >= 0, "key must be a magnitude key and left non-negative");
+  const int64_t n = base.numel();
+  int64_t index = -1, found = 0;
+  MOEFUSE_DISPATCH_FLOAT(base.scalar_type(), "nth_key_index", [&] {
+    const scalar_t* b = base.data_ptr<scalar_t>();
+    const scalar_t* p = x.data_ptr<scalar_t>();
+    for (int64_t s = 0; s < n && index < 0; s += TILE) {
+      const int64_t len = std::min(TILE, n - s);
+      const int64_t count = key_count_tile(p + s, b + s, len, int32_t(key));
+      if (found + count <= left) {
+        found += count;
+        continue;
+      }
+      int32_t keys[TILE];
+      keys_tile(p + s, b + s, len, keys);
+      for (int64_t k = 0; k < len && index < 0; ++k) {
+        if (keys[k] == key && found++ == left) index = s + k;
+      }
+    }
+  });
+  return {index, found};
+}
+
 std::tuple<at::Tensor, at::Tensor> l1_norms(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
                                             const at::Tensor& rules_tensor, int64_t seed, int64_t offset,
                                             const std::vector<at::Tensor>& keeps, bool replay) {

@@ -20,6 +20,10 @@ at::Tensor histogram_level2(const at::Tensor& base, const std::vector<at::Tensor
                             const std::vector<int64_t>& prefixes);
 at::Tensor chunk_counts(const at::Tensor& base, const std::vector<at::Tensor>& inputs,
                         const std::vector<int64_t>& keys, int64_t chunk);
+// The flat index of the entry of rank `left` (0-based, in index order) among those whose magnitude
+// key is `key`, or -1 where there are not that many; and how many such entries were counted (up to
+// and including it, or all of them). One thread, stopping at the entry.
+std::tuple<int64_t, int64_t> nth_key_index(const at::Tensor& base, const at::Tensor& x, int64_t key, int64_t left);
 // `offset`: the flat index of the slice's first entry in the whole tensor (rank cuts, draws).
 // `keeps` (one uint8 buffer of ceil(n / 8) bytes per input, or none): l1_norms stores each
 // random keep decision there (bit j % 8 of byte j / 8), or with `replay` reads the decisions from

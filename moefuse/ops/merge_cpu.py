@@ -40,6 +40,12 @@ def chunk_counts(base, inputs, models: Sequence[int], keys: Sequence[int], chunk
     return _C.chunk_counts(base, [inputs[i] for i in models], list(keys), chunk)
 
 
+def nth_key_index(base: torch.Tensor, x: torch.Tensor, key: int, left: int) -> Tuple[int, int]:
+    """(flat index of the `left`-th (0-based) entry of x - base whose magnitude key is `key`, or -1;
+    the number of such entries counted: up to and including it, or all of them)."""
+    return _C.nth_key_index(base, x, key, left)
+
+
 RECORDS_RANDOM_KEEPS = True  # l1_norms records (or replays) random keep decisions; fused_gta replays them
 
 

@@ -19,7 +19,8 @@ Every pass walks the inputs in `Pieces` (moefuse.ops.pieces): histograms add up 
 per-range level-1 histograms come from the backend (one piece) or from groups of pieces.
 
 The result is a `Threshold(key, cut)`: an entry is among the top r iff
-`key_e > key or (key_e == key and index_e < cut)`. Backends supply three kernels:
+`key_e > key or (key_e == key and index_e < cut)`. Backends supply three kernels, and optionally
+a fourth:
 
     histogram_level1(base, inputs, models, range_size[, bands]) -> int64 [len(models), 32768], or
         counts per range [len(models), ceil(n / range_size), 32768] (range r: flat entries
@@ -31,6 +32,8 @@ The result is a `Threshold(key, cut)`: an entry is among the top r iff
         (low 16 bits of keys whose high bits equal the prefix; fp32 only)
     chunk_counts(base, inputs, models, keys, chunk) -> int64 [len(models), ceil(n / chunk)]
         (entries whose key equals the given key, per chunk of `chunk` flat entries)
+    nth_key_index(base, x, key, left) -> (flat index of the left-th entry whose key equals key,
+        or -1; the number of such entries counted)
 """
 
 from __future__ import annotations
@@ -275,8 +278,8 @@ def _nth_chunk(counts: torch.Tensor, left: int) -> Tuple[int, int]:
 def _cut_index(backend, pieces: Pieces, base: torch.Tensor, x: torch.Tensor, key: int, left: int,
                counts: torch.Tensor, chunk: int) -> int:
     """Flat index of the `left`-th (0-based) entry whose key equals `key`, given the number of
-    such entries in each chunk of `chunk` flat entries: the backend counts them per TIE_CHUNK
-    inside that chunk (a piece at a time), then one TIE_CHUNK is scanned here."""
+    such entries in each chunk of `chunk` flat entries: that chunk is searched a piece at a time
+    (`_nth_in_piece`)."""
     n = base.numel()
     index, left = _nth_chunk(counts, left)
     start, stop = index * chunk, min((index + 1) * chunk, n)
@@ -284,15 +287,26 @@ def _cut_index(backend, pieces: Pieces, base: torch.Tensor, x: torch.Tensor, key
     for first in range(start, stop, step):
         last = min(stop, first + step)
         piece_x, piece_base = pieces.read([x, base], first, last)
-        fine = backend.chunk_counts(piece_base, [piece_x], [0], [key], TIE_CHUNK).cpu()[0]
-        found = int(fine.sum())
-        if left < found:
-            sub, left = _nth_chunk(fine, left)
-            sub_start = sub * TIE_CHUNK
-            keys = magnitude_keys(piece_x[sub_start:sub_start + TIE_CHUNK] - piece_base[sub_start:sub_start + TIE_CHUNK])
-            positions = torch.nonzero(keys.cpu() == key).reshape(-1)
-            pieces.release(first, last)
-            return first + sub_start + int(positions[left])
-        left -= found
+        position, found = _nth_in_piece(backend, piece_base, piece_x, key, left)
         pieces.release(first, last)
+        if position is not None:
+            return first + position
+        left -= found
     raise AssertionError("tie counts and the data disagree")
+
+
+def _nth_in_piece(backend, base: torch.Tensor, x: torch.Tensor, key: int, left: int) -> Tuple[Optional[int], int]:
+    """(position of the `left`-th (0-based) entry of the piece whose key equals `key`, or None;
+    the number of such entries counted). The backend's `nth_key_index` scans for it where it has
+    one (the CPU); otherwise it counts them per TIE_CHUNK and one TIE_CHUNK is scanned here."""
+    if hasattr(backend, "nth_key_index"):
+        position, found = backend.nth_key_index(base, x, key, left)
+        return (position if position >= 0 else None), found
+    fine = backend.chunk_counts(base, [x], [0], [key], TIE_CHUNK).cpu()[0]
+    found = int(fine.sum())
+    if left >= found:
+        return None, found
+    sub, left = _nth_chunk(fine, left)
+    sub_start = sub * TIE_CHUNK
+    keys = magnitude_keys(x[sub_start:sub_start + TIE_CHUNK] - base[sub_start:sub_start + TIE_CHUNK])
+    return sub_start + int(torch.nonzero(keys.cpu() == key).reshape(-1)[left]), found

@@ -203,3 +203,22 @@ def test_small_tensors_and_other_backends_count_every_bin(merge_cpu, monkeypatch
         pass
 
     assert select._band_start(NoBands, 5000, range_size) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nth_key_index_finds_the_tied_entry_in_index_order(merge_cpu, dtype):
+    """Quantized deltas: many entries share each key; tiles of 1024 entries are crossed."""
+    generator = torch.Generator().manual_seed(3)
+    n = 5003
+    base = torch.randn(n, generator=generator).to(dtype)
+    x = (base.float() + 0.01 * torch.randint(-3, 4, (n,), generator=generator)).to(dtype)
+    keys = magnitude_keys(x - base)
+    key = int(keys[n // 2])
+    positions = torch.nonzero(keys == key).reshape(-1)
+    total = positions.numel()
+    for left in sorted({0, 1, total // 2, total - 1}):
+        assert merge_cpu.nth_key_index(base, x, key, left) == (int(positions[left]), left + 1)
+    assert merge_cpu.nth_key_index(base, x, key, total) == (-1, total)
+    absent = int(keys.max()) + 1
+    assert merge_cpu.nth_key_index(base, x, absent, 0) == (-1, 0)
+    assert merge_cpu.nth_key_index(base[:0], x[:0], key, 0) == (-1, 0)
