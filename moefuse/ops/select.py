@@ -12,8 +12,9 @@ order like |d|. The entry of descending rank r (ties by increasing flat index) i
    outside its bands (a prefix unlike the rest) is located again with every bin counted, so the
    result never depends on the guess.
 2. for fp32, a histogram of the low 16 bits inside the chosen level-1 bin,
-3. when the threshold key is shared by several entries, per-chunk counts of that key, then a
-   scan of one chunk, to find the flat index where the r-th entry sits.
+3. when the threshold key is shared by several entries, the counts of that key per level-1 range
+   (16-bit dtypes) or per chunk, then a scan of one range or chunk (`nth_key_index` where the
+   backend has it), to find the flat index where the r-th entry sits.
 
 Every pass walks the inputs in `Pieces` (moefuse.ops.pieces): histograms add up over pieces, and
 per-range level-1 histograms come from the backend (one piece) or from groups of pieces.

@@ -99,6 +99,17 @@ def test_pieces_are_cast_to_the_compute_dtype():
     assert torch.equal(torch.cat(pieces).reshape(SHAPE), expected)
 
 
+def _lender(device):
+    """(the buffers lent so far, an `allocate` that lends NaN-filled buffers on `device`)."""
+    lent = []
+
+    def allocate(entries, dtype):
+        lent.append(torch.full((entries,), float("nan"), dtype=dtype, device=device))
+        return lent[-1]
+
+    return lent, allocate
+
+
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "linear", "model_stock"])
 def test_pieces_are_written_into_the_allocated_buffers(method, backend):
@@ -107,12 +118,7 @@ def test_pieces_are_written_into_the_allocated_buffers(method, backend):
     base, tensors = _case(torch.bfloat16, device)
     method, base, tensors = _method_inputs(method, base, tensors)
     params = ALL_PARAMS[method]
-    lent = []
-
-    def allocate(entries, dtype):
-        lent.append(torch.full((entries,), float("nan"), dtype=dtype, device=device))
-        return lent[-1]
-
+    lent, allocate = _lender(device)
     pieces = _streamed(base, tensors, method, 1024, allocate=allocate, backend=backend, **params)
     assert len(pieces) == len(lent) == 4
     assert all(p.data_ptr() == buffer.data_ptr() and p.numel() == buffer.numel() for p, buffer in zip(pieces, lent))
@@ -127,12 +133,7 @@ def test_row_blocks_are_written_into_the_allocated_buffers(backend, method, para
     """Row blocks (merged on worker threads on the CPU) go into the lent buffers too."""
     device = _device_for(backend)
     base, tensors = _case(torch.bfloat16, device)
-    lent = []
-
-    def allocate(entries, dtype):
-        lent.append(torch.full((entries,), float("nan"), dtype=dtype, device=device))
-        return lent[-1]
-
+    lent, allocate = _lender(device)
     blocks = _streamed(base, tensors, method, 1024, allocate=allocate, backend=backend, **params)
     assert len(blocks) == len(lent) > 1
     assert {b.data_ptr() for b in blocks} == {buffer.data_ptr() for buffer in lent}
