@@ -22,7 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("model_stock_rows", &moefuse::model_stock_rows, nogil);
   m.def("della_keep", &moefuse::della_keep, nogil);
   m.def("gram", &moefuse::gram, py::arg("tensors"), py::arg("base") = py::none(), nogil);
-  m.def("expert_rows_linear", &moefuse::expert_rows_linear, nogil);
+  m.def("experts_linear", &moefuse::experts_linear, nogil);
   m.def("has_bf16_dot", &moefuse::has_bf16_dot);
   m.def("linear_assignment", &moefuse::linear_assignment_cpu, py::arg("cost"), py::arg("maximize"), nogil);
 #ifdef MOEFUSE_CUDA

@@ -1,4 +1,4 @@
-// CPU kernel of the grouped expert matmul for small batches (see moe_cpu.cpp).
+// CPU kernels of the grouped expert matmul (see moe_cpu.cpp).
 #pragma once
 
 #include <torch/extension.h>
@@ -12,8 +12,10 @@ bool has_bf16_dot();
 
 // For every expert e with 0 < counts[e] <= max_rows, its rows of x (consecutive, in expert
 // order) times weight[e]^T into the same rows of out; the other rows of out are left as they are.
-// bf16_dot: multiply bf16 rows with AVX512-BF16 dot products (needs has_bf16_dot()), else in fp32.
-void expert_rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::vector<int64_t>& counts,
-                        int64_t max_rows, at::Tensor& out, bool bf16_dot);
+// Experts with up to row_kernel_rows rows go through the row kernel, the others through the tile
+// kernel. bf16_dot: the row kernel multiplies bf16 rows with AVX512-BF16 dot products (needs
+// has_bf16_dot()), else in fp32.
+void experts_linear(const at::Tensor& x, const at::Tensor& weight, const std::vector<int64_t>& counts,
+                    int64_t row_kernel_rows, int64_t max_rows, at::Tensor& out, bool bf16_dot);
 
 }  // namespace moefuse

@@ -5,27 +5,33 @@ all rows and add them back into token order with one accumulating `index_put_`. 
 down projection is also rounded to it before weighting); no [T, E, H] tensor and no per-token
 weight copies.
 
-An expert with few rows (decoding) is bound by reading its weights, and a BLAS matmul first packs
-them: those experts go, all in one call, through the extension's row kernel
-(`moefuse._C.expert_rows_linear`), which streams each weight row once. Experts with more rows use
-one `torch.mm` each.
+A BLAS matmul first packs the weights into a layout of its own, a second pass over them. The
+extension's kernels (`moefuse._C.experts_linear`, all experts in one call) read them as stored:
+its row kernel, for experts with few rows (decoding, bound by reading the weights), streams each
+weight row once; its tile kernel, for experts with more rows in fp32 and fp16, multiplies tiles of
+4 rows by 4 weight rows. Experts with more rows in bf16 use one `torch.mm` each: oneDNN's bf16
+matmul beat the tile kernel there.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, Optional
+import sys
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-# Most rows per expert for which the row kernel beat torch.mm on the 2-core AMD EPYC (AVX-512,
-# AVX512-BF16) development machine, weights not in cache, one thread: fp32 1.2-2.2x up to 8 rows
-# (even at 16), bf16 1.5-2.6x up to 8 rows (even at 16), fp16 1.3-1.9x from 4 to 32 rows (torch's
-# fp16 matmul is slow on CPUs without native fp16; at one row the kernel is 0.7x). Without
-# AVX512-BF16 the kernel converts bf16 to fp32 and led only up to 3 rows.
-ROW_KERNEL_MAX_ROWS = {torch.float32: 12, torch.bfloat16: 12, torch.float16: 32}
+# Measured on the 2-core AMD EPYC (AVX-512, AVX512-BF16) development machine, weights not in cache,
+# one thread, 32 experts of [768, 512]:
+# - most rows per expert for which the row kernel beat the tile kernel: fp32 8 (1.6x at 2 rows,
+#   even at 8), fp16 6; and torch.mm in bf16: 12 (1.5-2.6x up to 8 rows, even at 12). Without
+#   AVX512-BF16 the row kernel converts bf16 to fp32 and led torch.mm only up to 3 rows.
+# - the tile kernel beat torch.mm from 4 rows on in fp32 (1.2-1.4x at 8 to 32 rows) and in fp16
+#   (1.5-2.2x: torch's fp16 matmul is slow on CPUs without native fp16), not in bf16 (0.6-0.8x).
+ROW_KERNEL_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 12, torch.float16: 6}
 ROW_KERNEL_MAX_ROWS_BF16_WITHOUT_DOT = 3
+TILE_KERNEL_DTYPES = (torch.float32, torch.float16)
 
 
 def grouped_moe_cpu(
@@ -42,8 +48,8 @@ def grouped_moe_cpu(
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=gate_up_proj.shape[0]).tolist()
     tokens = order // top_k
-    # SiLU(gate) * up is formed in place in the gate half; torch.mm reads that half with its row
-    # stride (the row kernel, for experts with few rows, copies it contiguous).
+    # SiLU(gate) * up is formed in place in the gate half, which the down projection reads with its
+    # row stride.
     projected = _experts_linear(hidden.index_select(0, tokens), gate_up_proj, counts)
     h = F.silu(projected[:, :inter], inplace=True).mul_(projected[:, inter:])
     y = _experts_linear(h, down_proj, counts)
@@ -57,27 +63,29 @@ def grouped_moe_cpu(
 def _experts_linear(x: torch.Tensor, weight: torch.Tensor, counts: List[int]) -> torch.Tensor:
     """out[rows of e] = x[rows of e] @ weight[e]^T for x's rows sorted by expert (counts[e] each)."""
     out = torch.empty(x.shape[0], weight.shape[1], dtype=x.dtype)
-    small = _row_kernel_limit(weight)
-    if small:
-        _row_kernel()(x, weight, counts, small, out, weight.dtype == torch.bfloat16 and _bf16_dot())
+    row_kernel_rows, kernel_rows = _kernel_limits(weight)
+    if kernel_rows:
+        _kernels()(x, weight, counts, row_kernel_rows, kernel_rows, out,
+                   weight.dtype == torch.bfloat16 and _bf16_dot())
     start = 0
     for expert, count in enumerate(counts):
         end = start + count
-        if count > small:
+        if count > kernel_rows:
             torch.mm(x[start:end], weight[expert].t(), out=out[start:end])
         start = end
     return out
 
 
-def _row_kernel_limit(weight: torch.Tensor) -> int:
-    """ROW_KERNEL_MAX_ROWS for weight's dtype, or 0 where the row kernel cannot run (no extension,
-    weight rows not contiguous)."""
+def _kernel_limits(weight: torch.Tensor) -> Tuple[int, int]:
+    """(most rows per expert for the row kernel, most rows for the extension's kernels) for
+    weight's dtype; (0, 0) where they cannot run (no extension, weight rows not contiguous)."""
     rows_contiguous = weight.stride(2) == 1 and weight.stride(1) == weight.shape[2]
-    if not rows_contiguous or _row_kernel() is None:
-        return 0
+    if not rows_contiguous or _kernels() is None or weight.dtype not in ROW_KERNEL_MAX_ROWS:
+        return 0, 0
     if weight.dtype == torch.bfloat16 and not _bf16_dot():
-        return ROW_KERNEL_MAX_ROWS_BF16_WITHOUT_DOT
-    return ROW_KERNEL_MAX_ROWS.get(weight.dtype, 0)
+        return ROW_KERNEL_MAX_ROWS_BF16_WITHOUT_DOT, ROW_KERNEL_MAX_ROWS_BF16_WITHOUT_DOT
+    row_kernel_rows = ROW_KERNEL_MAX_ROWS[weight.dtype]
+    return row_kernel_rows, sys.maxsize if weight.dtype in TILE_KERNEL_DTYPES else row_kernel_rows
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,10 +96,10 @@ def _bf16_dot() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _row_kernel() -> Optional[Callable]:
-    """`moefuse._C.expert_rows_linear`, or None when the extension was not built."""
+def _kernels() -> Optional[Callable]:
+    """`moefuse._C.experts_linear`, or None when the extension was not built."""
     try:
         from moefuse import _C
     except ImportError:
         return None
-    return _C.expert_rows_linear
+    return _C.experts_linear

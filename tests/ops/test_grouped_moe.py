@@ -94,43 +94,47 @@ def test_cpu_path_matches_reference(case, dtype):
     assert_moe_close(grouped_moe(*problem, backend="cpu"), grouped_moe_reference(*problem), ulps=3)
 
 
-@pytest.mark.parametrize("max_rows", [0, 2, 1000], ids=["matmul-only", "mixed", "row-kernel-only"])
+@pytest.mark.parametrize("limits", [(0, 0), (0, 2), (2, 2), (1, 3), (0, 1000), (1000, 1000)],
+                         ids=["matmul-only", "tiles-then-matmul", "rows-then-matmul", "rows-tiles-matmul",
+                              "tiles-only", "rows-only"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_cpu_row_kernel_and_matmul_split(case, dtype, max_rows, monkeypatch):
-    """Experts with few rows go through the extension's row kernel, the others through torch.mm:
-    either way, and mixed within one call, the result matches the reference."""
+def test_cpu_kernels_and_matmul_split(case, dtype, limits, monkeypatch):
+    """Experts with few rows go through the extension's row kernel, those with more through its
+    tile kernel or torch.mm: in any split, mixed within one call, the result matches the reference."""
     from moefuse.ops import grouped_moe_cpu
 
-    if grouped_moe_cpu._row_kernel() is None:
+    if grouped_moe_cpu._kernels() is None:
         pytest.fail("C++ extension missing")
-    monkeypatch.setitem(grouped_moe_cpu.ROW_KERNEL_MAX_ROWS, dtype, max_rows)
+    monkeypatch.setattr(grouped_moe_cpu, "_kernel_limits", lambda weight: limits)
     problem = [t.cpu() for t in _problem(case, dtype, seed=1)]
     assert_moe_close(grouped_moe(*problem, backend="cpu"), grouped_moe_reference(*problem), ulps=3)
 
 
-ROW_KERNEL_VARIANTS = [(torch.float32, False), (torch.float16, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+KERNEL_VARIANTS = [(torch.float32, False), (torch.float16, False), (torch.bfloat16, False), (torch.bfloat16, True)]
 
 
-@pytest.mark.parametrize("dtype,bf16_dot", ROW_KERNEL_VARIANTS, ids=["fp32", "fp16", "bf16-fp32", "bf16-dot"])
-@pytest.mark.parametrize("rows,n,k", [(1, 1, 1), (3, 5, 15), (4, 64, 16), (5, 67, 33), (9, 130, 1000)])
-def test_expert_rows_linear_kernel(dtype, bf16_dot, rows, n, k):
-    """The row kernel against an fp64 matmul: K and N off the vector and block sizes, more rows
-    than one pass takes, an expert with no rows, and rows of an expert above max_rows untouched;
-    bf16 both through fp32 and through AVX512-BF16 dot products (where the CPU has them)."""
+@pytest.mark.parametrize("tiles", [False, True], ids=["row-kernel", "tile-kernel"])
+@pytest.mark.parametrize("dtype,bf16_dot", KERNEL_VARIANTS, ids=["fp32", "fp16", "bf16-fp32", "bf16-dot"])
+@pytest.mark.parametrize("rows,n,k", [(1, 1, 1), (3, 5, 15), (4, 64, 16), (5, 67, 33), (9, 130, 1000), (13, 7, 0)])
+def test_experts_linear_kernels(dtype, bf16_dot, tiles, rows, n, k):
+    """The row and tile kernels against an fp64 matmul: K and N off the vector, tile and block
+    sizes, rows beyond a whole row group, an expert with no rows, rows of an expert above
+    max_rows untouched, x rows read with a stride, K = 0; bf16 both through fp32 and through
+    AVX512-BF16 dot products (where the CPU has them)."""
     from moefuse.ops import grouped_moe_cpu
 
-    kernel = grouped_moe_cpu._row_kernel()
-    if kernel is None:
+    kernels = grouped_moe_cpu._kernels()
+    if kernels is None:
         pytest.fail("C++ extension missing")
     if bf16_dot and not grouped_moe_cpu._bf16_dot():
         pytest.skip("this CPU has no AVX512-BF16")
-    generator = torch.Generator().manual_seed(rows * n * k)
+    generator = torch.Generator().manual_seed(rows * n * k + tiles)
     weight = torch.randn(4, n, k, generator=generator).to(dtype)
     counts = [rows, 0, 2, rows + 3]  # the last expert has more than max_rows = rows + 2 rows
-    x = torch.randn(sum(counts), k, generator=generator).to(dtype)
+    x = torch.randn(sum(counts), k + 3, generator=generator).to(dtype)[:, :k]  # rows k + 3 apart
     out = torch.full((sum(counts), n), 7.0, dtype=dtype)
-    kernel(x, weight, counts, rows + 2, out, bf16_dot)
+    kernels(x, weight, counts, 0 if tiles else rows + 2, rows + 2, out, bf16_dot)
     start = 0
     for expert, count in enumerate(counts[:3]):
         expected = (x[start:start + count].double() @ weight[expert].double().t()).to(dtype)
@@ -142,7 +146,7 @@ def test_expert_rows_linear_kernel(dtype, bf16_dot, rows, n, k):
 
 def test_cpu_path_with_transposed_expert_weights():
     """Weights stored [E, H, 2I] (transformers' is_transposed layout) are read through strided
-    views: the row kernel declines them and torch.mm runs."""
+    views: the extension's kernels decline them and torch.mm runs."""
     x, gate_up, down, ids, weights = [t.cpu() for t in _problem(CASES[1], torch.float32)]
     strided = [w.transpose(1, 2).contiguous().transpose(1, 2) for w in (gate_up, down)]
     assert_moe_close(grouped_moe(x, *strided, ids, weights, backend="cpu"),
