@@ -151,11 +151,13 @@ __attribute__((always_inline)) inline Floats reduce_lanes(const Floats* acc) {
   return fold<1>(two[0], two[1]);
 }
 
-// The same product as rows_times_weight (x rows ldx apart), in tiles of R x rows by ROW_GROUP
-// weight rows (a last partial tile repeats its last weight row and drops the extra sums). The
-// weight bytes PREFETCH_TILES tiles ahead are prefetched in order as a tile proceeds: reading
-// ROW_GROUP rows side by side, the hardware prefetcher alone kept up only half the bandwidth.
-template <int R, typename T>
+// The same product as rows_times_weight, in tiles of R x rows by ROW_GROUP weight rows (a last
+// partial tile repeats its last weight row and drops the extra sums). With Prefetch (the first
+// row group, which reads the weights from memory; the next ones find them in L2), the weight
+// bytes PREFETCH_TILES tiles ahead are prefetched in order as a tile proceeds: reading ROW_GROUP
+// rows side by side, the hardware prefetcher alone kept up with only half the bandwidth. On the
+// later row groups the prefetches would only take load slots (25% slower at 128 rows).
+template <int R, bool Prefetch, typename T>
 MOEFUSE_SIMD_CLONES void tile_times_weight(const float* x, int64_t ldx, const T* w, int64_t n_rows, int64_t k_size,
                                            T* y, int64_t ldy) {
   constexpr int64_t step_bytes = ROW_GROUP * LANES * sizeof(T);  // weight bytes read per step
@@ -166,7 +168,9 @@ MOEFUSE_SIMD_CLONES void tile_times_weight(const float* x, int64_t ldx, const T*
     Floats acc[LANES] = {};
     int64_t k = 0;
     for (; k + LANES <= k_size; k += LANES, ahead += step_bytes) {
-      MOEFUSE_UNROLL for (int64_t line = 0; line < step_bytes; line += 64) __builtin_prefetch(ahead + line);
+      if (Prefetch) {
+        MOEFUSE_UNROLL for (int64_t line = 0; line < step_bytes; line += 64) __builtin_prefetch(ahead + line);
+      }
       Floats wv[ROW_GROUP];
       MOEFUSE_UNROLL for (int j = 0; j < ROW_GROUP; ++j) wv[j] = load_floats(wn[j] + k);
       MOEFUSE_UNROLL for (int r = 0; r < R; ++r) {
@@ -293,7 +297,8 @@ void experts_linear(const at::Tensor& x, const at::Tensor& weight, const std::ve
           constexpr int R = decltype(group)::value;
           const int64_t row = first[e] + r;
           scalar_t* yb = y + row * ldy + n0;
-          if (tiles) return tile_times_weight<R>(xf + row * ldf, ldf, wb, n_rows, k_size, yb, ldy);
+          if (tiles && r == 0) return tile_times_weight<R, true>(xf + row * ldf, ldf, wb, n_rows, k_size, yb, ldy);
+          if (tiles) return tile_times_weight<R, false>(xf + row * ldf, ldf, wb, n_rows, k_size, yb, ldy);
 #ifdef MOEFUSE_BF16_DOT
           if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
             if (bf16_dot) return rows_times_weight_bf16_dot<R>(xs + row * ldx, ldx, wb, n_rows, k_size, yb, ldy);
