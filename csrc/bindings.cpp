@@ -23,6 +23,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("della_keep", &moefuse::della_keep, nogil);
   m.def("gram", &moefuse::gram, py::arg("tensors"), py::arg("base") = py::none(), nogil);
   m.def("experts_linear", &moefuse::experts_linear, nogil);
+  m.def("silu_mul_", &moefuse::silu_mul_, nogil);
+  m.def("combine_rows", &moefuse::combine_rows, nogil);
   m.def("has_bf16_dot", &moefuse::has_bf16_dot);
   m.def("linear_assignment", &moefuse::linear_assignment_cpu, py::arg("cost"), py::arg("maximize"), nogil);
 #ifdef MOEFUSE_CUDA

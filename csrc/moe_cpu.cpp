@@ -91,6 +91,44 @@ __attribute__((always_inline)) inline Floats load_floats_tail(const T* p, int64_
   return load_floats(padded);
 }
 
+// Stores the LANES floats of v at p, each rounded to T.
+template <typename T>
+__attribute__((always_inline)) inline void store_floats(T* p, Floats v) {
+  MOEFUSE_UNROLL for (int i = 0; i < LANES; ++i) p[i] = Elem<T>::cast(v[i]);
+}
+
+// To bf16 as round_to_bf16 does (nearest even, NaN -> 0x7FC0), on whole vectors.
+template <>
+__attribute__((always_inline)) inline void store_floats(c10::BFloat16* p, Floats v) {
+  Words bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const Words rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const Words nan = (Words)((bits & 0x7FFFFFFFu) > 0x7F800000u);
+  const Halves h = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), Halves);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+// e^x per lane: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative
+// error below 2e-7), 2^n from the exponent bits; 0 below -87.3, Inf above 88.3, NaN kept.
+__attribute__((always_inline)) inline Floats exp_lanes(Floats x) {
+  const Floats zero = {}, high = zero + 88.3f, low = zero - 87.3f;
+  const Floats finite = x == x ? (x > high ? high : (x < low ? low : x)) : zero;
+  const Floats n = (finite * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const Floats r = (finite - n * 0.693145752f) - n * 1.42860677e-6f;      // ln 2 in two parts
+  Floats p = zero + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const Lanes bits = (__builtin_convertvector(n, Lanes) + 127) << 23;
+  Floats scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const Floats e = p * scale;
+  return x == x ? (x > high ? zero + __builtin_inff() : (x < low ? zero : e)) : x;
+}
+
 // The sum of the lanes of v, added pairwise (a chain of LANES dependent scalar additions would
 // cost as much as the dot product it ends).
 __attribute__((always_inline)) inline float lane_sum(Floats v) {
@@ -222,6 +260,39 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_times_weight_bf
 
 #endif
 
+// gate[i] = round(silu(gate[i]) * up[i]) for i < count, silu(g) = g / (1 + e^-g), in fp32.
+template <typename T>
+MOEFUSE_SIMD_CLONES void silu_times_row(T* gate, const T* up, int64_t count) {
+  int64_t i = 0;
+  for (; i + LANES <= count; i += LANES) {
+    const Floats g = load_floats(gate + i);
+    store_floats(gate + i, g / (1.0f + exp_lanes(-g)) * load_floats(up + i));
+  }
+  if (i < count) {
+    const Floats g = load_floats_tail(gate + i, count - i);
+    T h[LANES];
+    store_floats(h, g / (1.0f + exp_lanes(-g)) * load_floats_tail(up + i, count - i));
+    std::memcpy(gate + i, h, (count - i) * sizeof(T));
+  }
+}
+
+// out[c] = round(sum_j weights[j] * rows[j][c]) for c < columns, j < k, summed in fp32 in order.
+template <typename T>
+MOEFUSE_SIMD_CLONES void weighted_row_sum(const T* const* rows, const float* weights, int64_t k, int64_t columns,
+                                          T* out) {
+  int64_t c = 0;
+  for (; c + LANES <= columns; c += LANES) {
+    Floats acc = {};
+    for (int64_t j = 0; j < k; ++j) acc += weights[j] * load_floats(rows[j] + c);
+    store_floats(out + c, acc);
+  }
+  for (; c < columns; ++c) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j < k; ++j) acc += weights[j] * Elem<T>::value(rows[j][c]);
+    out[c] = Elem<T>::cast(acc);
+  }
+}
+
 // Calls kernel(std::integral_constant<int, R>(), r) for consecutive groups [r, r + R) of `rows`
 // rows, R <= ROW_GROUP.
 template <typename Kernel>
@@ -306,6 +377,48 @@ void experts_linear(const at::Tensor& x, const at::Tensor& weight, const std::ve
 #endif
           rows_times_weight<R>(xf + row * ldf, ldf, wb, n_rows, k_size, yb, ldy);
         });
+      }
+    });
+  });
+}
+
+void silu_mul_(at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.device().is_cpu() && gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0,
+              "gate_up: a CPU tensor [R, 2I] with contiguous rows");
+  const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2, ld = gate_up.stride(0);
+  MOEFUSE_DISPATCH_FLOAT(gate_up.scalar_type(), "silu_mul_", [&] {
+    scalar_t* data = gate_up.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, inter)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) silu_times_row(data + r * ld, data + r * ld + inter, inter);
+    });
+  });
+}
+
+void combine_rows(const at::Tensor& y, const at::Tensor& positions, const at::Tensor& weights, at::Tensor& out) {
+  TORCH_CHECK(y.dim() == 2 && positions.dim() == 2 && weights.sizes() == positions.sizes() && out.dim() == 2,
+              "y [P, H], positions [T, k], weights [T, k], out [T, H]");
+  TORCH_CHECK(y.device().is_cpu() && positions.device().is_cpu() && weights.device().is_cpu() && out.device().is_cpu(),
+              "CPU tensors only");
+  TORCH_CHECK(y.scalar_type() == out.scalar_type() && positions.scalar_type() == at::kLong &&
+                  weights.scalar_type() == at::kFloat,
+              "y and out share a dtype, positions are int64, weights fp32");
+  TORCH_CHECK(out.size(0) == positions.size(0) && out.size(1) == y.size(1), "out must be [T, H]");
+  TORCH_CHECK(y.stride(1) == 1 && out.is_contiguous() && positions.is_contiguous() && weights.is_contiguous(),
+              "rows must be contiguous");
+  const int64_t tokens = out.size(0), k = positions.size(1), columns = y.size(1), pairs = y.size(0);
+  const int64_t* position = positions.data_ptr<int64_t>();
+  for (int64_t i = 0; i < tokens * k; ++i) {
+    TORCH_CHECK(position[i] >= 0 && position[i] < pairs, "position ", position[i], " is not a row of y");
+  }
+  MOEFUSE_DISPATCH_FLOAT(y.scalar_type(), "combine_rows", [&] {
+    const scalar_t* ys = y.data_ptr<scalar_t>();
+    const float* w = weights.data_ptr<float>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k * columns)), [&](int64_t t0, int64_t t1) {
+      std::vector<const scalar_t*> rows(k);
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t j = 0; j < k; ++j) rows[j] = ys + position[t * k + j] * y.stride(0);
+        weighted_row_sum(rows.data(), w + t * k, k, columns, o + t * columns);
       }
     });
   });

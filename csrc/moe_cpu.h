@@ -18,4 +18,12 @@ bool has_bf16_dot();
 void experts_linear(const at::Tensor& x, const at::Tensor& weight, const std::vector<int64_t>& counts,
                     int64_t row_kernel_rows, int64_t max_rows, at::Tensor& out, bool bf16_dot);
 
+// In place: gate_up[:, :I] = silu(gate_up[:, :I]) * gate_up[:, I:] for gate_up [R, 2I], computed
+// in fp32 and rounded once.
+void silu_mul_(at::Tensor& gate_up);
+
+// out[t] = sum_j weights[t, j] * y[positions[t, j]] for y [P, H], positions [T, k] (int64),
+// weights [T, k] (fp32), out [T, H]: summed in fp32 over j in order, rounded once.
+void combine_rows(const at::Tensor& y, const at::Tensor& positions, const at::Tensor& weights, at::Tensor& out);
+
 }  // namespace moefuse

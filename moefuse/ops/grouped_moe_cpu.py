@@ -1,6 +1,6 @@
 """CPU path of `grouped_moe`: sort the token-expert pairs by expert, gather each expert's tokens
-once, run the gate-up and the down projections into two preallocated sorted buffers, then weight
-all rows and add them back into token order with one accumulating `index_put_`. Same math as
+once, run the gate-up and the down projections into two preallocated sorted buffers (SiLU(gate) *
+up formed in place between them), then sum each token's k weighted rows. Same math as
 `grouped_moe_reference` (fp32 accumulation in the matmuls, the intermediate in the input dtype; the
 down projection is also rounded to it before weighting); no [T, E, H] tensor and no per-token
 weight copies.
@@ -10,14 +10,17 @@ extension's kernels (`moefuse._C.experts_linear`, all experts in one call) read 
 its row kernel, for experts with few rows (decoding, bound by reading the weights), streams each
 weight row once; its tile kernel, for experts with more rows in fp32 and fp16, multiplies tiles of
 4 rows by 4 weight rows. Experts with more rows in bf16 use one `torch.mm` each: oneDNN's bf16
-matmul beat the tile kernel there.
+matmul beat the tile kernel there. The extension also forms SiLU(gate) * up in one pass
+(`silu_mul_`) and gathers each token's rows for the weighted sum (`combine_rows`, no scatter);
+without it, torch ops do both.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable, List, Optional, Tuple
+from types import ModuleType
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,17 +50,10 @@ def grouped_moe_cpu(
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=gate_up_proj.shape[0]).tolist()
-    tokens = order // top_k
-    # SiLU(gate) * up is formed in place in the gate half, which the down projection reads with its
-    # row stride.
-    projected = _experts_linear(hidden.index_select(0, tokens), gate_up_proj, counts)
-    h = F.silu(projected[:, :inter], inplace=True).mul_(projected[:, inter:])
-    y = _experts_linear(h, down_proj, counts)
-    del projected, h
-    weights = topk_weights.reshape(-1).index_select(0, order).float()
-    out = torch.zeros(hidden.shape, dtype=torch.float32)
-    out.index_put_((tokens,), y.float().mul_(weights[:, None]), accumulate=True)
-    return out.to(hidden.dtype)
+    projected = _experts_linear(hidden.index_select(0, order // top_k), gate_up_proj, counts)
+    y = _experts_linear(_silu_mul(projected, inter), down_proj, counts)
+    del projected
+    return _combine(y, order, topk_weights)
 
 
 def _experts_linear(x: torch.Tensor, weight: torch.Tensor, counts: List[int]) -> torch.Tensor:
@@ -65,8 +61,8 @@ def _experts_linear(x: torch.Tensor, weight: torch.Tensor, counts: List[int]) ->
     out = torch.empty(x.shape[0], weight.shape[1], dtype=x.dtype)
     row_kernel_rows, kernel_rows = _kernel_limits(weight)
     if kernel_rows:
-        _kernels()(x, weight, counts, row_kernel_rows, kernel_rows, out,
-                   weight.dtype == torch.bfloat16 and _bf16_dot())
+        _extension().experts_linear(x, weight, counts, row_kernel_rows, kernel_rows, out,
+                                    weight.dtype == torch.bfloat16 and _bf16_dot())
     start = 0
     for expert, count in enumerate(counts):
         end = start + count
@@ -76,11 +72,39 @@ def _experts_linear(x: torch.Tensor, weight: torch.Tensor, counts: List[int]) ->
     return out
 
 
+def _silu_mul(projected: torch.Tensor, inter: int) -> torch.Tensor:
+    """SiLU(gate) * up for projected = [gate, up] [R, 2I], formed in place in the gate half (a view
+    of it is returned, which the down projection reads with its row stride)."""
+    extension = _extension()
+    if extension is not None and projected.dtype in ROW_KERNEL_MAX_ROWS:
+        extension.silu_mul_(projected)  # one pass, rounded once
+    else:
+        F.silu(projected[:, :inter], inplace=True).mul_(projected[:, inter:])
+    return projected[:, :inter]
+
+
+def _combine(y: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_j w_tj * y[row of pair (t, j)] for y's rows in `order` (pairs sorted by
+    expert), summed in fp32 and rounded once to y's dtype."""
+    tokens, top_k = topk_weights.shape
+    extension = _extension()
+    if extension is not None and y.dtype in ROW_KERNEL_MAX_ROWS:  # gathers each token's k rows
+        positions = torch.empty_like(order)
+        positions[order] = torch.arange(order.numel())
+        out = torch.empty(tokens, y.shape[1], dtype=y.dtype)
+        extension.combine_rows(y, positions.view(tokens, top_k), topk_weights.float().contiguous(), out)
+        return out
+    weights = topk_weights.reshape(-1).index_select(0, order).float()
+    out = torch.zeros(tokens, y.shape[1], dtype=torch.float32)
+    out.index_put_((order // top_k,), y.float().mul_(weights[:, None]), accumulate=True)
+    return out.to(y.dtype)
+
+
 def _kernel_limits(weight: torch.Tensor) -> Tuple[int, int]:
     """(most rows per expert for the row kernel, most rows for the extension's kernels) for
     weight's dtype; (0, 0) where they cannot run (no extension, weight rows not contiguous)."""
     rows_contiguous = weight.stride(2) == 1 and weight.stride(1) == weight.shape[2]
-    if not rows_contiguous or _kernels() is None or weight.dtype not in ROW_KERNEL_MAX_ROWS:
+    if not rows_contiguous or _extension() is None or weight.dtype not in ROW_KERNEL_MAX_ROWS:
         return 0, 0
     if weight.dtype == torch.bfloat16 and not _bf16_dot():
         return ROW_KERNEL_MAX_ROWS_BF16_WITHOUT_DOT, ROW_KERNEL_MAX_ROWS_BF16_WITHOUT_DOT
@@ -90,16 +114,14 @@ def _kernel_limits(weight: torch.Tensor) -> Tuple[int, int]:
 
 @functools.lru_cache(maxsize=None)
 def _bf16_dot() -> bool:
-    from moefuse import _C
-
-    return _C.has_bf16_dot()
+    return _extension().has_bf16_dot()
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels() -> Optional[Callable]:
-    """`moefuse._C.experts_linear`, or None when the extension was not built."""
+def _extension() -> Optional[ModuleType]:
+    """`moefuse._C`, or None when the extension was not built."""
     try:
         from moefuse import _C
     except ImportError:
         return None
-    return _C.experts_linear
+    return _C

@@ -104,7 +104,7 @@ def test_cpu_kernels_and_matmul_split(case, dtype, limits, monkeypatch):
     tile kernel or torch.mm: in any split, mixed within one call, the result matches the reference."""
     from moefuse.ops import grouped_moe_cpu
 
-    if grouped_moe_cpu._kernels() is None:
+    if grouped_moe_cpu._extension() is None:
         pytest.fail("C++ extension missing")
     monkeypatch.setattr(grouped_moe_cpu, "_kernel_limits", lambda weight: limits)
     problem = [t.cpu() for t in _problem(case, dtype, seed=1)]
@@ -124,8 +124,8 @@ def test_experts_linear_kernels(dtype, bf16_dot, tiles, rows, n, k):
     AVX512-BF16 dot products (where the CPU has them)."""
     from moefuse.ops import grouped_moe_cpu
 
-    kernels = grouped_moe_cpu._kernels()
-    if kernels is None:
+    extension = grouped_moe_cpu._extension()
+    if extension is None:
         pytest.fail("C++ extension missing")
     if bf16_dot and not grouped_moe_cpu._bf16_dot():
         pytest.skip("this CPU has no AVX512-BF16")
@@ -134,7 +134,7 @@ def test_experts_linear_kernels(dtype, bf16_dot, tiles, rows, n, k):
     counts = [rows, 0, 2, rows + 3]  # the last expert has more than max_rows = rows + 2 rows
     x = torch.randn(sum(counts), k + 3, generator=generator).to(dtype)[:, :k]  # rows k + 3 apart
     out = torch.full((sum(counts), n), 7.0, dtype=dtype)
-    kernels(x, weight, counts, 0 if tiles else rows + 2, rows + 2, out, bf16_dot)
+    extension.experts_linear(x, weight, counts, 0 if tiles else rows + 2, rows + 2, out, bf16_dot)
     start = 0
     for expert, count in enumerate(counts[:3]):
         expected = (x[start:start + count].double() @ weight[expert].double().t()).to(dtype)
@@ -142,6 +142,67 @@ def test_experts_linear_kernels(dtype, bf16_dot, tiles, rows, n, k):
                                    atol=1e-2 if dtype != torch.float32 else 1e-4)
         start += count
     assert bool((out[start:] == 7.0).all())
+
+
+def _extension_or_fail():
+    from moefuse.ops import grouped_moe_cpu
+
+    extension = grouped_moe_cpu._extension()
+    if extension is None:
+        pytest.fail("C++ extension missing")
+    return extension
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("rows,inter", [(0, 8), (1, 1), (3, 17), (5, 64), (2, 1000)])
+def test_silu_mul_kernel(dtype, rows, inter):
+    """silu_mul_ against torch's SiLU(gate) * up in fp64 rounded once: inter off the vector size,
+    rows with a stride, large and tiny gates, +-Inf, NaN and signed zeros. Results below the
+    normal range may come out as zero (e^-g overflows for g < -88)."""
+    generator = torch.Generator().manual_seed(rows * inter)
+    buffer = torch.randn(rows, 2 * inter + 5, generator=generator) * 4
+    if buffer.numel():
+        specials = torch.tensor([0.0, -0.0, 80.0, -80.0, 100.0, -100.0, 1e-30, float("inf"), float("-inf"),
+                                 float("nan")])
+        buffer.view(-1)[:len(specials)] = specials[:buffer.numel()]
+    gate_up = buffer.to(dtype)[:, :2 * inter]  # rows 2I + 5 apart
+    gate, up = gate_up[:, :inter].double(), gate_up[:, inter:].double()
+    expected = (torch.nn.functional.silu(gate) * up).to(dtype)
+    _extension_or_fail().silu_mul_(gate_up)
+    torch.testing.assert_close(gate_up[:, :inter], expected, rtol=2e-6 if dtype == torch.float32 else 0,
+                               atol=torch.finfo(dtype).tiny, equal_nan=True)
+    assert torch.equal(gate_up[:, inter:].double(), up)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("tokens,top_k,hidden", [(0, 2, 16), (1, 1, 1), (5, 3, 17), (9, 8, 64)])
+def test_combine_rows_kernel(dtype, tokens, top_k, hidden):
+    """combine_rows against an fp64 weighted sum of the gathered rows, rounded once."""
+    generator = torch.Generator().manual_seed(tokens * top_k * hidden)
+    y = torch.randn(tokens * top_k, hidden, generator=generator).to(dtype)
+    positions = torch.randperm(tokens * top_k, generator=generator).view(tokens, top_k)
+    weights = torch.rand(tokens, top_k, generator=generator)
+    out = torch.full((tokens, hidden), 7.0, dtype=dtype)
+    _extension_or_fail().combine_rows(y, positions, weights, out)
+    expected = (y.double()[positions] * weights.double()[..., None]).sum(1).to(dtype)
+    torch.testing.assert_close(out, expected, rtol=1e-6 if dtype == torch.float32 else 0, atol=1e-6 if dtype == torch.float32 else 0)
+
+
+def test_combine_rows_refuses_positions_outside_y():
+    y = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="position 4 is not a row of y"):
+        _extension_or_fail().combine_rows(y, torch.tensor([[0, 4]]), torch.ones(1, 2), torch.empty(1, 8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", CASES[:3], ids=CASE_IDS[:3])
+def test_cpu_path_without_the_extension(case, dtype, monkeypatch):
+    """Without moefuse._C the CPU path runs on torch ops alone (torch.mm, SiLU, index_put_)."""
+    from moefuse.ops import grouped_moe_cpu
+
+    monkeypatch.setattr(grouped_moe_cpu, "_extension", lambda: None)
+    problem = [t.cpu() for t in _problem(case, dtype, seed=2)]
+    assert_moe_close(grouped_moe(*problem, backend="cpu"), grouped_moe_reference(*problem), ulps=3)
 
 
 def test_cpu_path_with_transposed_expert_weights():
