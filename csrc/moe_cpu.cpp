@@ -13,7 +13,9 @@
 //   ROW_GROUP rows of x by ROW_GROUP weight rows keeps 16 vector accumulators of partial dot
 //   products along K (8 vector loads per 16 multiply-adds), and one transposing reduction turns
 //   them into the tile's 16 sums; in fp32.
-// Work is split over (expert, block of weight rows) on torch's thread pool.
+// Work is split over (expert, block of weight rows) on torch's thread pool. Around the two
+// projections, silu_mul_ forms SiLU(gate) * up in one pass and combine_rows sums each token's
+// weighted expert rows (a gather per token: no scatter, no atomics).
 
 #include "moe_cpu.h"
 #include "elem.h"
@@ -352,10 +354,11 @@ void experts_linear(const at::Tensor& x, const at::Tensor& weight, const std::ve
   bool tiles_run = false;
   for (int64_t e = 0; e < experts; ++e) tiles_run |= counts[e] > row_kernel_rows && counts[e] <= max_rows;
   const auto x_float = x_rows.scalar_type() == at::kFloat || (bf16_dot && !tiles_run) ? x_rows : x_rows.to(at::kFloat);
-  const int64_t ldx = x_rows.stride(0), ldf = x_float.stride(0), ldy = out.stride(0);
+  [[maybe_unused]] const int64_t ldx = x_rows.stride(0);
+  const int64_t ldf = x_float.stride(0), ldy = out.stride(0);
   MOEFUSE_DISPATCH_FLOAT(x.scalar_type(), "experts_linear", [&] {
     const scalar_t* w = weight.data_ptr<scalar_t>();
-    const scalar_t* xs = x_rows.data_ptr<scalar_t>();
+    [[maybe_unused]] const scalar_t* xs = x_rows.data_ptr<scalar_t>();  // for the bf16 dot products
     const float* xf = x_float.scalar_type() == at::kFloat ? x_float.data_ptr<float>() : nullptr;
     scalar_t* y = out.data_ptr<scalar_t>();
     at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t i0, int64_t i1) {
@@ -405,7 +408,7 @@ void combine_rows(const at::Tensor& y, const at::Tensor& positions, const at::Te
   TORCH_CHECK(out.size(0) == positions.size(0) && out.size(1) == y.size(1), "out must be [T, H]");
   TORCH_CHECK(y.stride(1) == 1 && out.is_contiguous() && positions.is_contiguous() && weights.is_contiguous(),
               "rows must be contiguous");
-  const int64_t tokens = out.size(0), k = positions.size(1), columns = y.size(1), pairs = y.size(0);
+  const int64_t tokens = out.size(0), k = positions.size(1), columns = y.size(1), pairs = y.size(0), ldy = y.stride(0);
   const int64_t* position = positions.data_ptr<int64_t>();
   for (int64_t i = 0; i < tokens * k; ++i) {
     TORCH_CHECK(position[i] >= 0 && position[i] < pairs, "position ", position[i], " is not a row of y");
@@ -414,10 +417,11 @@ void combine_rows(const at::Tensor& y, const at::Tensor& positions, const at::Te
     const scalar_t* ys = y.data_ptr<scalar_t>();
     const float* w = weights.data_ptr<float>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k * columns)), [&](int64_t t0, int64_t t1) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k * columns));  // tokens per task
+    at::parallel_for(0, tokens, grain, [&](int64_t t0, int64_t t1) {
       std::vector<const scalar_t*> rows(k);
       for (int64_t t = t0; t < t1; ++t) {
-        for (int64_t j = 0; j < k; ++j) rows[j] = ys + position[t * k + j] * y.stride(0);
+        for (int64_t j = 0; j < k; ++j) rows[j] = ys + position[t * k + j] * ldy;
         weighted_row_sum(rows.data(), w + t * k, k, columns, o + t * columns);
       }
     });

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 # - most rows per expert for which the row kernel beat the tile kernel: fp32 8 (1.6x at 2 rows,
 #   even at 8), fp16 6; and torch.mm in bf16: 12 (1.5-2.6x up to 8 rows, even at 12). Without
 #   AVX512-BF16 the row kernel converts bf16 to fp32 and led torch.mm only up to 3 rows.
-# - the tile kernel beat torch.mm from 4 rows on in fp32 (1.2-1.4x at 8 to 32 rows) and in fp16
-#   (1.5-2.2x: torch's fp16 matmul is slow on CPUs without native fp16), not in bf16 (0.6-0.8x).
+# - the tile kernel beat torch.mm from 4 rows on in fp32 (1.2-1.5x at 8 to 32 rows) and in fp16
+#   (1.5-2.2x: torch's fp16 matmul is slow on CPUs without native fp16), not in bf16: 0.6-0.8x
+#   converting to fp32, 0.9-1.0x in a version with AVX512-BF16 dot products (not kept).
 ROW_KERNEL_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 12, torch.float16: 6}
 ROW_KERNEL_MAX_ROWS_BF16_WITHOUT_DOT = 3
 TILE_KERNEL_DTYPES = (torch.float32, torch.float16)
