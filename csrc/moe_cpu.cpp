@@ -99,7 +99,8 @@ __attribute__((always_inline)) inline void store_floats(T* p, Floats v) {
   MOEFUSE_UNROLL for (int i = 0; i < LANES; ++i) p[i] = Elem<T>::cast(v[i]);
 }
 
-// To bf16 as round_to_bf16 does (nearest even, NaN -> 0x7FC0), on whole vectors.
+// To bf16 as round_to_bf16 does (nearest even, NaN -> 0x7FC0), on whole vectors: GCC did not
+// vectorize the per-lane casts (combine_rows of 4096 bf16 rows: 0.52 ms with them, 0.20 ms with this).
 template <>
 __attribute__((always_inline)) inline void store_floats(c10::BFloat16* p, Floats v) {
   Words bits;

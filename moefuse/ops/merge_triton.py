@@ -138,8 +138,8 @@ def model_stock_rows(base: torch.Tensor, inputs: Sequence[torch.Tensor], row_len
     """Filter-wise Model Stock of whole rows of row_length entries: each row's Gram matrix of task
     vectors (exact fp64 products, fp64 sums), its factor t (`model_stock_t`), then
     out = (1 - t) base + sum_i (t / N) x_i in fp32 (into `out` where given); and the NaN/Inf
-    counts of the base and each input. The Gram tiles are summed for GRAM_PARTIAL_ENTRIES fp64 values at a time (short rows
-    would otherwise take far more memory in partial sums than in data)."""
+    counts of the base and each input. The Gram tiles are summed for GRAM_PARTIAL_ENTRIES fp64
+    values at a time (short rows would otherwise take far more memory in partial sums than in data)."""
     base, *inputs = _prepared([base, *inputs])
     rows = base.numel() // row_length
     partials_per_row = len(inputs) ** 2 * -(-row_length // kernels.BLOCK)

@@ -167,7 +167,8 @@ def _bands(counts: torch.Tensor, ranks: Dict[int, List[int]], models: List[int],
 
 
 def _level1(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], models: List[int], pieces: Pieces,
-            ranks: Optional[Dict[int, List[int]]]) -> Tuple[torch.Tensor, Optional[RangeCounts], int, Optional[List[Bands]]]:
+            ranks: Optional[Dict[int, List[int]]]
+            ) -> Tuple[torch.Tensor, Optional[RangeCounts], int, Optional[List[Bands]]]:
     """Level-1 histograms: totals [models, bins] and, when the backend gives them, per-range
     counts over ranges of `range_size` flat entries. With `ranks` (model -> its ranks) and a
     backend that counts bands, entries past `_band_start` are counted only in each model's bands
