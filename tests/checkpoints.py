@@ -24,12 +24,13 @@ def tiny_config(architecture: str = "llama", tied: bool = False, layers: int = 2
 
 
 def save_variants(root: Path, architecture: str = "llama", count: int = 3, tied: bool = False,
-                  dtype: torch.dtype = torch.float32, shard_size: str = "40KB", seed: int = 0) -> List[Path]:
+                  dtype: torch.dtype = torch.float32, shard_size: str = "40KB", seed: int = 0,
+                  layers: int = 2) -> List[Path]:
     """A base checkpoint and `count - 1` fine-tune-like variants (base + small noise), saved as
     sharded safetensors under `root`; returns their folders, base first."""
     _, model_class = ARCHITECTURES[architecture]
     torch.manual_seed(seed)
-    model = model_class(tiny_config(architecture, tied)).to(dtype)
+    model = model_class(tiny_config(architecture, tied, layers)).to(dtype)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     folders = []
     for index in range(count):

@@ -83,3 +83,13 @@ def assert_merge_close(actual: torch.Tensor, expected: torch.Tensor, exclude=Non
         assert_close_fp32(actual, expected, exclude=exclude)
     else:
         assert_close_ulp(actual, expected, ulps, exclude=exclude, scale=scale)
+
+
+def method_operands(method: str, base, tensors):
+    """(base, tensors) as `method` takes them: no base for linear and passthrough, one model for
+    slerp and passthrough."""
+    from moefuse.methods import get_method
+
+    spec = get_method(method)
+    tensors = list(tensors) if spec.max_models is None else list(tensors)[:spec.max_models]
+    return (base if spec.needs_base else None), tensors

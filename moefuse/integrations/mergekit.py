@@ -199,8 +199,8 @@ def _hook_for(method: Any) -> Optional[Tuple[str, Callable]]:
         "model_stock": (FunctionalGroupMergeMethod, _merge_group),
         "linear": (BatchedMergeMethod, _merge_linear),
         "slerp": (BatchedMergeMethod, _merge_slerp),
-    }[spec.family]
-    return ("implementation", functools.partial(run, spec)) if isinstance(method, kind) else None
+    }.get(spec.family, (None, None))  # passthrough (a copy) is left to mergekit
+    return ("implementation", functools.partial(run, spec)) if kind and isinstance(method, kind) else None
 
 
 def _same_parameters(theirs: Any, ours: MethodSpec) -> bool:

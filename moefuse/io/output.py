@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 
@@ -50,13 +50,15 @@ def atomic_output_dir(out_dir: os.PathLike, overwrite: bool = False) -> Iterator
         partial.rename(out)
 
 
-def copy_model_files(config_source: Path, tokenizer_source: Path, dest: Path, dtype: Optional[torch.dtype]) -> None:
-    """Copy config.json (with the output dtype) and generation_config.json from
-    `config_source`, and the tokenizer files found in `tokenizer_source`."""
+def copy_model_files(config_source: Path, tokenizer_source: Path, dest: Path, dtype: Optional[torch.dtype],
+                     updates: Optional[Dict[str, Any]] = None) -> None:
+    """Copy config.json (with the output dtype and `updates` applied) and generation_config.json
+    from `config_source`, and the tokenizer files found in `tokenizer_source`."""
     config_path = Path(config_source) / "config.json"
     if config_path.exists():
         config = json.loads(config_path.read_text())
         config.pop("quantization_config", None)
+        config.update(updates or {})
         if dtype in DTYPE_CONFIG_NAMES:
             config["dtype"] = DTYPE_CONFIG_NAMES[dtype]
             if "torch_dtype" in config:  # the older name, still read by older transformers

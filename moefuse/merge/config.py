@@ -1,7 +1,7 @@
 """Merge configuration: mergekit's YAML for the methods moefuse implements.
 
-Accepted keys: `merge_method`, `base_model`, `models` (each `model` plus optional `parameters`),
-`parameters`, `dtype`, `out_dtype`, `tokenizer_source` (`base` or a model path),
+Accepted keys: `merge_method`, `base_model`, `models` (each `model` plus optional `parameters`) or
+`slices` (see below), `parameters`, `dtype`, `out_dtype`, `tokenizer_source` (`base` or a model path),
 `tokenizer: {source: ...}`, `name`, `align` (true: match each model's FFN neurons to the base, or the
 first model, layer by layer before merging; see moefuse.moe.align). Models are local folders (no hub downloads). A parameter
 value is a number/bool/string; a list of numbers (a gradient over the layers, interpolated at
@@ -9,6 +9,15 @@ t = layer / (layers - 1), t = 0 outside the layer stack); or a list of `{filter,
 conditions, the first whose filter is a substring of the tensor name (or `*`/absent) applying.
 A model's own parameters take precedence over the global ones; a per-model parameter may be set
 globally for all models.
+
+`slices` (mergekit's layer slices) build the output's layer stack slice by slice, in order: each
+slice lists `sources` (`model`, `layer_range: [start, stop)`, optional `parameters`), all of the same
+length, and optionally its own `base_model` and `parameters`. Output layer `offset + i` of a slice
+merges layer `start + i` of each source; gradients run over each slice (t = i / (length - 1), 1 for
+a one-layer slice). Precedence: a source's parameters, then its slice's, then the global ones. The
+tensors outside the layer stack come from the first slice's sources (embeddings) or the last
+slice's (final norm, LM head), at t = 0. With `passthrough` (one source per slice), slices of
+different models make a "frankenmerge" with a new number of layers.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Type, Union
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import yaml
@@ -25,11 +34,12 @@ from moefuse.errors import MergeConfigError, MoefuseError
 from moefuse.methods import get_method
 
 TOP_LEVEL_KEYS = (
-    "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+    "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
     "tokenizer_source", "tokenizer", "name", "align",
 )
+SLICE_KEYS = ("sources", "base_model", "parameters")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
 UNSUPPORTED_KEYS = {
-    "slices": "layer slices (passthrough / frankenmerges) are not supported yet; list whole models under 'models'",
     "modules": "multi-module configurations are not supported yet; list whole models under 'models'",
     "chat_template": "setting a chat template is not supported yet; edit tokenizer_config.json after merging",
 }
@@ -46,15 +56,42 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class SliceSource:
+    """Layers [layer_range[0], layer_range[1]) of one model."""
+
+    path: Path
+    layer_range: Tuple[int, int]
+    parameters: Dict[str, Setting] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    """A run of output layers merged from `sources` (each of the same length)."""
+
+    sources: Tuple[SliceSource, ...]
+    base_model: Optional[Path] = None
+    parameters: Dict[str, Setting] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.sources[0].length
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     merge_method: str
-    models: List[ModelEntry]
+    models: List[ModelEntry]  # empty when the config gives `slices`
     base_model: Optional[Path] = None
     parameters: Dict[str, Setting] = field(default_factory=dict)
     dtype: Optional[torch.dtype] = None
     out_dtype: Optional[torch.dtype] = None
     tokenizer_source: Optional[Path] = None  # None: the base model (or the first model)
     align: bool = False  # permute each model's FFN neurons to match the reference before merging
+    slices: Tuple[OutputSlice, ...] = ()  # the layer stack, slice by slice (empty: whole `models`)
 
 
 def checkpoint_dtype(model_config: dict) -> Optional[torch.dtype]:
@@ -118,22 +155,13 @@ def parse_config(source: Union[str, os.PathLike, dict]) -> MergeConfig:
         raise MergeConfigError("config: 'merge_method' is required")
     spec = get_method(data["merge_method"])
 
-    models = []
-    for i, entry in enumerate(data.get("models") or []):
-        if isinstance(entry, str):
-            entry = {"model": entry}
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise MergeConfigError(f"config: models[{i}] must be a mapping with a 'model' key, got {entry!r}")
-        extra = sorted(set(entry) - {"model", "parameters"})
-        if extra:
-            raise MergeConfigError(f"config: models[{i}] has unknown key(s) {', '.join(extra)}; valid: model, parameters")
-        models.append(ModelEntry(_model_path(entry["model"], f"models[{i}].model"),
-                                 _parameters(entry.get("parameters"), f"models[{i}].parameters")))
-    if not models:
-        raise MergeConfigError("config: 'models' must list at least one model")
+    if data.get("models") and data.get("slices"):
+        raise MergeConfigError("config: give either 'models' or 'slices', not both")
+    models = [] if data.get("slices") else _models(data.get("models"))
+    slices = _slices(data.get("slices")) if data.get("slices") else ()
 
     base = _model_path(data["base_model"], "base_model") if data.get("base_model") is not None else None
-    if spec.needs_base and base is None:
+    if spec.needs_base and base is None and (not slices or any(piece.base_model is None for piece in slices)):
         raise MergeConfigError(f"config: merge_method '{spec.name}' needs a 'base_model'")
 
     tokenizer_source = data.get("tokenizer_source")
@@ -147,8 +175,11 @@ def parse_config(source: Union[str, os.PathLike, dict]) -> MergeConfig:
     align = data.get("align", False)
     if not isinstance(align, bool):
         raise MergeConfigError(f"config: 'align' must be true or false, got {align!r}")
+    if align and slices:
+        raise MergeConfigError("config: 'align: true' works with 'models' only, not with 'slices'")
     return MergeConfig(
         align=align,
+        slices=slices,
         merge_method=spec.name,
         models=models,
         base_model=base,
@@ -157,6 +188,72 @@ def parse_config(source: Union[str, os.PathLike, dict]) -> MergeConfig:
         out_dtype=parse_dtype(data.get("out_dtype"), "out_dtype"),
         tokenizer_source=None if tokenizer_source in (None, "base") else _model_path(tokenizer_source, "tokenizer_source"),
     )
+
+
+def _models(listed: Any) -> List[ModelEntry]:
+    models = []
+    for i, entry in enumerate(listed or []):
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise MergeConfigError(f"config: models[{i}] must be a mapping with a 'model' key, got {entry!r}")
+        extra = sorted(set(entry) - {"model", "parameters"})
+        if extra:
+            raise MergeConfigError(f"config: models[{i}] has unknown key(s) {', '.join(extra)}; valid: model, parameters")
+        models.append(ModelEntry(_model_path(entry["model"], f"models[{i}].model"),
+                                 _parameters(entry.get("parameters"), f"models[{i}].parameters")))
+    if not models:
+        raise MergeConfigError("config: 'models' (or 'slices') must list at least one model")
+    return models
+
+
+def _mapping(value: Any, where: str, keys: Tuple[str, ...]) -> dict:
+    """`value` checked to be a mapping with only `keys`."""
+    if not isinstance(value, dict):
+        raise MergeConfigError(f"config: {where} must be a mapping with keys {', '.join(keys)}, got {value!r}")
+    extra = sorted(set(value) - set(keys))
+    if extra:
+        raise MergeConfigError(f"config: {where} has unknown key(s) {', '.join(extra)}; valid: {', '.join(keys)}")
+    return value
+
+
+def _layer_range(value: Any, where: str) -> Tuple[int, int]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value) or not 0 <= value[0] < value[1]):
+        raise MergeConfigError(f"config: {where} must be [start, stop] with 0 <= start < stop, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _slices(listed: Any) -> Tuple[OutputSlice, ...]:
+    if not isinstance(listed, list):
+        raise MergeConfigError(f"config: 'slices' must be a list of slices, got {listed!r}")
+    slices = []
+    for i, entry in enumerate(listed):
+        where = f"slices[{i}]"
+        if isinstance(entry, dict) and "residual_weight" in entry:
+            raise MergeConfigError(f"config: {where}.residual_weight is not supported; remove it")
+        entry = _mapping(entry, where, SLICE_KEYS)
+        if not isinstance(entry.get("sources"), list) or not entry["sources"]:
+            raise MergeConfigError(f"config: {where}.sources must list at least one source")
+        sources = []
+        for j, source in enumerate(entry["sources"]):
+            at = f"{where}.sources[{j}]"
+            source = _mapping(source, at, SOURCE_KEYS)
+            if "model" not in source or "layer_range" not in source:
+                raise MergeConfigError(f"config: {at} needs 'model' and 'layer_range'")
+            sources.append(SliceSource(_model_path(source["model"], f"{at}.model"),
+                                       _layer_range(source["layer_range"], f"{at}.layer_range"),
+                                       _parameters(source.get("parameters"), f"{at}.parameters")))
+        lengths = sorted({source.length for source in sources})
+        if len(lengths) > 1:
+            raise MergeConfigError(f"config: the sources of {where} span different numbers of layers ({lengths}); "
+                                   "give every source of a slice a layer_range of the same length")
+        base = entry.get("base_model")
+        slices.append(OutputSlice(tuple(sources), _model_path(base, f"{where}.base_model") if base is not None else None,
+                                  _parameters(entry.get("parameters"), f"{where}.parameters")))
+    if not slices:
+        raise MergeConfigError("config: 'slices' must list at least one slice")
+    return tuple(slices)
 
 
 def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Any:

@@ -11,7 +11,7 @@ import re
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -79,6 +79,12 @@ class MergePlan:
     base: Optional[CheckpointReader]
     models: List[CheckpointReader]
     tasks: List[TensorTask]
+    config_source: Optional[Path] = None  # where config.json comes from (default: the base, else the first model)
+    config_updates: Dict[str, Any] = field(default_factory=dict)  # its entries to rewrite (a new layer stack)
+
+    def __post_init__(self):
+        if self.config_source is None:
+            self.config_source = (self.base if self.base is not None else self.models[0]).folder
 
     @property
     def compute_dtype(self) -> Optional[torch.dtype]:
@@ -137,37 +143,52 @@ def find_source(reader: CheckpointReader, key: str) -> Source:
         return Source(reader, key)
     if key == TIED_HEAD and TIED_EMBEDDING in reader.tensors and reader.config().get("tie_word_embeddings", True):
         return Source(reader, TIED_EMBEDDING)
-    raise MergeInputError(f"tensor '{key}' of the base is missing from {reader.folder}; the models must share an architecture")
+    raise MergeInputError(f"tensor '{key}' is missing from {reader.folder}; the models must share an architecture")
 
 
-def matching_sources(reference: CheckpointReader, key: str, readers: List[CheckpointReader]) -> List[Source]:
-    """`key` in each of `readers`, checked to have the reference's shape and dtype."""
-    info = reference.info(key)
-    sources = [find_source(r, key) for r in readers]
+def checked_sources(reference: Source, sources: List[Source]) -> List[Source]:
+    """`sources`, checked to have the shape and dtype of `reference`'s tensor."""
+    info = reference.reader.info(reference.key)
     for source in sources:
         other = source.reader.info(source.key)
         if other.shape != info.shape or other.dtype != info.dtype:
             raise MergeInputError(
-                f"tensor '{key}': {source.reader.folder} has shape {list(other.shape)} {other.dtype}, "
-                f"but {reference.folder} has {list(info.shape)} {info.dtype}; the models must share an architecture"
+                f"tensor '{reference.key}': {source.reader.folder} has shape {list(other.shape)} {other.dtype} "
+                f"('{source.key}'), but {reference.reader.folder} has {list(info.shape)} {info.dtype}; "
+                "the models must share an architecture"
             )
     return sources
 
 
-def _resolve_task_params(config: MergeConfig, key: str, t: float, model_params: List[Dict[str, Any]]) -> Dict[str, Any]:
+def matching_sources(reference: CheckpointReader, key: str, readers: List[CheckpointReader]) -> List[Source]:
+    """`key` in each of `readers`, checked to have the reference's shape and dtype."""
+    return checked_sources(Source(reference, key), [find_source(r, key) for r in readers])
+
+
+def _first_setting(settings: Sequence[Dict[str, Any]], name: str, key: str, t: float) -> Any:
+    """mergekit's precedence: the first of `settings` whose `name` has a value for tensor `key`."""
+    for setting in settings:
+        value = evaluate_setting(setting.get(name), key, t)
+        if value is not None:
+            return value
+    return None
+
+
+def _resolve_task_params(config: MergeConfig, key: str, t: float, model_params: List[Dict[str, Any]],
+                         shared: Sequence[Dict[str, Any]] = (), model_keys: Optional[List[str]] = None) -> Dict[str, Any]:
+    """The parameters of output tensor `key`: global ones from `shared` then the config's, per-model
+    ones from each model's own (evaluated at its input key, `model_keys[i]`), then those."""
     spec = get_method(config.merge_method)
+    shared = [*shared, config.parameters]
     params: Dict[str, Any] = {}
     for pspec in spec.params:
         if pspec.scope == GLOBAL_SCOPE:
-            value = evaluate_setting(config.parameters.get(pspec.name), key, t)
+            value = _first_setting(shared, pspec.name, key, t)
             if value is not None:
                 params[pspec.name] = value
             continue
-        shared = evaluate_setting(config.parameters.get(pspec.name), key, t)
-        values = []
-        for own in model_params:
-            value = evaluate_setting(own.get(pspec.name), key, t)
-            values.append(shared if value is None else value)
+        values = [_first_setting([own, *shared], pspec.name, (model_keys or [key] * len(model_params))[i], t)
+                  for i, own in enumerate(model_params)]
         if any(v is not None for v in values):
             if any(v is None for v in values):
                 missing = [i for i, v in enumerate(values) if v is None]
@@ -179,7 +200,7 @@ def _resolve_task_params(config: MergeConfig, key: str, t: float, model_params: 
     return params
 
 
-def _check_parameter_names(config: MergeConfig, model_params: List[Dict[str, Any]]) -> None:
+def _check_parameter_names(config: MergeConfig, model_params: Sequence[Dict[str, Any]]) -> None:
     """Refuse parameter names the method does not take, listing the valid ones."""
     spec = get_method(config.merge_method)
     for source in [config.parameters, *model_params]:
@@ -193,6 +214,10 @@ def _check_parameter_names(config: MergeConfig, model_params: List[Dict[str, Any
 
 def build_plan(config: MergeConfig) -> MergePlan:
     """Open every checkpoint's headers and plan each output tensor."""
+    if config.slices:
+        from moefuse.merge.slices import build_sliced_plan  # it builds on this module's helpers
+
+        return build_sliced_plan(config)
     spec = get_method(config.merge_method)
     base = CheckpointReader(config.base_model) if config.base_model is not None else None
     entries = [e for e in config.models if not (spec.needs_base and base is not None and _same(e.path, base.folder))]
@@ -253,6 +278,16 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
+def _describe_slices(config: MergeConfig) -> List[str]:
+    """One line per slice: the output layers it makes and the input layers they come from."""
+    lines, offset = [], 0
+    for i, piece in enumerate(config.slices):
+        sources = ", ".join(f"{s.path} layers {s.layer_range[0]}-{s.layer_range[1] - 1}" for s in piece.sources)
+        lines.append(f"slice {i}: output layers {offset}-{offset + piece.length - 1} from {sources}")
+        offset += piece.length
+    return lines
+
+
 def describe(plan: MergePlan, piece_entries: int, writes_in_flight: int) -> str:
     """A human-readable summary of the plan (for --dry-run), merging in pieces of `piece_entries`
     with up to `writes_in_flight` output pieces queued for the writer."""
@@ -260,6 +295,7 @@ def describe(plan: MergePlan, piece_entries: int, writes_in_flight: int) -> str:
         f"method: {plan.config.merge_method}",
         f"base: {plan.base.folder if plan.base else '(none)'}",
         *[f"model {i}: {m.folder}" for i, m in enumerate(plan.models)],
+        *_describe_slices(plan.config),
         f"tensors: {len(plan.tasks)} ({sum(not t.merge for t in plan.tasks)} copied from the base), "
         f"output {plan.output_bytes / 1e9:.3f} GB",
         f"expected peak memory: about {plan.peak_bytes_estimate(piece_entries, writes_in_flight) / 1e9:.3f} GB "

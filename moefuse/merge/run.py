@@ -198,8 +198,7 @@ def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
         raise MoefuseError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    config_source = plan.base.folder if plan.base is not None else plan.models[0].folder
-    tokenizer_source = plan.config.tokenizer_source or config_source
+    tokenizer_source = plan.config.tokenizer_source or plan.config_source
     if not Path(tokenizer_source).is_dir():
         raise MoefuseError(f"tokenizer_source {tokenizer_source} is not a folder")
     out_dtypes = {t.out_dtype for t in plan.tasks if t.merge}
@@ -231,8 +230,8 @@ def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str
                 writer.abort()
                 raise
             writer.finish()
-            copy_model_files(config_source, Path(tokenizer_source), partial,
-                             out_dtypes.pop() if len(out_dtypes) == 1 else None)
+            copy_model_files(plan.config_source, Path(tokenizer_source), partial,
+                             out_dtypes.pop() if len(out_dtypes) == 1 else None, plan.config_updates)
     finally:
         bar.close()
         loader.close()

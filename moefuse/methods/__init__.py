@@ -1,6 +1,6 @@
 """Merge methods as declarative specs; importing this package registers all of them."""
 
-from moefuse.methods import gta, linear, model_stock, slerp  # noqa: F401  (registration)
+from moefuse.methods import gta, linear, model_stock, passthrough, slerp  # noqa: F401  (registration)
 from moefuse.methods.base import (
     MethodSpec,
     ParamSpec,

@@ -59,7 +59,7 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A merge method: its family ("gta", "linear", "slerp", "model_stock") and parameters.
+    """A merge method: its family ("gta", "linear", "slerp", "model_stock", "passthrough") and parameters.
 
     For the generalized task arithmetic ("gta") family, `sparsifier` is one of None,
     "magnitude", "breadcrumbs", "random", "della" and `consensus` says whether TIES sign

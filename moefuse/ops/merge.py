@@ -158,6 +158,8 @@ def _merge(base, tensors: List[torch.Tensor], method: str, emit: Emit, streaming
         _check_linear_weights(resolved)
         coefficients = linear_coefficients(resolved.per_model["weight"], resolved.shared["normalize"])
         _weighted_sum(impl, flat, coefficients, out_dtype, check, names, pieces, emit, allocate)
+    elif spec.family == "passthrough":
+        _weighted_sum(impl, flat, resolved.per_model["scale"], out_dtype, check, names, pieces, emit, allocate)
     elif spec.family == "slerp":
         pair = [flat_base, flat[0]]
         coefficients = slerp_coefficients(_gram(impl, pair, None, check, names, pieces), resolved.shared["t"])
@@ -218,6 +220,8 @@ def _reference(spec: MethodSpec, resolved, plan, base, tensors: List[torch.Tenso
         _check_linear_weights(resolved)
         coefficients = linear_coefficients(resolved.per_model["weight"], resolved.shared["normalize"])
         return weighted_sum_reference(tensors, coefficients)
+    if spec.family == "passthrough":
+        return weighted_sum_reference(tensors, resolved.per_model["scale"])
     if spec.family == "slerp":
         pair = [base, tensors[0]]
         return weighted_sum_reference(pair, slerp_coefficients(gram_reference(pair), resolved.shared["t"]))

@@ -94,7 +94,7 @@ def test_dtype_mismatch_names_the_tensor(tmp_path, models):
 def test_missing_tensor(tmp_path, models):
     key = "model.layers.0.self_attn.k_proj.weight"
     _rewrite(models[1], lambda s: s.pop(key))
-    with pytest.raises(MergeInputError, match=f"tensor '{key}' of the base is missing from {models[1]}"):
+    with pytest.raises(MergeInputError, match=f"tensor '{key}' is missing from {models[1]}"):
         merge_checkpoints(_ties(models), tmp_path / "out", progress=False)
 
 
@@ -129,8 +129,8 @@ def test_bad_yaml_and_unsupported_keys(tmp_path, models):
     bad.write_text("merge_method: ties\nmodels: [unclosed\n")
     with pytest.raises(MergeConfigError, match=f"config file {bad} is not valid YAML"):
         merge_checkpoints(bad, tmp_path / "out", progress=False)
-    with pytest.raises(MergeConfigError, match="'slices': layer slices"):
-        merge_checkpoints({**_ties(models), "slices": [{"sources": []}]}, tmp_path / "out", progress=False)
+    with pytest.raises(MergeConfigError, match="'modules': multi-module configurations are not supported"):
+        merge_checkpoints({**_ties(models), "modules": {"text_decoder": {}}}, tmp_path / "out", progress=False)
     with pytest.raises(MergeConfigError, match="unknown key\\(s\\) merge_mthod"):
         merge_checkpoints({"merge_mthod": "ties"}, tmp_path / "out", progress=False)
 

@@ -12,7 +12,7 @@ import torch
 
 import moefuse
 from moefuse.ops import backends, select
-from tests.helpers import DEVICE, assert_merge_close, operand_scale
+from tests.helpers import DEVICE, assert_merge_close, method_operands, operand_scale
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FAST_BACKENDS = ["cpu", "triton"]
@@ -24,6 +24,7 @@ METHOD_PARAMS = {
     "breadcrumbs": dict(weight=[1.0, 0.5, 0.7], density=0.6, gamma=0.1),
     "breadcrumbs_ties": dict(weight=[1.0, 0.5, 0.7], density=0.5, gamma=0.05, rescale=True),
     "linear": dict(weight=[1.0, 2.0, 0.5]),
+    "passthrough": dict(scale=-0.7),
     "slerp": dict(t=0.4),
     "model_stock": {},
 }
@@ -47,10 +48,7 @@ def _inputs(shape, dtype, device, n=3, seed=0, spread=0.05):
 
 
 def _merge_both(backend, base, tensors, method, **params):
-    if method == "linear":
-        base = None
-    if method == "slerp":
-        tensors = tensors[:1]
+    base, tensors = method_operands(method, base, tensors)
     expected = moefuse.merge_tensors(base, tensors, method, backend="reference", **params)
     actual = moefuse.merge_tensors(base, tensors, method, backend=backend, **params)
     scale = operand_scale(*(t.cpu() for t in ([base] if base is not None else []) + tensors))

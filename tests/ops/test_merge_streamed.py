@@ -13,7 +13,7 @@ import moefuse
 from moefuse.ops import pieces as pieces_module
 from moefuse.ops import rowwise, select
 from moefuse.ops.merge import merge_streamed
-from tests.helpers import assert_merge_close, operand_scale
+from tests.helpers import assert_merge_close, method_operands, operand_scale
 from tests.ops.test_merge_backends import DTYPES, FAST_BACKENDS, METHOD_PARAMS, _device_for
 
 ALL_PARAMS = {
@@ -47,11 +47,7 @@ def _case(dtype, device, seed=0):
 
 def _method_inputs(name, base, tensors):
     method = {"model_stock_filter_wise": "model_stock"}.get(name, name)
-    if method == "linear":
-        return method, None, tensors
-    if method == "slerp":
-        return method, base, tensors[:1]
-    return method, base, tensors
+    return (method, *method_operands(method, base, tensors))
 
 
 def _streamed(base, tensors, method, piece_size, **kwargs):

@@ -71,6 +71,8 @@ def merge_args(method: str, base, inputs, density: float, weights):
         return base, (inputs * 2)[: max(2, len(inputs))], {}
     if method == "linear":
         return None, inputs, {"weight": list(weights), "normalize": abs(sum(weights)) > 1e-6}
+    if method == "passthrough":
+        return None, inputs[:1], {"scale": weights[0]}
     params = {"weight": list(weights), "density": density, "lambda": 0.8}
     if method.startswith("breadcrumbs"):
         params["gamma"] = 0.1
