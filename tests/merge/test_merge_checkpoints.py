@@ -57,6 +57,16 @@ def _state(folder: Path) -> dict:
     return AutoModelForCausalLM.from_pretrained(folder).state_dict()
 
 
+def assert_matches_mergekit(config: dict, tmp_path: Path, state=_state) -> None:
+    """`moefuse merge` and mergekit's run of `config` give the same tensors (`state` reads them)."""
+    merge_checkpoints(config, tmp_path / "moefuse", progress=False)
+    _run_mergekit(config, tmp_path / "mergekit")
+    ours, theirs = state(tmp_path / "moefuse"), state(tmp_path / "mergekit")
+    assert set(ours) == set(theirs)
+    for key in ours:
+        assert_merge_close(ours[key], theirs[key])
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """fp32 base + 2 variants per architecture (sharded; llama-tied ties its LM head)."""
@@ -77,13 +87,7 @@ def llama_models(checkpoints):
 @pytest.mark.parametrize("architecture", ["llama", "llama-tied", "mistral", "qwen2"])
 @pytest.mark.parametrize("method", sorted(DETERMINISTIC))
 def test_matches_mergekit(tmp_path, checkpoints, architecture, method):
-    config = _config(checkpoints[architecture], method)
-    merge_checkpoints(config, tmp_path / "moefuse", progress=False)
-    _run_mergekit(config, tmp_path / "mergekit")
-    ours, theirs = _state(tmp_path / "moefuse"), _state(tmp_path / "mergekit")
-    assert set(ours) == set(theirs)
-    for key in ours:
-        assert_merge_close(ours[key], theirs[key])
+    assert_matches_mergekit(_config(checkpoints[architecture], method), tmp_path)
 
 
 def test_bf16_checkpoints_with_out_dtype(tmp_path):
@@ -102,11 +106,7 @@ def test_filters_and_gradients_follow_mergekit(tmp_path, llama_models):
     config = _config(llama_models, "ties")
     config["models"][0]["parameters"]["density"] = [{"filter": "self_attn", "value": 0.3}, {"value": [0.2, 0.9]}]
     config["parameters"]["weight"] = 0.8
-    merge_checkpoints(config, tmp_path / "moefuse", progress=False)
-    _run_mergekit(config, tmp_path / "mergekit")
-    ours, theirs = _state(tmp_path / "moefuse"), _state(tmp_path / "mergekit")
-    for key in ours:
-        assert_merge_close(ours[key], theirs[key])
+    assert_matches_mergekit(config, tmp_path)
 
 
 @pytest.fixture
@@ -122,11 +122,7 @@ def test_filter_wise_model_stock_matches_mergekit(tmp_path, llama_models, small_
     """Streamed in blocks of whole filters (`moefuse.ops.rowwise`)."""
     config = _config(llama_models, "model_stock")
     config["parameters"]["filter_wise"] = True
-    merge_checkpoints(config, tmp_path / "moefuse", progress=False)
-    _run_mergekit(config, tmp_path / "mergekit")
-    ours, theirs = _state(tmp_path / "moefuse"), _state(tmp_path / "mergekit")
-    for key in ours:
-        assert_merge_close(ours[key], theirs[key])
+    assert_matches_mergekit(config, tmp_path)
 
 
 def test_della_checkpoint_equals_the_reference_per_tensor(tmp_path, llama_models, small_row_blocks):

@@ -16,8 +16,7 @@ from moefuse.errors import MergeConfigError
 from moefuse.merge import merge_checkpoints
 from moefuse.merge.slices import renumber
 from tests.checkpoints import save_variants
-from tests.helpers import assert_merge_close
-from tests.merge.test_merge_checkpoints import _run_mergekit
+from tests.merge.test_merge_checkpoints import assert_matches_mergekit
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +71,7 @@ def _tensors(folder: Path) -> dict:
 @pytest.mark.parametrize("case", sorted(_configs(Path("a"), Path("b"), Path("c"))))
 def test_slices_match_mergekit(tmp_path, models, case):
     config = {**_configs(*models)[case], "dtype": "float32"}  # mergekit computes bf16 merges in bf16
-    merge_checkpoints(config, tmp_path / "moefuse", progress=False)
-    _run_mergekit(config, tmp_path / "mergekit")
-    ours, theirs = _tensors(tmp_path / "moefuse"), _tensors(tmp_path / "mergekit")
-    assert set(ours) == set(theirs)
-    for key in ours:
-        assert_merge_close(ours[key], theirs[key])
+    assert_matches_mergekit(config, tmp_path, state=_tensors)
     layers = sum(piece["sources"][0]["layer_range"][1] - piece["sources"][0]["layer_range"][0]
                  for piece in config["slices"])
     assert json.loads((tmp_path / "moefuse" / "config.json").read_text())["num_hidden_layers"] == layers
