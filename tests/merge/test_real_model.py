@@ -45,3 +45,22 @@ def test_merges_load_and_generate(smollm, tmp_path, method, parameters):
     merge_checkpoints(config, tmp_path / "out", progress=False)
     assert "Paris" in _greedy(tmp_path / "out")
     assert (tmp_path / "out" / "tokenizer.json").exists() or (tmp_path / "out" / "tokenizer_config.json").exists()
+
+
+def test_slices_of_the_whole_stack_reproduce_the_logits_and_a_deeper_stack_generates(smollm, tmp_path):
+    """Two slices covering the layers in order give the model back; repeating 6 of its 30 layers
+    (depth up-scaling) gives a 36-layer model that still answers."""
+    base = str(smollm[0])
+    layers = AutoModelForCausalLM.from_pretrained(base).config.num_hidden_layers
+    whole = {"merge_method": "passthrough", "dtype": "bfloat16",
+             "slices": [{"sources": [{"model": base, "layer_range": [0, 10]}]},
+                        {"sources": [{"model": base, "layer_range": [10, layers]}]}]}
+    merge_checkpoints(whole, tmp_path / "whole", progress=False)
+    ids = AutoTokenizer.from_pretrained(base)(PROMPT, return_tensors="pt").input_ids
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "whole")(ids).logits,
+                       AutoModelForCausalLM.from_pretrained(base)(ids).logits)
+    deeper = {**whole, "slices": [{"sources": [{"model": base, "layer_range": [0, layers - 3]}]},
+                                  {"sources": [{"model": base, "layer_range": [layers - 9, layers]}]}]}
+    merge_checkpoints(deeper, tmp_path / "deeper", progress=False)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "deeper").config.num_hidden_layers == layers + 6
+    assert len(_greedy(tmp_path / "deeper").strip()) > 0
