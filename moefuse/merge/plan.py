@@ -212,6 +212,13 @@ def _check_parameter_names(config: MergeConfig, model_params: Sequence[Dict[str,
             )
 
 
+def check_model_count(spec, count: int, where: str, what: str) -> None:
+    """Refuse `count` models besides the base unless `spec` takes that many (`where`: the place in the config)."""
+    if count < spec.min_models or (spec.max_models is not None and count > spec.max_models):
+        bound = f"exactly {spec.min_models}" if spec.min_models == spec.max_models else f"at least {spec.min_models}"
+        raise MergeConfigError(f"{where}merge_method '{spec.name}' needs {bound} {what} besides the base, got {count}")
+
+
 def build_plan(config: MergeConfig) -> MergePlan:
     """Open every checkpoint's headers and plan each output tensor."""
     if config.slices:
@@ -221,11 +228,7 @@ def build_plan(config: MergeConfig) -> MergePlan:
     spec = get_method(config.merge_method)
     base = CheckpointReader(config.base_model) if config.base_model is not None else None
     entries = [e for e in config.models if not (spec.needs_base and base is not None and _same(e.path, base.folder))]
-    if len(entries) < spec.min_models or (spec.max_models is not None and len(entries) > spec.max_models):
-        bound = f"exactly {spec.min_models}" if spec.min_models == spec.max_models else f"at least {spec.min_models}"
-        raise MergeConfigError(
-            f"merge_method '{spec.name}' needs {bound} model(s) besides the base, got {len(entries)}"
-        )
+    check_model_count(spec, len(entries), "", "model(s)")
     _check_parameter_names(config, [e.parameters for e in entries])
     models = [CheckpointReader(e.path) for e in entries]
     reference = base if base is not None else models[0]

@@ -26,6 +26,7 @@ from moefuse.merge.plan import (
     _num_layers,
     _resolve_task_params,
     _same,
+    check_model_count,
     checked_sources,
     find_source,
 )
@@ -82,10 +83,7 @@ def _slice_inputs(config: MergeConfig, spec: MethodSpec, index: int, piece: Outp
             )
         entries.remove(found[0])
         base = (readers(found[0].path), found[0].layer_range[0])
-    if len(entries) < spec.min_models or (spec.max_models is not None and len(entries) > spec.max_models):
-        bound = f"exactly {spec.min_models}" if spec.min_models == spec.max_models else f"at least {spec.min_models}"
-        raise MergeConfigError(f"config: {where}: merge_method '{spec.name}' needs {bound} source(s) besides the base, "
-                               f"got {len(entries)}")
+    check_model_count(spec, len(entries), f"config: {where}: ", "source(s)")
     for j, source in enumerate(piece.sources):
         layers = _num_layers(readers(source.path))
         if source.layer_range[1] > layers:
@@ -151,10 +149,9 @@ def build_sliced_plan(config: MergeConfig) -> MergePlan:
 def _config_updates(config_reader: CheckpointReader, layer_origins: List[Tuple[CheckpointReader, int]]) -> Dict:
     """The output config's entries that follow the new layer stack."""
     updates: Dict[str, Any] = {"num_hidden_layers": len(layer_origins)}
-    if isinstance(config_reader.config().get("layer_types"), list):
-        types = []
-        for reader, layer in layer_origins:
-            listed = reader.config().get("layer_types") or config_reader.config()["layer_types"]
-            types.append(listed[min(layer, len(listed) - 1)])
-        updates["layer_types"] = types
+    own_types = config_reader.config().get("layer_types")
+    if isinstance(own_types, list):
+        listed = {id(reader): reader.config().get("layer_types") or own_types for reader, _ in layer_origins}
+        updates["layer_types"] = [listed[id(reader)][min(layer, len(listed[id(reader)]) - 1)]
+                                  for reader, layer in layer_origins]
     return updates
