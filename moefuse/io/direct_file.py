@@ -34,13 +34,13 @@ class SequentialFile:
         self._fd: Optional[int] = None
         if self.direct:
             try:
-                self._fd = os.open(path, flags | os.O_DIRECT, 0o644)
+                self._fd = os.open(path, flags | os.O_DIRECT, 0o666)
             except OSError as error:
                 if error.errno != errno.EINVAL:
                     raise
                 self.direct = False
         if self._fd is None:
-            self._fd = os.open(path, flags, 0o644)
+            self._fd = os.open(path, flags, 0o666)
         self._staging = mmap.mmap(-1, STAGING_BYTES) if self.direct else None  # page-aligned
         self._staged = 0
         self.size = 0  # bytes written so far

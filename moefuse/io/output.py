@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 import torch
 
@@ -26,17 +26,57 @@ class OutputExistsError(MoefuseError, FileExistsError):
     """The output folder exists and overwriting was not asked for."""
 
 
+class OutputIsInputError(MoefuseError, ValueError):
+    """The output folder is one of the inputs, or holds one: writing it would replace an input."""
+
+
+def check_output_is_not_an_input(out_dir: os.PathLike, inputs: Iterable[os.PathLike]) -> None:
+    """Refuse an `out_dir` that is one of `inputs` or a folder above one (symbolic links resolved):
+    with --overwrite, the finished output would replace it and so delete the input."""
+    out = Path(out_dir).resolve()
+    for folder in inputs:
+        resolved = Path(folder).resolve()
+        if resolved == out or out in resolved.parents:
+            held = "is" if resolved == out else "holds"
+            raise OutputIsInputError(f"output folder {out_dir} {held} the input {folder}; writing it would replace "
+                                     f"that input. Choose another output folder")
+
+
+def check_output_dir(out_dir: os.PathLike, overwrite: bool, inputs: Iterable[os.PathLike] = ()) -> None:
+    """Refuse `out_dir` if it is or holds one of `inputs`, or exists without `overwrite` (the
+    checks `atomic_output_dir` makes; call it early too, before work that takes long)."""
+    check_output_is_not_an_input(out_dir, inputs)
+    if Path(out_dir).exists() and not overwrite:
+        raise OutputExistsError(f"output folder {out_dir} already exists; choose another or pass --overwrite "
+                                "(overwrite=True)")
+
+
+def _umask() -> int:
+    """The process's file mode creation mask (read without changing it where Linux allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
-def atomic_output_dir(out_dir: os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out_dir: os.PathLike, overwrite: bool = False, inputs: Iterable[os.PathLike] = ()) -> Iterator[Path]:
     """Yield a fresh temporary folder next to `out_dir`; on success it is renamed to `out_dir`
     (replacing an old one only if `overwrite`), on failure it is deleted. A process killed
-    midway leaves only a hidden `.NAME.moefuse-partial-*` folder, never one named `out_dir`."""
+    midway leaves only a hidden `.NAME.moefuse-partial-*` folder, never one named `out_dir`.
+    An `out_dir` that is or holds one of the `inputs` folders is refused. The folder gets the
+    permissions `mkdir` would give it (0777 less the umask), not the temporary folder's 0700."""
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {out} already exists; choose another or pass --overwrite (overwrite=True)")
+    check_output_dir(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARKER}", dir=out.parent))
     try:
+        partial.chmod(0o777 & ~_umask())
         yield partial
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -72,7 +112,7 @@ def copy_generation_config(source: Path, dest: Path) -> None:
     """Copy generation_config.json from `source` into `dest`, if `source` has one."""
     generation = Path(source) / "generation_config.json"
     if generation.exists():
-        shutil.copy2(generation, dest / generation.name)
+        shutil.copyfile(generation, dest / generation.name)
 
 
 def copy_tokenizer_files(source: Path, dest: Path) -> None:
@@ -80,4 +120,4 @@ def copy_tokenizer_files(source: Path, dest: Path) -> None:
     for name in TOKENIZER_FILES:
         path = Path(source) / name
         if path.exists():
-            shutil.copy2(path, dest / name)
+            shutil.copyfile(path, dest / name)

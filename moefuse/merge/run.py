@@ -25,8 +25,9 @@ from typing import Dict, List, Optional, Union
 import torch
 from tqdm import tqdm
 
+from moefuse.device import resolve_device
 from moefuse.errors import MoefuseError
-from moefuse.io.output import atomic_output_dir, copy_model_files
+from moefuse.io.output import atomic_output_dir, check_output_is_not_an_input, copy_model_files
 from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
 from moefuse.merge.config import MergeConfig, parse_config
 from moefuse.merge.plan import MergePlan, TensorTask, align_plan, build_plan, describe
@@ -190,24 +191,33 @@ def _merge_task(plan: MergePlan, task: TensorTask, tensors: List[torch.Tensor], 
         raise type(error)(f"tensor '{task.key}': {error}") from None
 
 
+def _tokenizer_source(plan: MergePlan) -> Path:
+    source = Path(plan.config.tokenizer_source or plan.config_source)
+    if not source.is_dir():
+        raise MoefuseError(f"tokenizer_source {source} is not a folder")
+    return source
+
+
+def _input_folders(plan: MergePlan) -> List[Path]:
+    """Every folder the merge reads: the models, the base and the tokenizer source."""
+    readers = ([plan.base] if plan.base is not None else []) + plan.models
+    return [reader.folder for reader in readers] + [_tokenizer_source(plan)]
+
+
 def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str = "auto",
             max_shard_size=DEFAULT_MAX_SHARD_SIZE, progress: bool = True, overwrite: bool = False,
             direct_io: bool = True) -> Path:
     """Run `plan`, writing a Hugging Face checkpoint folder at `out_dir` atomically (past the page
     cache with `direct_io`, where the file system allows it)."""
-    target = torch.device(device)
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise MoefuseError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    tokenizer_source = plan.config.tokenizer_source or plan.config_source
-    if not Path(tokenizer_source).is_dir():
-        raise MoefuseError(f"tokenizer_source {tokenizer_source} is not a folder")
+    target = resolve_device(device)
+    tokenizer_source = _tokenizer_source(plan)
     out_dtypes = {t.out_dtype for t in plan.tasks if t.merge}
     _return_freed_pieces_to_the_system()
     loader = _Loader(target, plan.compute_dtype)
     bar = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress)
     try:
         align_plan(plan)
-        with atomic_output_dir(out_dir, overwrite) as partial:
+        with atomic_output_dir(out_dir, overwrite, _input_folders(plan)) as partial:
             writer = ShardedWriter(partial, [t.output for t in plan.tasks], max_shard_size,
                                    metadata={"producer": "moefuse"}, direct_io=direct_io)
             output = _Output(writer, bar)
@@ -230,13 +240,24 @@ def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str
                 writer.abort()
                 raise
             writer.finish()
-            copy_model_files(plan.config_source, Path(tokenizer_source), partial,
+            copy_model_files(plan.config_source, tokenizer_source, partial,
                              out_dtypes.pop() if len(out_dtypes) == 1 else None, plan.config_updates)
     finally:
         bar.close()
         loader.close()
         plan.close()
     return Path(out_dir)
+
+
+def _output_note(plan: MergePlan, out_dir: Path, overwrite: bool) -> str:
+    """What a run would do with `out_dir`: refuse it (naming why) or write it."""
+    try:
+        check_output_is_not_an_input(out_dir, _input_folders(plan))
+    except MoefuseError as error:
+        return f"\noutput: refused: {error}"
+    if out_dir.exists():
+        return f"\noutput: {out_dir} exists and would be " + ("replaced" if overwrite else "refused (pass --overwrite)")
+    return f"\noutput: {out_dir} (new)"
 
 
 def merge_checkpoints(config: Union[str, os.PathLike, Dict, MergeConfig], out_dir: Union[str, os.PathLike], *,
@@ -254,8 +275,9 @@ def merge_checkpoints(config: Union[str, os.PathLike, Dict, MergeConfig], out_di
     parsed = config if isinstance(config, MergeConfig) else parse_config(config)
     plan = build_plan(parsed)
     if dry_run:
-        text = describe(plan, PIECE_ENTRIES, WRITES_IN_FLIGHT)
-        plan.close()
-        return text
+        try:
+            return describe(plan, PIECE_ENTRIES, WRITES_IN_FLIGHT) + _output_note(plan, Path(out_dir), overwrite)
+        finally:
+            plan.close()
     return execute(plan, Path(out_dir), device=device, backend=backend, max_shard_size=max_shard_size,
                    progress=progress, overwrite=overwrite, direct_io=direct_io)

@@ -25,7 +25,9 @@ import torch
 from tqdm import tqdm
 
 from moefuse.errors import MergeInputError, MoefuseError
-from moefuse.io.output import DTYPE_CONFIG_NAMES, atomic_output_dir, copy_generation_config, copy_tokenizer_files
+from moefuse.io.output import (
+    DTYPE_CONFIG_NAMES, atomic_output_dir, check_output_dir, copy_generation_config, copy_tokenizer_files,
+)
 from moefuse.io.safetensors_reader import CheckpointReader
 from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, OutputTensor, ShardedWriter
 from moefuse.merge.config import checkpoint_dtype
@@ -255,8 +257,11 @@ class MoeBuilder:
     def write(self, out_dir: Path, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
               overwrite: bool = False) -> Path:
         self.compute_gates()
-        return write_tasks(self.tasks, out_dir, self.cfg.base_model, self.output_config(),
+        return write_tasks(self.tasks, out_dir, self.cfg.base_model, self.output_config(), self.input_folders(),
                            max_shard_size=max_shard_size, progress=progress, overwrite=overwrite)
+
+    def input_folders(self) -> List[Path]:
+        return [reader.folder for reader in self._readers.values()]
 
     def close(self) -> None:
         for reader in self._readers.values():
@@ -277,13 +282,13 @@ def _vocabulary(folder: Path) -> Optional[str]:
     return json.dumps([model.get("vocab"), model.get("merges"), data.get("added_tokens")], sort_keys=True)
 
 
-def write_tasks(tasks: List[OutputTask], out_dir: Path, files_source: Path, model_config: dict, *,
-                max_shard_size, progress: bool, overwrite: bool) -> Path:
+def write_tasks(tasks: List[OutputTask], out_dir: Path, files_source: Path, model_config: dict,
+                inputs: List[Path], *, max_shard_size, progress: bool, overwrite: bool) -> Path:
     """Produce and write every task's tensor, in order, into pre-planned shards of an atomically
     renamed `out_dir`, dropping each task's input pages once it is written; then copy the
     generation config and tokenizer of `files_source` and write `model_config` as config.json."""
     total = sum(t.output.nbytes for t in tasks)
-    with atomic_output_dir(out_dir, overwrite) as partial, \
+    with atomic_output_dir(out_dir, overwrite, inputs) as partial, \
             tqdm(total=total, unit="B", unit_scale=True, desc="building MoE", disable=not progress) as bar:
         writer = ShardedWriter(partial, [t.output for t in tasks], max_shard_size, metadata={"producer": "moefuse"})
         try:
@@ -334,6 +339,7 @@ def run_builder(builder, out_dir: Union[str, os.PathLike], *, max_shard_size, pr
     try:
         if dry_run:
             return builder.describe()
+        check_output_dir(out_dir, overwrite, builder.input_folders())  # before the gates are computed
         return builder.write(Path(out_dir), max_shard_size=max_shard_size, progress=progress, overwrite=overwrite)
     finally:
         builder.close()

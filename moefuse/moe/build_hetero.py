@@ -291,8 +291,11 @@ class HeteroMoeBuilder:
 
     def write(self, out_dir: Path, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
               overwrite: bool = False) -> Path:
-        return write_tasks(self.tasks, out_dir, self.cfg.experts[0], self.model_config,
+        return write_tasks(self.tasks, out_dir, self.cfg.experts[0], self.model_config, self.input_folders(),
                            max_shard_size=max_shard_size, progress=progress, overwrite=overwrite)
+
+    def input_folders(self) -> List[Path]:
+        return [reader.folder for reader in self.readers]
 
     def close(self) -> None:
         for reader in self.readers:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from moefuse.errors import MoeInputError
-from moefuse.io.output import atomic_output_dir, copy_tokenizer_files
+from moefuse.io.output import atomic_output_dir, check_output_dir, copy_tokenizer_files
 from moefuse.moe.align import SwiGLU, match_all, permute_ffn
 
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts")
@@ -222,13 +222,14 @@ def compress_moe(model_dir: Union[str, os.PathLike], out_dir: Union[str, os.Path
     if not (model_dir / "config.json").is_file():
         raise MoeInputError(f"{model_dir} is not a Hugging Face checkpoint folder (no config.json)")
     _config_expert_field(AutoConfig.from_pretrained(model_dir))
+    check_output_dir(out_dir, overwrite, [model_dir])
     if (calibration_text is None) == (calibration_ids is None):
         raise MoeInputError("pass exactly one of calibration_text (a local text file) and calibration_ids")
     if calibration_ids is None:
         calibration_ids = tokenize_calibration(model_dir, calibration_text, max_tokens, seq_len)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     compress_moe_model(model, num_experts, calibration_ids)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as staging:
+    with atomic_output_dir(out_dir, overwrite, [model_dir]) as staging:
         model.save_pretrained(staging)
         copy_tokenizer_files(model_dir, staging)
     return Path(out_dir)

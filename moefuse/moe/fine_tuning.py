@@ -16,7 +16,8 @@ import transformers
 from tqdm import tqdm
 
 from moefuse.errors import MoefuseError
-from moefuse.io.output import atomic_output_dir
+from moefuse.device import resolve_device
+from moefuse.io.output import atomic_output_dir, check_output_dir
 
 StepLosses = Callable[[torch.Generator], Tuple[torch.Tensor, torch.Tensor]]
 
@@ -33,12 +34,15 @@ class TrainResult:
     trained_parameters: int = 0
 
 
-def load_for_training(model_dir: Union[str, os.PathLike], *, steps: int, batch_size: int, seq_len: int,
-                      learning_rate: float):
+def load_for_training(model_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], *, steps: int,
+                      batch_size: int, seq_len: int, learning_rate: float, device: str, overwrite: bool):
     """(tokenizer, model in fp32, the dtype to save it in: its config's, else fp32) of `model_dir`,
-    after checking steps, batch_size >= 1, seq_len >= 2 and learning_rate > 0."""
+    after checking steps, batch_size >= 1, seq_len >= 2, learning_rate > 0, the device, and that
+    `out_dir` may be written (see `check_output_dir`), so that no training is wasted."""
     if steps < 1 or batch_size < 1 or seq_len < 2 or learning_rate <= 0:
         raise TrainingError("steps and batch_size must be >= 1, seq_len >= 2 and learning_rate > 0")
+    resolve_device(device)
+    check_output_dir(out_dir, overwrite, [model_dir])
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
         model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -87,9 +91,11 @@ def run_adamw(model: torch.nn.Module, step_losses: StepLosses, result: TrainResu
     model.eval()
 
 
-def save_trained(model, tokenizer, out_dir: Union[str, os.PathLike], dtype: torch.dtype, overwrite: bool) -> None:
-    """Write `model` (moved to the CPU in `dtype`) and `tokenizer` into `out_dir` atomically."""
-    with atomic_output_dir(out_dir, overwrite) as partial:
+def save_trained(model, tokenizer, out_dir: Union[str, os.PathLike], dtype: torch.dtype, overwrite: bool,
+                 model_dir: Union[str, os.PathLike]) -> None:
+    """Write `model` (moved to the CPU in `dtype`) and `tokenizer` into `out_dir` atomically
+    (never over its input folder `model_dir`)."""
+    with atomic_output_dir(out_dir, overwrite, [model_dir]) as partial:
         model.to("cpu", dtype=dtype)
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)

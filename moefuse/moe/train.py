@@ -63,8 +63,9 @@ def train_moe(model_dir: Union[str, os.PathLike], text_file: Union[str, os.PathL
     tokenizer. `aux_loss_coef` defaults to the config's `router_aux_loss_coef`. Training runs in
     fp32 on `device` and is saved in the model's dtype. Returns the per-step total and
     load-balancing losses."""
-    tokenizer, model, saved_dtype = load_for_training(model_dir, steps=steps, batch_size=batch_size,
-                                                      seq_len=seq_len, learning_rate=learning_rate)
+    tokenizer, model, saved_dtype = load_for_training(model_dir, out_dir, steps=steps, batch_size=batch_size,
+                                                      seq_len=seq_len, learning_rate=learning_rate,
+                                                      device=device, overwrite=overwrite)
     if not isinstance(model, MoefuseHeteroForCausalLM):
         raise TrainingError(f"{Path(model_dir)} ({type(model).__name__}) is not a heterogeneous MoE (moefuse_hetero); "
                             "build one with mode: heterogeneous, or use train-router for token-routed MoEs")
@@ -85,5 +86,5 @@ def train_moe(model_dir: Union[str, os.PathLike], text_file: Union[str, os.PathL
 
     run_adamw(model, step_losses, result, steps=steps, learning_rate=learning_rate, seed=seed, progress=progress,
               desc="training the MoE")
-    save_trained(model, tokenizer, out_dir, saved_dtype, overwrite)
+    save_trained(model, tokenizer, out_dir, saved_dtype, overwrite, model_dir)
     return result

@@ -49,8 +49,9 @@ def train_router(model_dir: Union[str, os.PathLike], text_file: Union[str, os.Pa
                  device: str = "cpu", seed: int = 0, progress: bool = True, overwrite: bool = False) -> TrainResult:
     """Fine-tune the routers of the MoE in `model_dir` on `text_file`; save the result to `out_dir`
     (atomically, with the tokenizer). Training runs in fp32 and is saved in the model's dtype."""
-    tokenizer, model, saved_dtype = load_for_training(model_dir, steps=steps, batch_size=batch_size,
-                                                      seq_len=seq_len, learning_rate=learning_rate)
+    tokenizer, model, saved_dtype = load_for_training(model_dir, out_dir, steps=steps, batch_size=batch_size,
+                                                      seq_len=seq_len, learning_rate=learning_rate,
+                                                      device=device, overwrite=overwrite)
     if not hasattr(model.config, "router_aux_loss_coef"):
         raise TrainingError(f"{Path(model_dir)} ({type(model).__name__}) is not a token-routed MoE with a "
                             "load-balancing loss; router training supports Mixtral, Qwen2-MoE and Qwen3-MoE checkpoints")
@@ -66,5 +67,5 @@ def train_router(model_dir: Union[str, os.PathLike], text_file: Union[str, os.Pa
 
     run_adamw(model, step_losses, result, steps=steps, learning_rate=learning_rate, seed=seed, progress=progress,
               desc="training routers")
-    save_trained(model, tokenizer, out_dir, saved_dtype, overwrite)
+    save_trained(model, tokenizer, out_dir, saved_dtype, overwrite, model_dir)
     return result

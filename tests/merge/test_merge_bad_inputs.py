@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from moefuse import MergeConfigError, MergeInputError, MoefuseError
 from moefuse.cli import main as cli_main
-from moefuse.io.output import OutputExistsError
+from moefuse.io.output import OutputExistsError, OutputIsInputError
 from moefuse.io.safetensors_reader import CheckpointError
 from moefuse.merge import merge_checkpoints
 from moefuse.merge import run as merge_run
@@ -162,7 +162,9 @@ def test_failure_midway_leaves_nothing_that_looks_complete(tmp_path, models, mon
     assert _leftovers(tmp_path) == []
 
 
-def test_process_killed_midway_leaves_nothing_that_looks_complete(tmp_path, models):
+def _start_slow_merge(tmp_path, models, command: str) -> subprocess.Popen:
+    """A subprocess running `command` (Python, with `config` and `out` defined) on a TIES merge
+    that sleeps before each tensor; returns once a few tensors are in."""
     config_path = tmp_path / "merge.yml"
     config_path.write_text(yaml.safe_dump(_ties(models)))
     script = (
@@ -172,18 +174,87 @@ def test_process_killed_midway_leaves_nothing_that_looks_complete(tmp_path, mode
         "def slow(*a, **k):\n"
         "    print('tensor', flush=True); time.sleep(0.2); return real(*a, **k)\n"
         "run.merge_streamed = slow\n"
-        f"run.merge_checkpoints({str(config_path)!r}, {str(tmp_path / 'out')!r}, progress=False)\n"
+        f"config, out = {str(config_path)!r}, {str(tmp_path / 'out')!r}\n"
+        f"{command}\n"
     )
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                               cwd=Path(__file__).resolve().parents[2])
-    for _ in range(4):  # a few tensors in
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=Path(__file__).resolve().parents[2])
+    for _ in range(4):
         assert process.stdout.readline().startswith("tensor")
+    return process
+
+
+def test_process_killed_midway_leaves_nothing_that_looks_complete(tmp_path, models):
+    process = _start_slow_merge(tmp_path, models, "run.merge_checkpoints(config, out, progress=False)")
     os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    process.communicate()
     assert not (tmp_path / "out").exists()
     partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.moefuse-partial-")]
     assert len(partial) == 1, "the killed run's work stays in a hidden partial folder"
     shutil.rmtree(partial[0])
+
+
+@pytest.mark.parametrize("signum, status, word", [(signal.SIGTERM, 143, "terminated"),
+                                                  (signal.SIGINT, 130, "interrupted")])
+def test_cli_stopped_midway_removes_its_partial_folder(tmp_path, models, signum, status, word):
+    """SIGTERM (a job scheduler, `kill`) and Ctrl-C end the command with no traceback, no output
+    folder and no partial folder left."""
+    process = _start_slow_merge(tmp_path, models,
+                                "from moefuse.cli import main; sys.exit(main(['merge', config, out, '--quiet']))")
+    os.kill(process.pid, signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == status
+    assert err.strip() == f"moefuse: {word}; no output was written"
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("output", ["the base", "a model", "the folder of the inputs", "the tokenizer source"])
+def test_output_folder_that_is_or_holds_an_input_is_refused(tmp_path, models, output):
+    config = _ties(models)
+    out = {"the base": models[0], "a model": models[2], "the folder of the inputs": models[0].parent,
+           "the tokenizer source": tmp_path / "tok"}[output]
+    if output == "the tokenizer source":
+        shutil.copytree(models[0], out)
+        config["tokenizer_source"] = str(out)
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(OutputIsInputError, match=f"output folder {out} (is|holds) the input .*Choose another"):
+        merge_checkpoints(config, out, progress=False, overwrite=True)
+    assert sorted(p.name for p in out.rglob("*")) == before
+    text = merge_checkpoints(config, out, dry_run=True, overwrite=True)
+    assert f"output: refused: output folder {out}" in text
+
+
+def test_dry_run_says_what_it_would_do_with_the_output_folder(tmp_path, models):
+    assert merge_checkpoints(_ties(models), tmp_path / "out", dry_run=True).endswith(f"output: {tmp_path / 'out'} (new)")
+    (tmp_path / "out").mkdir()
+    assert "exists and would be refused (pass --overwrite)" in merge_checkpoints(_ties(models), tmp_path / "out",
+                                                                               dry_run=True)
+    assert "exists and would be replaced" in merge_checkpoints(_ties(models), tmp_path / "out", dry_run=True,
+                                                               overwrite=True)
+
+
+def test_output_permissions_follow_the_umask(tmp_path, models):
+    previous = os.umask(0o027)
+    try:
+        merge_checkpoints(_ties(models), tmp_path / "out", progress=False)
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == {0o640}
+
+
+@pytest.mark.parametrize("device, message", [
+    ("foo", "--device 'foo' is not a device name; use cpu, cuda or cuda:N"),
+    ("meta", "--device meta: moefuse runs on cpu or cuda, not meta"),
+    pytest.param("cuda", "--device cuda was asked for but this machine has no usable CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+])
+def test_bad_device_is_refused_before_anything_is_written(tmp_path, models, capsys, device, message):
+    config_path = tmp_path / "merge.yml"
+    config_path.write_text(yaml.safe_dump(_ties(models)))
+    assert cli_main(["merge", str(config_path), str(tmp_path / "out"), "--device", device, "--quiet"]) == 2
+    assert f"moefuse: error: {message}" in capsys.readouterr().err
+    assert _leftovers(tmp_path) == []
 
 
 def test_cli_reports_errors_with_exit_code_2(tmp_path, models, capsys):

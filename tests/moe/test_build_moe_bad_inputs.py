@@ -137,3 +137,13 @@ def test_pickled_expert_is_refused(dense, tmp_path):
     config = _config(dense)
     config["experts"][1]["source_model"] = str(pickled)
     _refused(config, tmp_path, "pytorch_model.bin", "safetensors")
+
+
+def test_output_folder_that_is_an_input_is_refused_before_the_gates_are_computed(dense, tmp_path, monkeypatch):
+    from moefuse.moe import build
+
+    monkeypatch.setattr(build.MoeBuilder, "compute_gates", lambda self: pytest.fail("gates computed"))
+    before = sorted(p.name for p in dense[1].iterdir())
+    with pytest.raises(MoefuseError, match=f"output folder {dense[1]} is the input {dense[1]}"):
+        build_moe(_config(dense), dense[1], progress=False, overwrite=True)
+    assert sorted(p.name for p in dense[1].iterdir()) == before

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from moefuse.cli import main as cli_main
-from moefuse.errors import MoeInputError
+from moefuse.errors import MoefuseError, MoeInputError
 from moefuse.moe.align import SwiGLU, permute_ffn
 from moefuse.moe.compress import (RoutingStats, compress_moe, compress_moe_model, find_moe_layers, group_experts,
                                   merge_group)
@@ -169,6 +169,9 @@ def test_bad_models_and_calibration(tmp_path, calibration_file):
     with pytest.raises(MoeInputError, match="integer tensor"):
         compress_moe(source, tmp_path / "out", 1, calibration_ids=torch.rand(2, 8))
     assert not (tmp_path / "out").exists()
+    with pytest.raises(MoefuseError, match=f"output folder {source} is the input {source}"):
+        compress_moe(source, source, 1, calibration_text=calibration_file, overwrite=True)
+    assert (source / "config.json").is_file()
 
 
 def test_cli(tmp_path, calibration_file, capsys):

@@ -132,6 +132,9 @@ def test_training_errors(pair, tmp_path):
     with pytest.raises(MoefuseError, match="not a heterogeneous MoE"):
         train_moe(dense, text, tmp_path / "out", steps=1, progress=False)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(MoefuseError, match=f"output folder {folder.parent} holds the input {folder}"):
+        train_moe(folder, text, folder.parent, steps=1, overwrite=True, progress=False)
+    assert folder.is_dir()
 
 
 def test_cli(pair, tmp_path, capsys):

@@ -70,7 +70,13 @@ def test_training_errors(moe, tmp_path):
     dense = save_dense_models(tmp_path, "llama", count=1)[0]
     with pytest.raises(MoefuseError, match="not a token-routed MoE"):
         train_router(dense, text, tmp_path / "out", steps=1, seq_len=16, progress=False)
+    with pytest.raises(MoefuseError, match="--device 'gpu' is not a device name"):
+        train_router(folder, text, tmp_path / "out", steps=1, seq_len=16, device="gpu", progress=False)
     assert not (tmp_path / "out").exists()
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(MoefuseError, match=f"output folder {folder} is the input {folder}; writing it would replace"):
+        train_router(folder, text, folder, steps=1, seq_len=16, overwrite=True, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == before
 
 
 def test_cli(moe, tmp_path, capsys):
