@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import signal
 import sys
-from typing import Callable, List, Optional
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional
 
 from moefuse.errors import MoefuseError
 
@@ -50,6 +53,10 @@ def _build_moe(args: argparse.Namespace) -> None:
 def _training(load_trainer: Callable[[], Callable]) -> Callable[[argparse.Namespace], None]:
     """The command running the trainer `load_trainer()` returns (train_router or train_moe)."""
     def run(args: argparse.Namespace) -> None:
+        if args.quiet:
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()  # its "Loading weights" bar
         result = load_trainer()(args.model, args.text, args.out_dir, steps=args.steps, learning_rate=args.lr,
                                 seq_len=args.seq_len, batch_size=args.batch_size, train=args.train,
                                 aux_loss_coef=args.aux_loss_coef, device=args.device, seed=args.seed,
@@ -156,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("model", help="model folder (config, weights, tokenizer)")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=32)
-    generate.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                          help="run the sparse MoE blocks on moefuse's grouped kernels (default: on)")
+    generate.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                          help="run the sparse MoE blocks on moefuse's grouped kernels; --fast fails on a model "
+                               "without them (default: patch where the model has them)")
     generate.add_argument("--device", default="cpu", help="cpu or cuda")
     generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     generate.set_defaults(run=_generate)
@@ -174,13 +182,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that partial outputs are removed on the way out."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command. Exit status: 0 done, 2 bad input (the message says what to fix),
+    130 interrupted (Ctrl-C), 143 terminated (SIGTERM); an interrupted command leaves no output."""
     args = build_parser().parse_args(argv)
+    with _sigterm_raises():
+        return _run(args)
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Within: SIGTERM raises _Terminated (where signals can be handled: the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         args.run(args)
     except MoefuseError as error:
         print(f"moefuse: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("moefuse: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print("moefuse: terminated; no output was written", file=sys.stderr)
+        return 143
     return 0
 
 

@@ -5,39 +5,73 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import sys
+from pathlib import Path
+from typing import Optional, Union
 
 import torch
 
+from moefuse.device import resolve_device
 from moefuse.errors import MoeInputError
+from moefuse.io.output import TOKENIZER_FILES
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _checked_folder(model_path: Union[str, Path]) -> Path:
+    """`model_path` as a local folder holding a config and a tokenizer (never a hub name)."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        raise MoeInputError(f"generate: model folder {folder} does not exist (moefuse never downloads models)")
+    if not (folder / "config.json").is_file():
+        raise MoeInputError(f"generate: {folder} has no config.json; pass a Hugging Face checkpoint folder")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise MoeInputError(f"generate: {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                            "copy the tokenizer files of the model it came from into it")
+    return folder
+
+
 def generate(
-    model_path: str,
+    model_path: Union[str, Path],
     prompt: str,
     *,
     max_new_tokens: int = 32,
-    fast: bool = True,
+    fast: Optional[bool] = None,
     device: str = "cpu",
     dtype: Optional[str] = None,
 ) -> str:
-    """Load `model_path` (a folder with config, weights and tokenizer), patch its sparse MoE blocks
-    with `moefuse.apply_to` when `fast`, and return the greedy continuation of `prompt`
-    (new text only). `dtype` is "float32", "bfloat16" or "float16" (default: the checkpoint's)."""
+    """Load `model_path` (a local folder with config, weights and tokenizer) and return the greedy
+    continuation of `prompt` (new text only).
+
+    `fast`: True patches the model's sparse MoE blocks with `moefuse.apply_to` (an error if it has
+    none); None (the default) patches them where there are any and otherwise runs the model as it
+    is, saying so on stderr; False never patches. `dtype` is "float32", "bfloat16" or "float16"
+    (default: the checkpoint's)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moefuse.integrations.transformers import apply_to
 
     if dtype is not None and dtype not in _DTYPES:
         raise MoeInputError(f"generate: dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype] if dtype else "auto").to(device)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise MoeInputError(f"generate: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    target = resolve_device(device)
+    folder = _checked_folder(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    if inputs["input_ids"].shape[1] == 0:
+        raise MoeInputError(f"generate: the prompt {prompt!r} encodes to no tokens; give a non-empty prompt")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype] if dtype else "auto",
+                                                 local_files_only=True).to(target)
     model.eval()
-    if fast:
-        apply_to(model)
-    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    if fast is not False:
+        try:
+            apply_to(model)
+        except MoeInputError as error:
+            if fast:
+                raise
+            print(f"moefuse: running the model unpatched: {error}", file=sys.stderr)
+    inputs = inputs.to(target)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

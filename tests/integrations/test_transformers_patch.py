@@ -124,3 +124,59 @@ def test_generate_command_fast_and_slow_agree(tmp_path, capsys):
         assert main(["generate", str(tmp_path), "--prompt", "w5 w17 w9", "--max-new-tokens", "6", flag]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and len(outputs[0].split()) >= 1
+
+
+@pytest.fixture
+def saved_models(tmp_path):
+    """A tiny Mixtral and a tiny dense Llama, each saved with a word-level tokenizer."""
+    folders = {}
+    for name, model in (("moe", _tiny_model("mixtral")),
+                        ("dense", transformers.AutoModelForCausalLM.from_config(
+                            transformers.LlamaConfig(intermediate_size=64, **COMMON)))):
+        folders[name] = tmp_path / name
+        model.save_pretrained(folders[name])
+        _word_tokenizer(folders[name])
+    return folders
+
+
+def test_generate_runs_a_dense_model_unpatched_unless_fast_is_required(saved_models, capsys):
+    from moefuse.cli import main
+
+    assert main(["generate", str(saved_models["dense"]), "--prompt", "w5 w17", "--max-new-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "running the model unpatched: apply_to: LlamaForCausalLM" in captured.err and captured.out.strip()
+    assert main(["generate", str(saved_models["dense"]), "--prompt", "w5 w17", "--fast"]) == 2
+    assert "moefuse: error: apply_to: LlamaForCausalLM (model_type 'llama') has no supported sparse MoE block" \
+        in capsys.readouterr().err
+    assert main(["generate", str(saved_models["moe"]), "--prompt", "w5 w17", "--max-new-tokens", "3"]) == 0
+    assert "unpatched" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing folder", "model folder {folder} does not exist (moefuse never downloads models)"),
+    ("no config", "{folder} has no config.json; pass a Hugging Face checkpoint folder"),
+    ("no tokenizer", "{folder} has no tokenizer (none of tokenizer.json"),
+    ("zero tokens", "max_new_tokens must be a positive integer, got 0"),
+    ("negative tokens", "max_new_tokens must be a positive integer, got -3"),
+    ("empty prompt", "the prompt '' encodes to no tokens; give a non-empty prompt"),
+    ("bad device", "--device 'gpu0' is not a device name; use cpu, cuda or cuda:N"),
+    pytest.param("absent cuda", "--device cuda was asked for but this machine has no usable CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+])
+def test_generate_bad_inputs_are_clear_errors(saved_models, tmp_path, capsys, case, message):
+    from moefuse.cli import main
+
+    folder = saved_models["moe"]
+    args = {"zero tokens": ["--max-new-tokens", "0"], "negative tokens": ["--max-new-tokens", "-3"],
+            "bad device": ["--device", "gpu0"], "absent cuda": ["--device", "cuda"]}.get(case, [])
+    prompt = "" if case == "empty prompt" else "w5 w17"
+    if case == "missing folder":
+        folder = tmp_path / "nowhere"
+    elif case == "no config":
+        (folder / "config.json").unlink()
+    elif case == "no tokenizer":
+        for path in folder.glob("*token*"):
+            path.unlink()
+    assert main(["generate", str(folder), "--prompt", prompt, *args]) == 2
+    assert f"moefuse: error: generate: {message.format(folder=folder)}".replace("generate: --device", "--device") \
+        in capsys.readouterr().err
