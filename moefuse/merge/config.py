@@ -146,7 +146,7 @@ def parse_config(source: Union[str, os.PathLike, dict]) -> MergeConfig:
     """Read a merge configuration from a YAML file path or an already-parsed dict."""
     data = read_yaml_mapping(source, MergeConfigError, "merge")
     for key, reason in UNSUPPORTED_KEYS.items():
-        if data.get(key):
+        if data.get(key) is not None:  # even empty: a config that names the feature expects it to act
             raise MergeConfigError(f"config: '{key}': {reason}")
     unknown = sorted(set(data) - set(TOP_LEVEL_KEYS) - set(UNSUPPORTED_KEYS))
     if unknown:
@@ -155,10 +155,11 @@ def parse_config(source: Union[str, os.PathLike, dict]) -> MergeConfig:
         raise MergeConfigError("config: 'merge_method' is required")
     spec = get_method(data["merge_method"])
 
-    if data.get("models") and data.get("slices"):
+    sliced = data.get("slices") is not None
+    if sliced and data.get("models") is not None:
         raise MergeConfigError("config: give either 'models' or 'slices', not both")
-    models = [] if data.get("slices") else _models(data.get("models"))
-    slices = _slices(data.get("slices")) if data.get("slices") else ()
+    models = [] if sliced else _models(data.get("models"))
+    slices = _slices(data["slices"]) if sliced else ()
 
     base = _model_path(data["base_model"], "base_model") if data.get("base_model") is not None else None
     if spec.needs_base and base is None and (not slices or any(piece.base_model is None for piece in slices)):

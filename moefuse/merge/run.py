@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from moefuse.device import resolve_device
 from moefuse.errors import MoefuseError
-from moefuse.io.output import atomic_output_dir, check_output_is_not_an_input, copy_model_files
+from moefuse.io.output import atomic_output_dir, check_output_dir, check_output_is_not_an_input, copy_model_files
 from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
 from moefuse.merge.config import MergeConfig, parse_config
 from moefuse.merge.plan import MergePlan, TensorTask, align_plan, build_plan, describe
@@ -208,9 +208,10 @@ def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str
             max_shard_size=DEFAULT_MAX_SHARD_SIZE, progress: bool = True, overwrite: bool = False,
             direct_io: bool = True) -> Path:
     """Run `plan`, writing a Hugging Face checkpoint folder at `out_dir` atomically (past the page
-    cache with `direct_io`, where the file system allows it)."""
+    cache with `direct_io`, where the file system allows it). The caller closes the plan."""
     target = resolve_device(device)
     tokenizer_source = _tokenizer_source(plan)
+    check_output_dir(out_dir, overwrite, _input_folders(plan))  # before the progress bar shows
     out_dtypes = {t.out_dtype for t in plan.tasks if t.merge}
     _return_freed_pieces_to_the_system()
     loader = _Loader(target, plan.compute_dtype)
@@ -245,7 +246,6 @@ def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str
     finally:
         bar.close()
         loader.close()
-        plan.close()
     return Path(out_dir)
 
 
@@ -274,10 +274,10 @@ def merge_checkpoints(config: Union[str, os.PathLike, Dict, MergeConfig], out_di
     """
     parsed = config if isinstance(config, MergeConfig) else parse_config(config)
     plan = build_plan(parsed)
-    if dry_run:
-        try:
+    try:
+        if dry_run:
             return describe(plan, PIECE_ENTRIES, WRITES_IN_FLIGHT) + _output_note(plan, Path(out_dir), overwrite)
-        finally:
-            plan.close()
-    return execute(plan, Path(out_dir), device=device, backend=backend, max_shard_size=max_shard_size,
-                   progress=progress, overwrite=overwrite, direct_io=direct_io)
+        return execute(plan, Path(out_dir), device=device, backend=backend, max_shard_size=max_shard_size,
+                       progress=progress, overwrite=overwrite, direct_io=direct_io)
+    finally:
+        plan.close()

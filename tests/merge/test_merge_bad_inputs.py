@@ -129,8 +129,11 @@ def test_bad_yaml_and_unsupported_keys(tmp_path, models):
     bad.write_text("merge_method: ties\nmodels: [unclosed\n")
     with pytest.raises(MergeConfigError, match=f"config file {bad} is not valid YAML"):
         merge_checkpoints(bad, tmp_path / "out", progress=False)
-    with pytest.raises(MergeConfigError, match="'modules': multi-module configurations are not supported"):
-        merge_checkpoints({**_ties(models), "modules": {"text_decoder": {}}}, tmp_path / "out", progress=False)
+    for modules in ({"text_decoder": {}}, {}):
+        with pytest.raises(MergeConfigError, match="'modules': multi-module configurations are not supported"):
+            merge_checkpoints({**_ties(models), "modules": modules}, tmp_path / "out", progress=False)
+    with pytest.raises(MergeConfigError, match="'chat_template': setting a chat template is not supported"):
+        merge_checkpoints({**_ties(models), "chat_template": ""}, tmp_path / "out", progress=False)
     with pytest.raises(MergeConfigError, match="unknown key\\(s\\) merge_mthod"):
         merge_checkpoints({"merge_mthod": "ties"}, tmp_path / "out", progress=False)
 

@@ -146,6 +146,8 @@ def test_renumber_replaces_only_the_layer_index():
     (lambda c, a, b: {**c, "slices": [{"sources": [{"model": str(a)}]}]},
      r"slices\[0\].sources\[0\] needs 'model' and 'layer_range'"),
     (lambda c, a, b: {**c, "slices": "all"}, "'slices' must be a list of slices"),
+    (lambda c, a, b: {**c, "slices": []}, "'slices' must list at least one slice"),
+    (lambda c, a, b: {**c, "models": []}, "either 'models' or 'slices', not both"),
     (lambda c, a, b: {**c, "slices": [{**c["slices"][0], "parameters": {"t": 0.5}}]},
      "merge_method 'task_arithmetic' has no parameter 't'; valid parameters: weight"),
     (lambda c, a, b: {"merge_method": "passthrough", "slices": c["slices"]},
