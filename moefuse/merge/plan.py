@@ -1,11 +1,14 @@
 """Plan a checkpoint merge: which tensors, from which files, with which method and parameters.
 
 Planning reads only headers and config files, so every mismatch (missing tensor, shape, dtype,
-unknown parameter) is reported before any data is read or written.
+unknown parameter) is reported before any data is read or written. Floating inputs of one tensor
+may differ in dtype: as in mergekit, they are cast to the config's `dtype` before merging (or,
+without one, to the type torch arithmetic promotes them to).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -63,6 +66,7 @@ class TensorTask:
     inputs: List[Source]
     params: Dict[str, Any] = field(default_factory=dict)
     merge: bool = True  # False: copy the base (non-float tensors)
+    compute_dtype: Optional[torch.dtype] = None  # the dtype inputs are cast to before merging (None: their own)
 
     @property
     def sources(self) -> List[Source]:
@@ -87,11 +91,6 @@ class MergePlan:
             self.config_source = (self.base if self.base is not None else self.models[0]).folder
 
     @property
-    def compute_dtype(self) -> Optional[torch.dtype]:
-        """The dtype inputs are cast to before merging (the config's `dtype`), if any."""
-        return self.config.dtype
-
-    @property
     def output_bytes(self) -> int:
         return sum(task.output.nbytes for task in self.tasks)
 
@@ -105,7 +104,7 @@ class MergePlan:
 
         def piece_bytes(task: TensorTask) -> int:
             numel = math.prod(task.shape)
-            itemsize = (self.compute_dtype or task.out_dtype).itemsize
+            itemsize = (task.compute_dtype or task.out_dtype).itemsize
             per_entry = itemsize * len(task.sources) + task.out_dtype.itemsize * (1 + writes_in_flight)
             if self.config.align or not task.merge:
                 return numel * per_entry
@@ -146,12 +145,14 @@ def find_source(reader: CheckpointReader, key: str) -> Source:
     raise MergeInputError(f"tensor '{key}' is missing from {reader.folder}; the models must share an architecture")
 
 
-def checked_sources(reference: Source, sources: List[Source]) -> List[Source]:
-    """`sources`, checked to have the shape and dtype of `reference`'s tensor."""
+def checked_sources(reference: Source, sources: List[Source], cast_floats: bool = False) -> List[Source]:
+    """`sources`, checked to have the shape and dtype of `reference`'s tensor; with `cast_floats`
+    (a merge that casts its inputs), floating dtypes (FLOAT_DTYPES) may differ from each other."""
     info = reference.reader.info(reference.key)
     for source in sources:
         other = source.reader.info(source.key)
-        if other.shape != info.shape or other.dtype != info.dtype:
+        castable = cast_floats and {other.dtype, info.dtype} <= set(FLOAT_DTYPES)
+        if other.shape != info.shape or (other.dtype != info.dtype and not castable):
             raise MergeInputError(
                 f"tensor '{reference.key}': {source.reader.folder} has shape {list(other.shape)} {other.dtype} "
                 f"('{source.key}'), but {reference.reader.folder} has {list(info.shape)} {info.dtype}; "
@@ -160,9 +161,24 @@ def checked_sources(reference: Source, sources: List[Source]) -> List[Source]:
     return sources
 
 
-def matching_sources(reference: CheckpointReader, key: str, readers: List[CheckpointReader]) -> List[Source]:
-    """`key` in each of `readers`, checked to have the reference's shape and dtype."""
-    return checked_sources(Source(reference, key), [find_source(r, key) for r in readers])
+def matching_sources(reference: CheckpointReader, key: str, readers: List[CheckpointReader],
+                     cast_floats: bool = False) -> List[Source]:
+    """`key` in each of `readers`, checked to have the reference's shape and dtype (floating
+    dtypes may differ with `cast_floats`, see `checked_sources`)."""
+    return checked_sources(Source(reference, key), [find_source(r, key) for r in readers], cast_floats)
+
+
+def merged_task(config: MergeConfig, key: str, shape: Tuple[int, ...], base: Optional[Source],
+                inputs: List[Source], params: Dict[str, Any]) -> TensorTask:
+    """The task merging floating `inputs` (onto `base`) into tensor `key`. The inputs are cast to
+    the config's `dtype`; without one, inputs stored in differing dtypes are cast to the type torch
+    arithmetic promotes them to (what mergekit ends up computing in), and others are merged in
+    their own dtype. The output dtype is `out_dtype`, else the one cast to, else the inputs'."""
+    dtypes = {source.reader.info(source.key).dtype for source in ([base] if base is not None else []) + inputs}
+    promoted = functools.reduce(torch.promote_types, dtypes)
+    compute_dtype = config.dtype or (promoted if len(dtypes) > 1 else None)
+    return TensorTask(key, shape, config.out_dtype or compute_dtype or promoted, base, inputs, params,
+                      compute_dtype=compute_dtype)
 
 
 def _first_setting(settings: Sequence[Dict[str, Any]], name: str, key: str, t: float) -> Any:
@@ -236,12 +252,13 @@ def build_plan(config: MergeConfig) -> MergePlan:
     tasks: List[TensorTask] = []
     for key in reference.keys():
         info = reference.info(key)
-        inputs = matching_sources(reference, key, models)
-        mergeable = info.dtype in FLOAT_DTYPES
-        out_dtype = (config.out_dtype or config.dtype or info.dtype) if mergeable else info.dtype
-        params = _resolve_task_params(config, key, layer_position(key, num_layers), [e.parameters for e in entries]) if mergeable else {}
+        inputs = matching_sources(reference, key, models, cast_floats=True)
         task_base = Source(base, key) if base is not None and spec.needs_base else None
-        tasks.append(TensorTask(key, info.shape, out_dtype, task_base, inputs, params, mergeable))
+        if info.dtype not in FLOAT_DTYPES:  # copied from the base, as stored
+            tasks.append(TensorTask(key, info.shape, info.dtype, task_base, inputs, merge=False))
+            continue
+        params = _resolve_task_params(config, key, layer_position(key, num_layers), [e.parameters for e in entries])
+        tasks.append(merged_task(config, key, info.shape, task_base, inputs, params))
     if not tasks:
         raise MergeInputError(f"{reference.folder} holds no tensors")
     for model in models:

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Union
 
 import torch
 from tqdm import tqdm
@@ -52,11 +52,10 @@ def _return_freed_pieces_to_the_system() -> None:
 
 class _Loader:
     """Produces a task's input tensors one task ahead: memory-map views on the CPU (read ahead by
-    the kernel), or copies on the GPU in the compute dtype."""
+    the kernel), or copies on the GPU in the task's compute dtype."""
 
-    def __init__(self, device: torch.device, compute_dtype: Optional[torch.dtype]):
+    def __init__(self, device: torch.device):
         self.device = device
-        self.compute_dtype = compute_dtype
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
@@ -66,8 +65,8 @@ class _Loader:
         tensors = [source.read() for source in task.sources]
         if self._stream is None:
             return tensors
-        if task.merge and self.compute_dtype is not None:
-            tensors = [t.to(self.compute_dtype) for t in tensors]
+        if task.merge and task.compute_dtype is not None:  # inputs of mixed dtypes then share one
+            tensors = [t.to(task.compute_dtype) for t in tensors]
         with torch.cuda.stream(self._stream):
             staged = [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
         self._stream.synchronize()
@@ -182,7 +181,7 @@ def _merge_task(plan: MergePlan, task: TensorTask, tensors: List[torch.Tensor], 
                     source.release(start, stop)
 
             merge_streamed(base, inputs, method, output.append, piece_size=PIECE_ENTRIES, release=release,
-                           compute_dtype=plan.compute_dtype, allocate=output.pool.take, out_dtype=task.out_dtype,
+                           compute_dtype=task.compute_dtype, allocate=output.pool.take, out_dtype=task.out_dtype,
                            backend=backend, **task.params)
         else:
             output.append(merge_tensors(base, inputs, method, out_dtype=task.out_dtype, backend=backend,
@@ -214,7 +213,7 @@ def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str
     check_output_dir(out_dir, overwrite, _input_folders(plan))  # before the progress bar shows
     out_dtypes = {t.out_dtype for t in plan.tasks if t.merge}
     _return_freed_pieces_to_the_system()
-    loader = _Loader(target, plan.compute_dtype)
+    loader = _Loader(target)
     bar = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress)
     try:
         align_plan(plan)

@@ -29,6 +29,7 @@ from moefuse.merge.plan import (
     check_model_count,
     checked_sources,
     find_source,
+    merged_task,
 )
 from moefuse.methods import MethodSpec, get_method
 
@@ -98,12 +99,12 @@ def _task(config: MergeConfig, key: str, parts: _SliceInputs, key_of, t: float) 
     base, inputs = parts.sources(key_of)
     reference = base if base is not None else inputs[0]
     info = reference.reader.info(reference.key)
-    checked_sources(reference, inputs)
+    checked_sources(reference, inputs, cast_floats=True)
     if info.dtype not in FLOAT_DTYPES:  # copied from the first source, as stored
         return TensorTask(key, info.shape, info.dtype, base, inputs, {}, merge=False)
     params = _resolve_task_params(config, key, t, parts.parameters, shared=[parts.shared],
                                   model_keys=[source.key for source in inputs])
-    return TensorTask(key, info.shape, config.out_dtype or config.dtype or info.dtype, base, inputs, params)
+    return merged_task(config, key, info.shape, base, inputs, params)
 
 
 def _layer_keys(reader: CheckpointReader, layer: int) -> List[str]:

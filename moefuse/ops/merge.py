@@ -87,7 +87,8 @@ def merge_streamed(
     65536; the last piece may be shorter), in order.
 
     Every pass over the inputs reads them one flat range at a time, cast to `compute_dtype`
-    (default: their own dtype), and then calls `release(start, stop)` for that range, so that
+    (default: their own dtype, which they must then share; with a compute dtype they may be
+    stored in differing ones), and then calls `release(start, stop)` for that range, so that
     a caller reading memory-mapped files can drop the pages: with the CPU extension, resident
     memory is a few pieces whatever the tensor size. The numbers equal `merge_tensors`' on the
     cast inputs. DELLA and filter-wise Model Stock are emitted in blocks of whole rows
@@ -108,17 +109,19 @@ def _merge(base, tensors: List[torch.Tensor], method: str, emit: Emit, streaming
     if "lambda_" in params:
         params["lambda"] = params.pop("lambda_")
     spec = get_method(method)
-    reference_input = _check_inputs(spec, base, tensors)
+    compute_dtype = streaming[2] if streaming is not None else None
+    if compute_dtype is not None and compute_dtype not in SUPPORTED_DTYPES:
+        raise MergeConfigError(f"compute dtype {compute_dtype} is not supported; use float32, bfloat16 or float16")
+    reference_input = _check_inputs(spec, base, tensors, cast=compute_dtype is not None)
     resolved = resolve_params(spec, len(tensors), params)
     n = reference_input.numel()
     allocate = None
     if streaming is None:
         pieces = Pieces.whole(n)
     else:
-        piece_size, release, compute_dtype, allocate = streaming
-        if compute_dtype is not None and compute_dtype not in SUPPORTED_DTYPES:
-            raise MergeConfigError(f"compute dtype {compute_dtype} is not supported; use float32, bfloat16 or float16")
-        cast = compute_dtype if compute_dtype not in (None, reference_input.dtype) else None
+        piece_size, release, _, allocate = streaming
+        stored = {t.dtype for t in ([base] if base is not None else []) + tensors}
+        cast = compute_dtype if compute_dtype is not None and stored != {compute_dtype} else None
         pieces = Pieces.streaming(n, piece_size, release, cast)
     out_dtype = _check_out_dtype(out_dtype or pieces.cast or reference_input.dtype)
     impl = _pick_backend(backend, reference_input.device)
@@ -287,8 +290,11 @@ def _pick_backend(name: str, device: torch.device):
     raise MergeConfigError(f"unknown backend {name!r}; valid: auto, triton, cpu, reference")
 
 
-def _check_inputs(spec: MethodSpec, base: Optional[torch.Tensor], tensors: List[torch.Tensor]) -> torch.Tensor:
-    """Validate counts, types, shapes, dtypes and devices; return a tensor to take metadata from."""
+def _check_inputs(spec: MethodSpec, base: Optional[torch.Tensor], tensors: List[torch.Tensor],
+                  cast: bool = False) -> torch.Tensor:
+    """Validate counts, types, shapes, dtypes and devices; return a tensor to take metadata from.
+    With `cast` (the inputs are cast to a compute dtype as they are read) their dtypes may differ,
+    each being a supported one."""
     where = f"method '{spec.name}'"
     if spec.needs_base and base is None:
         raise MergeInputError(f"{where} needs a base tensor; pass base=...")
@@ -307,17 +313,18 @@ def _check_inputs(spec: MethodSpec, base: Optional[torch.Tensor], tensors: List[
         if not isinstance(tensor, torch.Tensor):
             raise MergeInputError(f"{where}: {name} is a {type(tensor).__name__}, not a torch.Tensor")
     first_name, first = named[0]
-    if first.dtype not in SUPPORTED_DTYPES:
-        raise MergeInputError(
-            f"{where}: {first_name} has dtype {first.dtype}; supported: float32, bfloat16, float16"
-        )
+    for name, tensor in named if cast else named[:1]:  # without a cast, the others must share its dtype
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            raise MergeInputError(
+                f"{where}: {name} has dtype {tensor.dtype}; supported: float32, bfloat16, float16"
+            )
     for name, tensor in named[1:]:
         for what, mine, theirs in (
             ("shape", tuple(tensor.shape), tuple(first.shape)),
             ("dtype", tensor.dtype, first.dtype),
             ("device", tensor.device, first.device),
         ):
-            if mine != theirs:
+            if mine != theirs and not (cast and what == "dtype"):
                 raise MergeInputError(
                     f"{where}: {name} has {what} {mine} but {first_name} has {theirs}; "
                     f"all inputs must share shape, dtype and device"
