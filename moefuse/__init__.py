@@ -7,7 +7,7 @@ OpenMP's environment before torch starts its thread pool).
 
 import importlib
 
-from moefuse.errors import MergeConfigError, MergeInputError, MoefuseError
+from moefuse.errors import MergeConfigError, MergeInputError, MoefuseError, NonfiniteInputError
 from moefuse.methods import get_method, method_names
 from moefuse.moe.auto_registration import install as _install_auto_registration
 
@@ -45,6 +45,7 @@ __all__ = [
     "MergeConfigError",
     "MergeInputError",
     "MoefuseError",
+    "NonfiniteInputError",
     "apply_to",
     "build_hetero_moe",
     "build_moe",

@@ -31,6 +31,7 @@ def _merge(args: argparse.Namespace) -> None:
     _print_written(merge_checkpoints(
         args.config, args.out_dir, device=args.device, backend=args.backend, max_shard_size=args.max_shard_size,
         progress=not args.quiet, overwrite=args.overwrite, dry_run=args.dry_run, direct_io=not args.buffered_output,
+        allow_nonfinite=args.allow_nonfinite,
     ), args)
 
 
@@ -132,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_options(merge)
     merge.add_argument("--buffered-output", action="store_true",
                        help="write the output through the page cache (default: O_DIRECT where the file system allows)")
+    merge.add_argument("--allow-nonfinite", action="store_true",
+                       help="merge inputs holding NaN/Inf as they are (default: refuse them, naming tensor and model)")
     merge.set_defaults(run=_merge)
 
     build = commands.add_parser("build-moe", help="build a mixture of experts from dense models (mergekit-moe YAML)")

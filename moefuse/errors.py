@@ -14,6 +14,16 @@ class MergeInputError(MoefuseError, ValueError):
     """Input tensors do not fit together (shape, dtype, device) or hold NaN/Inf."""
 
 
+class NonfiniteInputError(MergeInputError):
+    """An input tensor holds NaN or Inf. `index` is its position among the model tensors (None:
+    the base) and `count` how many such values it holds."""
+
+    def __init__(self, message: str, index, count: int):
+        super().__init__(message)
+        self.index = index
+        self.count = count
+
+
 class MoeInputError(MoefuseError, ValueError):
     """MoE tensors (hidden states, expert weights, routing) do not fit together, or a model has no
     supported sparse MoE block."""

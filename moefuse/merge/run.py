@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from moefuse.device import resolve_device
-from moefuse.errors import MoefuseError
+from moefuse.errors import MoefuseError, NonfiniteInputError
 from moefuse.io.output import atomic_output_dir, check_output_dir, check_output_is_not_an_input, copy_model_files
 from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
 from moefuse.merge.config import MergeConfig, parse_config
@@ -169,7 +169,8 @@ def _release_all(task: TensorTask) -> None:
         source.release()
 
 
-def _merge_task(plan: MergePlan, task: TensorTask, tensors: List[torch.Tensor], backend: str, output: _Output) -> None:
+def _merge_task(plan: MergePlan, task: TensorTask, tensors: List[torch.Tensor], backend: str, output: _Output,
+                allow_nonfinite: bool) -> None:
     """Merge one tensor into `output`: streamed on the CPU, whole on the GPU."""
     base = tensors[0] if task.base is not None else None
     inputs = tensors[1:] if task.base is not None else tensors
@@ -182,10 +183,16 @@ def _merge_task(plan: MergePlan, task: TensorTask, tensors: List[torch.Tensor], 
 
             merge_streamed(base, inputs, method, output.append, piece_size=PIECE_ENTRIES, release=release,
                            compute_dtype=task.compute_dtype, allocate=output.pool.take, out_dtype=task.out_dtype,
-                           backend=backend, **task.params)
+                           backend=backend, allow_nonfinite=allow_nonfinite, **task.params)
         else:
             output.append(merge_tensors(base, inputs, method, out_dtype=task.out_dtype, backend=backend,
-                                        **task.params).reshape(-1))
+                                        allow_nonfinite=allow_nonfinite, **task.params).reshape(-1))
+    except NonfiniteInputError as error:
+        source = task.base if error.index is None else task.inputs[error.index]
+        raise NonfiniteInputError(
+            f"tensor '{task.key}' of {source.reader.folder} holds {error.count} NaN/Inf value(s); fix that "
+            "checkpoint, or pass --allow-nonfinite (allow_nonfinite=True) to merge them as they are",
+            error.index, error.count) from None
     except MoefuseError as error:
         raise type(error)(f"tensor '{task.key}': {error}") from None
 
@@ -205,7 +212,7 @@ def _input_folders(plan: MergePlan) -> List[Path]:
 
 def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str = "auto",
             max_shard_size=DEFAULT_MAX_SHARD_SIZE, progress: bool = True, overwrite: bool = False,
-            direct_io: bool = True) -> Path:
+            direct_io: bool = True, allow_nonfinite: bool = False) -> Path:
     """Run `plan`, writing a Hugging Face checkpoint folder at `out_dir` atomically (past the page
     cache with `direct_io`, where the file system allows it). The caller closes the plan."""
     target = resolve_device(device)
@@ -229,7 +236,7 @@ def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str
                         pending = loader.start(plan.tasks[index + 1])
                     output.begin(task.key)
                     if task.merge:
-                        _merge_task(plan, task, tensors, backend, output)
+                        _merge_task(plan, task, tensors, backend, output, allow_nonfinite)
                     else:  # copied as stored, straight from its input pages
                         output.append(tensors[0].reshape(-1))
                     del tensors
@@ -262,7 +269,7 @@ def _output_note(plan: MergePlan, out_dir: Path, overwrite: bool) -> str:
 def merge_checkpoints(config: Union[str, os.PathLike, Dict, MergeConfig], out_dir: Union[str, os.PathLike], *,
                       device: str = "cpu", backend: str = "auto", max_shard_size=DEFAULT_MAX_SHARD_SIZE,
                       progress: bool = True, overwrite: bool = False, dry_run: bool = False,
-                      direct_io: bool = True) -> Union[Path, str]:
+                      direct_io: bool = True, allow_nonfinite: bool = False) -> Union[Path, str]:
     """Merge the checkpoints described by `config` (a mergekit-style YAML path, a dict or a
     `MergeConfig`) into a Hugging Face checkpoint folder `out_dir`.
 
@@ -270,6 +277,8 @@ def merge_checkpoints(config: Union[str, os.PathLike, Dict, MergeConfig], out_di
     With `direct_io` (the default) the shards are written past the page cache (O_DIRECT) where the
     file system allows it: a merge never reads its output back, and on large merges cached output
     pages would evict the inputs' pages. `direct_io=False` writes through the page cache.
+    A NaN or Inf in a merged input raises `NonfiniteInputError` naming the tensor and the model
+    folder, unless `allow_nonfinite` (then they propagate as the method's arithmetic makes them).
     """
     parsed = config if isinstance(config, MergeConfig) else parse_config(config)
     plan = build_plan(parsed)
@@ -277,6 +286,6 @@ def merge_checkpoints(config: Union[str, os.PathLike, Dict, MergeConfig], out_di
         if dry_run:
             return describe(plan, PIECE_ENTRIES, WRITES_IN_FLIGHT) + _output_note(plan, Path(out_dir), overwrite)
         return execute(plan, Path(out_dir), device=device, backend=backend, max_shard_size=max_shard_size,
-                       progress=progress, overwrite=overwrite, direct_io=direct_io)
+                       progress=progress, overwrite=overwrite, direct_io=direct_io, allow_nonfinite=allow_nonfinite)
     finally:
         plan.close()

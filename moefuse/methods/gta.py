@@ -15,7 +15,7 @@ For base B, inputs X_1..X_N, per-model weight w_i and density rho_i:
     M <- M / W if normalize;  out = B + lambda * M
 
 Sparsifiers (n = numel; ranks count from the largest |d_i|, ties broken by lower flat index):
-    magnitude    keep ranks [0, k), k = max(1, int(rho * n)); rho >= 1 keeps all, rho <= 0 none
+    magnitude    keep ranks [0, k), k = max(1, int(rho * n)); rho = 1 keeps all, rho = 0 none
     breadcrumbs  keep ranks [n - b - t, n - b), t = int(rho * n), g = int(gamma * n),
                  b = max(0, n - t - g)   (drop the top gamma, keep the next rho); rho >= 1 keeps all
     random       keep each entry with probability rho (DARE), counter-based Philox draw

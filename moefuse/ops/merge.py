@@ -10,11 +10,11 @@ Backends:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from moefuse.errors import MergeConfigError, MergeInputError
+from moefuse.errors import MergeConfigError, MergeInputError, NonfiniteInputError
 from moefuse.methods import MethodSpec, get_method, resolve_params
 from moefuse.ops import backends
 from moefuse.ops.gta_pipeline import Allocate, output_buffer, run_gta
@@ -32,6 +32,7 @@ from moefuse.ops.plan import KEEP_DELLA, gta_plan
 from moefuse.ops.rowwise import merge_row_blocks
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in SUPPORTED_DTYPES}
 Emit = Callable[[torch.Tensor], None]
 
 
@@ -107,11 +108,11 @@ def _merge(base, tensors: List[torch.Tensor], method: str, emit: Emit, streaming
            allow_nonfinite: bool, params) -> torch.Size:
     """Shared body of merge_tensors (streaming None) and merge_streamed; returns the shape."""
     if "lambda_" in params:
+        if "lambda" in params:
+            raise MergeConfigError("give 'lambda_' or 'lambda' (the same parameter), not both")
         params["lambda"] = params.pop("lambda_")
     spec = get_method(method)
-    compute_dtype = streaming[2] if streaming is not None else None
-    if compute_dtype is not None and compute_dtype not in SUPPORTED_DTYPES:
-        raise MergeConfigError(f"compute dtype {compute_dtype} is not supported; use float32, bfloat16 or float16")
+    compute_dtype = _supported_dtype(streaming[2], "compute_dtype") if streaming is not None else None
     reference_input = _check_inputs(spec, base, tensors, cast=compute_dtype is not None)
     resolved = resolve_params(spec, len(tensors), params)
     n = reference_input.numel()
@@ -123,7 +124,7 @@ def _merge(base, tensors: List[torch.Tensor], method: str, emit: Emit, streaming
         stored = {t.dtype for t in ([base] if base is not None else []) + tensors}
         cast = compute_dtype if compute_dtype is not None and stored != {compute_dtype} else None
         pieces = Pieces.streaming(n, piece_size, release, cast)
-    out_dtype = _check_out_dtype(out_dtype or pieces.cast or reference_input.dtype)
+    out_dtype = _supported_dtype(out_dtype, "out_dtype") or pieces.cast or reference_input.dtype
     impl = _pick_backend(backend, reference_input.device)
     names = (["base"] if base is not None else []) + [f"tensors[{i}]" for i in range(len(tensors))]
     # The fast backends count NaN/Inf while they read (no extra pass); the reference checks first.
@@ -332,15 +333,20 @@ def _check_inputs(spec: MethodSpec, base: Optional[torch.Tensor], tensors: List[
     return first
 
 
-def _check_out_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype not in SUPPORTED_DTYPES:
-        raise MergeConfigError(f"out_dtype {dtype} is not supported; use float32, bfloat16 or float16")
-    return dtype
+def _supported_dtype(dtype: Union[torch.dtype, str, None], option: str) -> Optional[torch.dtype]:
+    """`dtype` (a torch dtype, its name such as "bfloat16", or None) checked to be supported."""
+    named = DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if named is not None and named not in SUPPORTED_DTYPES:
+        raise MergeConfigError(f"{option} {dtype!r} is not supported; use float32, bfloat16 or float16 "
+                               "(a torch dtype or its name)")
+    return named
 
 
 def _raise_if_nonfinite(counts: Sequence[int], names: Sequence[str]) -> None:
+    """Names are "base" or "tensors[i]" (see _merge)."""
     for name, count in zip(names, counts):
         if count:
-            raise MergeInputError(
-                f"{name} holds {count} NaN/Inf value(s); fix the checkpoint or pass allow_nonfinite=True"
+            raise NonfiniteInputError(
+                f"{name} holds {count} NaN/Inf value(s); fix the checkpoint or pass allow_nonfinite=True",
+                None if name == "base" else int(name[len("tensors["):-1]), count,
             )

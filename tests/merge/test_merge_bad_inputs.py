@@ -100,18 +100,6 @@ def test_missing_tensor(tmp_path, models):
         merge_checkpoints(_ties(models), tmp_path / "out", progress=False)
 
 
-def test_nan_in_a_model_names_the_tensor_and_leaves_nothing(tmp_path, models):
-    key = "model.layers.1.self_attn.o_proj.weight"
-
-    def poison(state):
-        state[key][3, 4] = float("nan")
-
-    _rewrite(models[2], poison)
-    with pytest.raises(MergeInputError, match=f"tensor '{key}': tensors\\[1\\] holds 1 NaN/Inf"):
-        merge_checkpoints(_ties(models), tmp_path / "out", progress=False)
-    assert _leftovers(tmp_path) == []
-
-
 def test_unknown_method_and_parameter(tmp_path, models):
     with pytest.raises(MergeConfigError, match="unknown merge method 'tiez'; valid methods: .*ties"):
         merge_checkpoints({**_ties(models), "merge_method": "tiez"}, tmp_path / "out", progress=False)
@@ -269,11 +257,21 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path, models, capsys):
     assert "moefuse: error: unknown merge method 'nope'" in capsys.readouterr().err
 
 
-def test_nonfinite_check_covers_every_model_and_the_base(tmp_path, models):
-    def poison(state):
-        state["model.embed_tokens.weight"][0, 0] = float("inf")
+@pytest.mark.parametrize("poisoned, value", [(0, "inf"), (2, "nan")], ids=["inf in the base", "nan in a model"])
+def test_nonfinite_inputs_name_the_model_folder_unless_allowed(tmp_path, models, capsys, poisoned, value):
+    key = "model.layers.1.mlp.up_proj.weight"
 
-    _rewrite(models[0], poison)
-    with pytest.raises(MergeInputError, match="tensor 'model.embed_tokens.weight': base holds 1 NaN/Inf"):
+    def poison(state):
+        state[key][0, 0] = float(value)
+
+    _rewrite(models[poisoned], poison)
+    with pytest.raises(MergeInputError, match=f"tensor '{key}' of {models[poisoned]} holds 1 NaN/Inf value"):
         merge_checkpoints(_ties(models), tmp_path / "out", progress=False)
-    assert torch.isinf(load_file(models[0] / "model.safetensors")["model.embed_tokens.weight"]).any()
+    assert _leftovers(tmp_path) == []
+    config_path = tmp_path / "merge.yml"
+    config_path.write_text(yaml.safe_dump(_ties(models)))
+    assert cli_main(["merge", str(config_path), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "or pass --allow-nonfinite (allow_nonfinite=True)" in capsys.readouterr().err
+    assert cli_main(["merge", str(config_path), str(tmp_path / "out"), "--quiet", "--allow-nonfinite"]) == 0
+    merged = load_file(tmp_path / "out" / "model.safetensors")[key]
+    assert not torch.isfinite(merged[0, 0]) and torch.isfinite(merged.flatten()[1:]).all()

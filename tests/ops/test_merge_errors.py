@@ -126,3 +126,16 @@ def test_bad_backend_and_out_dtype():
         moefuse.merge_tensors(base, tensors, "ties", backend="gpu")
     with pytest.raises(MergeConfigError, match="out_dtype torch.int8 is not supported"):
         moefuse.merge_tensors(base, tensors, "ties", out_dtype=torch.int8)
+    with pytest.raises(MergeConfigError, match="out_dtype 'half' is not supported; use float32, bfloat16 or float16"):
+        moefuse.merge_tensors(base, tensors, "ties", out_dtype="half")
+    assert moefuse.merge_tensors(base, tensors, "ties", out_dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(MergeConfigError, match="compute_dtype torch.float64 is not supported"):
+        moefuse.merge_streamed(base, tensors, "ties", lambda piece: None, piece_size=1, compute_dtype=torch.float64)
+
+
+def test_lambda_may_be_spelled_lambda_but_not_both():
+    base, tensors = _pair()
+    assert torch.equal(moefuse.merge_tensors(base, tensors, "ties", lambda_=0.5),
+                       moefuse.merge_tensors(base, tensors, "ties", **{"lambda": 0.5}))
+    with pytest.raises(MergeConfigError, match="give 'lambda_' or 'lambda' \\(the same parameter\\), not both"):
+        moefuse.merge_tensors(base, tensors, "ties", lambda_=0.5, **{"lambda": 0.5})
