@@ -1,6 +1,8 @@
 """Exception types. Every message names the offending input (file, tensor key, shape, option)
 and says what to do about it."""
 
+from typing import Optional
+
 
 class MoefuseError(Exception):
     """Base class of every error moefuse raises on purpose."""
@@ -18,7 +20,7 @@ class NonfiniteInputError(MergeInputError):
     """An input tensor holds NaN or Inf. `index` is its position among the model tensors (None:
     the base) and `count` how many such values it holds."""
 
-    def __init__(self, message: str, index, count: int):
+    def __init__(self, message: str, index: Optional[int] = None, count: int = 0):
         super().__init__(message)
         self.index = index
         self.count = count

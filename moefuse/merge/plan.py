@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from moefuse.errors import MergeConfigError, MergeInputError
+from moefuse.errors import MergeConfigError, MergeInputError, NonfiniteInputError
 from moefuse.io.safetensors_reader import CheckpointReader
 from moefuse.io.safetensors_writer import OutputTensor
 from moefuse.merge.config import MergeConfig, evaluate_setting
@@ -166,6 +166,15 @@ def matching_sources(reference: CheckpointReader, key: str, readers: List[Checkp
     """`key` in each of `readers`, checked to have the reference's shape and dtype (floating
     dtypes may differ with `cast_floats`, see `checked_sources`)."""
     return checked_sources(Source(reference, key), [find_source(r, key) for r in readers], cast_floats)
+
+
+def nonfinite_input(error: NonfiniteInputError, key: str, base: Optional[Source], inputs: List[Source],
+                    advice: str = "") -> NonfiniteInputError:
+    """`error` (from merging tensor `key`'s `inputs` onto `base`) restated with the checkpoint
+    folder holding the NaN/Inf, followed by `advice`."""
+    source = base if error.index is None else inputs[error.index]
+    return NonfiniteInputError(f"tensor '{key}' of {source.reader.folder} holds {error.count} NaN/Inf value(s); "
+                               f"fix that checkpoint{advice}", error.index, error.count)
 
 
 def merged_task(config: MergeConfig, key: str, shape: Tuple[int, ...], base: Optional[Source],

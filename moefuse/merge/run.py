@@ -30,7 +30,7 @@ from moefuse.errors import MoefuseError, NonfiniteInputError
 from moefuse.io.output import atomic_output_dir, check_output_dir, check_output_is_not_an_input, copy_model_files
 from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
 from moefuse.merge.config import MergeConfig, parse_config
-from moefuse.merge.plan import MergePlan, TensorTask, align_plan, build_plan, describe
+from moefuse.merge.plan import MergePlan, TensorTask, align_plan, build_plan, describe, nonfinite_input
 from moefuse.ops.merge import merge_streamed, merge_tensors
 
 PIECE_ENTRIES = 1 << 21  # 4 MB of bf16 per input and pass
@@ -188,11 +188,8 @@ def _merge_task(plan: MergePlan, task: TensorTask, tensors: List[torch.Tensor], 
             output.append(merge_tensors(base, inputs, method, out_dtype=task.out_dtype, backend=backend,
                                         allow_nonfinite=allow_nonfinite, **task.params).reshape(-1))
     except NonfiniteInputError as error:
-        source = task.base if error.index is None else task.inputs[error.index]
-        raise NonfiniteInputError(
-            f"tensor '{task.key}' of {source.reader.folder} holds {error.count} NaN/Inf value(s); fix that "
-            "checkpoint, or pass --allow-nonfinite (allow_nonfinite=True) to merge them as they are",
-            error.index, error.count) from None
+        raise nonfinite_input(error, task.key, task.base, task.inputs,
+                              ", or pass --allow-nonfinite (allow_nonfinite=True) to merge them as they are") from None
     except MoefuseError as error:
         raise type(error)(f"tensor '{task.key}': {error}") from None
 

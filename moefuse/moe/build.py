@@ -24,14 +24,14 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 from tqdm import tqdm
 
-from moefuse.errors import MergeInputError, MoefuseError
+from moefuse.errors import MergeInputError, MoefuseError, NonfiniteInputError
 from moefuse.io.output import (
     DTYPE_CONFIG_NAMES, atomic_output_dir, check_output_dir, copy_generation_config, copy_tokenizer_files,
 )
 from moefuse.io.safetensors_reader import CheckpointReader
 from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, OutputTensor, ShardedWriter
 from moefuse.merge.config import checkpoint_dtype
-from moefuse.merge.plan import FLOAT_DTYPES, Source, matching_sources
+from moefuse.merge.plan import FLOAT_DTYPES, Source, matching_sources, nonfinite_input
 from moefuse.methods import get_method, resolve_params
 from moefuse.moe.config import (
     SHARED_METHODS, ExpertSpec, MoeBuildConfig, MoeConfigError, config_mode, parse_moe_config,
@@ -158,6 +158,8 @@ class MoeBuilder:
             try:
                 return merge_tensors(base_source.reader.tensor(key), [s.reader.tensor(s.key) for s in inputs],
                                      rule.method, out_dtype=self.out_dtype, **rule.parameters)
+            except NonfiniteInputError as error:
+                raise nonfinite_input(error, key, base_source, inputs) from None
             except MoefuseError as error:
                 raise type(error)(f"shared tensor '{key}': {error}") from None
         return OutputTask(self._output(key, info), merge, [base_source, *inputs], f"{rule.method} {rule.parameters}")
