@@ -13,22 +13,9 @@ import torch
 
 from moefuse.device import resolve_device
 from moefuse.errors import MoeInputError
-from moefuse.io.output import TOKENIZER_FILES
+from moefuse.io.local_files import checked_model_folder
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _checked_folder(model_path: Union[str, Path]) -> Path:
-    """`model_path` as a local folder holding a config and a tokenizer (never a hub name)."""
-    folder = Path(model_path)
-    if not folder.is_dir():
-        raise MoeInputError(f"generate: model folder {folder} does not exist (moefuse never downloads models)")
-    if not (folder / "config.json").is_file():
-        raise MoeInputError(f"generate: {folder} has no config.json; pass a Hugging Face checkpoint folder")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise MoeInputError(f"generate: {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-                            "copy the tokenizer files of the model it came from into it")
-    return folder
 
 
 def generate(
@@ -56,13 +43,14 @@ def generate(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise MoeInputError(f"generate: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     target = resolve_device(device)
-    folder = _checked_folder(model_path)
+    folder = Path(model_path)
+    checked_model_folder(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     inputs = tokenizer(prompt, return_tensors="pt")
     if inputs["input_ids"].shape[1] == 0:
         raise MoeInputError(f"generate: the prompt {prompt!r} encodes to no tokens; give a non-empty prompt")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype] if dtype else "auto",
-                                                 local_files_only=True).to(target)
+                                                 use_safetensors=True, local_files_only=True).to(target)
     model.eval()
     if fast is not False:
         try:

@@ -134,7 +134,10 @@ def read_yaml_mapping(source: Union[str, os.PathLike, dict], error: Type[Moefuse
     if not path.is_file():
         raise error(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as problem:
+        raise error(f"config file {path} is not UTF-8 text ({problem.reason} at byte {problem.start}); "
+                    "save it as UTF-8") from None
     except yaml.YAMLError as problem:
         raise error(f"config file {path} is not valid YAML: {problem}") from None
     if not isinstance(data, dict):

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from moefuse.errors import MoeInputError
+from moefuse.io.local_files import check_tokenizer_files, checked_model_folder, read_text_file
 from moefuse.io.output import atomic_output_dir, check_output_dir, copy_tokenizer_files
 from moefuse.moe.align import SwiGLU, match_all, permute_ffn
 
@@ -176,6 +177,10 @@ def compress_moe_model(model: nn.Module, num_experts: int, input_ids: torch.Tens
     if input_ids.numel() == 0 or input_ids.dtype not in (torch.int32, torch.int64):
         raise MoeInputError(f"calibration input_ids must be a non-empty integer tensor, got "
                             f"{input_ids.dtype} of shape {list(input_ids.shape)}")
+    vocab_size = model.get_input_embeddings().num_embeddings
+    if input_ids.min() < 0 or input_ids.max() >= vocab_size:
+        raise MoeInputError(f"calibration input_ids must lie in [0, {vocab_size}) (the model's vocabulary), got "
+                            f"values from {int(input_ids.min())} to {int(input_ids.max())}")
     stats = routing_statistics(model, layers, input_ids, batch_size)
     all_groups = []
     for layer, layer_stats in zip(layers, stats):
@@ -194,16 +199,15 @@ def tokenize_calibration(model_dir: Path, text_path: Union[str, os.PathLike], ma
     of `seq_len` [B, seq_len] (one shorter row if the text is short)."""
     from transformers import AutoTokenizer
 
-    path = Path(text_path)
-    if not path.is_file():
-        raise MoeInputError(f"calibration text {path} does not exist; pass a local UTF-8 text file")
+    text = read_text_file(text_path, "calibration text")
+    check_tokenizer_files(model_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as error:
         raise MoeInputError(f"no tokenizer in {model_dir} ({error}); pass pre-tokenized calibration_ids") from None
-    ids = tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt")["input_ids"].reshape(-1)[:max_tokens]
+    ids = tokenizer(text, return_tensors="pt")["input_ids"].reshape(-1)[:max_tokens]
     if ids.numel() == 0:
-        raise MoeInputError(f"calibration text {path} has no tokens")
+        raise MoeInputError(f"calibration text {text_path} has no tokens")
     if ids.numel() < seq_len:
         return ids[None]
     return ids[: ids.numel() // seq_len * seq_len].reshape(-1, seq_len)
@@ -219,15 +223,21 @@ def compress_moe(model_dir: Union[str, os.PathLike], out_dir: Union[str, os.Path
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise MoeInputError(f"{model_dir} is not a Hugging Face checkpoint folder (no config.json)")
-    _config_expert_field(AutoConfig.from_pretrained(model_dir))
+    checked_model_folder(model_dir, tokenizer=False)
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise MoeInputError(f"transformers cannot read {model_dir / 'config.json'}: {error}") from None
+    _config_expert_field(config)
     check_output_dir(out_dir, overwrite, [model_dir])
     if (calibration_text is None) == (calibration_ids is None):
         raise MoeInputError("pass exactly one of calibration_text (a local text file) and calibration_ids")
+    if max_tokens < 1 or seq_len < 1:
+        raise MoeInputError(f"--max-tokens (max_tokens) and --seq-len (seq_len) must be >= 1, got {max_tokens} "
+                            f"and {seq_len}")
     if calibration_ids is None:
         calibration_ids = tokenize_calibration(model_dir, calibration_text, max_tokens, seq_len)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", use_safetensors=True, local_files_only=True)
     compress_moe_model(model, num_experts, calibration_ids)
     with atomic_output_dir(out_dir, overwrite, [model_dir]) as staging:
         model.save_pretrained(staging)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Mapping, Tuple, Union
+from typing import Callable, List, Mapping, Optional, Tuple, Union
 
 import torch
 import transformers
@@ -17,7 +17,9 @@ from tqdm import tqdm
 
 from moefuse.errors import MoefuseError
 from moefuse.device import resolve_device
+from moefuse.io.local_files import checked_model_folder
 from moefuse.io.output import atomic_output_dir, check_output_dir
+from moefuse.merge.config import checkpoint_dtype
 
 StepLosses = Callable[[torch.Generator], Tuple[torch.Tensor, torch.Tensor]]
 
@@ -35,29 +37,26 @@ class TrainResult:
 
 
 def load_for_training(model_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], *, steps: int,
-                      batch_size: int, seq_len: int, learning_rate: float, device: str, overwrite: bool):
+                      batch_size: int, seq_len: int, learning_rate: float, aux_loss_coef: Optional[float],
+                      device: str, overwrite: bool):
     """(tokenizer, model in fp32, the dtype to save it in: its config's, else fp32) of `model_dir`,
-    after checking steps, batch_size >= 1, seq_len >= 2, learning_rate > 0, the device, and that
+    after checking steps, batch_size >= 1, seq_len >= 2, learning_rate > 0, aux_loss_coef >= 0 (when
+    given), the device, the model folder (`checked_model_folder`: no hub, no unpickling), and that
     `out_dir` may be written (see `check_output_dir`), so that no training is wasted."""
     if steps < 1 or batch_size < 1 or seq_len < 2 or learning_rate <= 0:
         raise TrainingError("steps and batch_size must be >= 1, seq_len >= 2 and learning_rate > 0")
+    if aux_loss_coef is not None and not aux_loss_coef >= 0:
+        raise TrainingError(f"--aux-loss-coef (aux_loss_coef) must be >= 0, got {aux_loss_coef}")
     resolve_device(device)
     check_output_dir(out_dir, overwrite, [model_dir])
+    saved_dtype = checkpoint_dtype(checked_model_folder(model_dir)) or torch.float32
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                                  use_safetensors=True, local_files_only=True)
     except (OSError, ValueError) as error:
         raise TrainingError(f"cannot load the model and tokenizer from {Path(model_dir)}: {error}") from None
-    dtype = getattr(model.config, "dtype", None)
-    return tokenizer, model, dtype if isinstance(dtype, torch.dtype) else torch.float32
-
-
-def read_training_text(text_file: Union[str, os.PathLike]) -> str:
-    """The UTF-8 text of `text_file`; a missing file raises naming it."""
-    path = Path(text_file)
-    if not path.is_file():
-        raise TrainingError(f"training text {path} does not exist; pass a local UTF-8 text file")
-    return path.read_text(encoding="utf-8")
+    return tokenizer, model, saved_dtype
 
 
 def mark_trainable(model: torch.nn.Module, train: str, choices: Mapping[str, Tuple[str, ...]],

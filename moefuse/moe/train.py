@@ -18,8 +18,9 @@ from typing import List, Optional, Union
 
 import torch
 
+from moefuse.io.local_files import read_text_file
 from moefuse.moe.fine_tuning import (
-    TrainingError, TrainResult, load_for_training, mark_trainable, read_training_text, run_adamw, save_trained,
+    TrainingError, TrainResult, load_for_training, mark_trainable, run_adamw, save_trained,
 )
 from moefuse.moe.modeling_hetero import MoefuseHeteroForCausalLM, sequence_load_balancing_loss
 
@@ -34,7 +35,7 @@ def text_samples(text_file: Path, tokenizer, seq_len: int) -> List[List[int]]:
     """The token ids of each non-empty line of `text_file`, cut into pieces of <= seq_len tokens
     (pieces shorter than 2 tokens, which have no next-token target, are dropped)."""
     samples = []
-    for line in read_training_text(text_file).splitlines():
+    for line in read_text_file(text_file, "training text").splitlines():
         ids = tokenizer(line, add_special_tokens=False)["input_ids"] if line.strip() else []
         samples.extend(piece for start in range(0, len(ids), seq_len) if len(piece := ids[start:start + seq_len]) >= 2)
     if not samples:
@@ -65,7 +66,8 @@ def train_moe(model_dir: Union[str, os.PathLike], text_file: Union[str, os.PathL
     load-balancing losses."""
     tokenizer, model, saved_dtype = load_for_training(model_dir, out_dir, steps=steps, batch_size=batch_size,
                                                       seq_len=seq_len, learning_rate=learning_rate,
-                                                      device=device, overwrite=overwrite)
+                                                      aux_loss_coef=aux_loss_coef, device=device,
+                                                      overwrite=overwrite)
     if not isinstance(model, MoefuseHeteroForCausalLM):
         raise TrainingError(f"{Path(model_dir)} ({type(model).__name__}) is not a heterogeneous MoE (moefuse_hetero); "
                             "build one with mode: heterogeneous, or use train-router for token-routed MoEs")

@@ -15,8 +15,9 @@ from typing import Union
 
 import torch
 
+from moefuse.io.local_files import read_text_file
 from moefuse.moe.fine_tuning import (
-    TrainingError, TrainResult, load_for_training, mark_trainable, read_training_text, run_adamw, save_trained,
+    TrainingError, TrainResult, load_for_training, mark_trainable, run_adamw, save_trained,
 )
 
 TRAINABLE = {
@@ -27,7 +28,7 @@ TRAINABLE = {
 
 
 def _token_windows(text_file: Path, tokenizer, length: int) -> torch.Tensor:
-    ids = tokenizer(read_training_text(text_file), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(read_text_file(text_file, "training text"), add_special_tokens=False)["input_ids"]
     if len(ids) < length + 1:
         raise TrainingError(f"training text {text_file} has {len(ids)} tokens, fewer than one window of {length + 1}; "
                             "use a longer text or a smaller --seq-len")
@@ -51,11 +52,13 @@ def train_router(model_dir: Union[str, os.PathLike], text_file: Union[str, os.Pa
     (atomically, with the tokenizer). Training runs in fp32 and is saved in the model's dtype."""
     tokenizer, model, saved_dtype = load_for_training(model_dir, out_dir, steps=steps, batch_size=batch_size,
                                                       seq_len=seq_len, learning_rate=learning_rate,
-                                                      device=device, overwrite=overwrite)
+                                                      aux_loss_coef=aux_loss_coef, device=device,
+                                                      overwrite=overwrite)
     if not hasattr(model.config, "router_aux_loss_coef"):
         raise TrainingError(f"{Path(model_dir)} ({type(model).__name__}) is not a token-routed MoE with a "
                             "load-balancing loss; router training supports Mixtral, Qwen2-MoE and Qwen3-MoE checkpoints")
     windows = _token_windows(Path(text_file), tokenizer, seq_len)
+    checkpoint_coef = model.config.router_aux_loss_coef
     model.config.router_aux_loss_coef = aux_loss_coef
     model.to(device).train()
     result = TrainResult(Path(out_dir), trained_parameters=_mark_trainable(model, train))
@@ -67,5 +70,6 @@ def train_router(model_dir: Union[str, os.PathLike], text_file: Union[str, os.Pa
 
     run_adamw(model, step_losses, result, steps=steps, learning_rate=learning_rate, seed=seed, progress=progress,
               desc="training routers")
+    model.config.router_aux_loss_coef = checkpoint_coef  # a training option, not a property of the model
     save_trained(model, tokenizer, out_dir, saved_dtype, overwrite, model_dir)
     return result

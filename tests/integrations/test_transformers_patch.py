@@ -153,12 +153,14 @@ def test_generate_runs_a_dense_model_unpatched_unless_fast_is_required(saved_mod
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing folder", "model folder {folder} does not exist (moefuse never downloads models)"),
+    ("missing folder", "model folder {folder} does not exist or is not a folder; check the path (moefuse never "
+                       "downloads models)"),
     ("no config", "{folder} has no config.json; pass a Hugging Face checkpoint folder"),
     ("no tokenizer", "{folder} has no tokenizer (none of tokenizer.json"),
-    ("zero tokens", "max_new_tokens must be a positive integer, got 0"),
-    ("negative tokens", "max_new_tokens must be a positive integer, got -3"),
-    ("empty prompt", "the prompt '' encodes to no tokens; give a non-empty prompt"),
+    ("pickled weights", "{folder} holds only pickled PyTorch weights (pytorch_model.bin); moefuse never unpickles"),
+    ("zero tokens", "generate: max_new_tokens must be a positive integer, got 0"),
+    ("negative tokens", "generate: max_new_tokens must be a positive integer, got -3"),
+    ("empty prompt", "generate: the prompt '' encodes to no tokens; give a non-empty prompt"),
     ("bad device", "--device 'gpu0' is not a device name; use cpu, cuda or cuda:N"),
     pytest.param("absent cuda", "--device cuda was asked for but this machine has no usable CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
@@ -177,6 +179,7 @@ def test_generate_bad_inputs_are_clear_errors(saved_models, tmp_path, capsys, ca
     elif case == "no tokenizer":
         for path in folder.glob("*token*"):
             path.unlink()
+    elif case == "pickled weights":
+        (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     assert main(["generate", str(folder), "--prompt", prompt, *args]) == 2
-    assert f"moefuse: error: generate: {message.format(folder=folder)}".replace("generate: --device", "--device") \
-        in capsys.readouterr().err
+    assert f"moefuse: error: {message.format(folder=folder)}" in capsys.readouterr().err

@@ -119,6 +119,9 @@ def test_bad_yaml_and_unsupported_keys(tmp_path, models):
     bad.write_text("merge_method: ties\nmodels: [unclosed\n")
     with pytest.raises(MergeConfigError, match=f"config file {bad} is not valid YAML"):
         merge_checkpoints(bad, tmp_path / "out", progress=False)
+    bad.write_bytes("merge_method: ties  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(MergeConfigError, match=f"config file {bad} is not UTF-8 text .* at byte 25\\); save it as UTF-8"):
+        merge_checkpoints(bad, tmp_path / "out", progress=False)
     for modules in ({"text_decoder": {}}, {}):
         with pytest.raises(MergeConfigError, match="'modules': multi-module configurations are not supported"):
             merge_checkpoints({**_ties(models), "modules": modules}, tmp_path / "out", progress=False)

@@ -159,10 +159,10 @@ def test_bad_models_and_calibration(tmp_path, calibration_file):
     dense.save_pretrained(tmp_path / "dense")
     with pytest.raises(MoeInputError, match="'llama' is not a sparse MoE"):
         compress_moe(tmp_path / "dense", tmp_path / "out", 1, calibration_text=calibration_file)
-    with pytest.raises(MoeInputError, match="no config.json"):
+    with pytest.raises(MoefuseError, match="model folder .*missing does not exist"):
         compress_moe(tmp_path / "missing", tmp_path / "out", 1, calibration_text=calibration_file)
     source = _save(_model("mixtral"), tmp_path / "source")
-    with pytest.raises(MoeInputError, match="nothing.txt does not exist"):
+    with pytest.raises(MoefuseError, match="nothing.txt does not exist"):
         compress_moe(source, tmp_path / "out", 1, calibration_text=tmp_path / "nothing.txt")
     with pytest.raises(MoeInputError, match="exactly one"):
         compress_moe(source, tmp_path / "out", 1)
@@ -182,3 +182,34 @@ def test_cli(tmp_path, calibration_file, capsys):
     assert cli_main(["compress-moe", str(source), str(tmp_path / "out"), "--experts", "2",
                      "--calibration", str(calibration_file)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("seq-len 0", "--max-tokens (max_tokens) and --seq-len (seq_len) must be >= 1, got 8192 and 0"),
+    ("max-tokens -5", "--max-tokens (max_tokens) and --seq-len (seq_len) must be >= 1, got -5 and 512"),
+    ("bad config json", "config.json is not valid JSON"),
+    ("no weights", "has no safetensors weights"),
+    ("unknown model_type", "transformers cannot read"),
+    ("latin-1 calibration", "calibration text {calibration} is not UTF-8 text"),
+])
+def test_bad_options_and_folders_are_named(tmp_path, calibration_file, capsys, case, message):
+    source = _save(_model("mixtral"), tmp_path / "source")
+    options = {"seq-len 0": ["--seq-len", "0"], "max-tokens -5": ["--max-tokens", "-5"]}.get(case, [])
+    if case == "bad config json":
+        (source / "config.json").write_text("{not json")
+    elif case == "no weights":
+        (source / "model.safetensors").unlink()
+    elif case == "unknown model_type":
+        config = json.loads((source / "config.json").read_text())
+        (source / "config.json").write_text(json.dumps({**config, "model_type": "no-such-model"}))
+    elif case == "latin-1 calibration":
+        calibration_file.write_bytes("caf\xe9".encode("latin-1"))
+    assert cli_main(["compress-moe", str(source), str(tmp_path / "out"), "--experts", "1",
+                     "--calibration", str(calibration_file), *options]) == 2
+    assert message.format(calibration=calibration_file) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_ids_outside_the_vocabulary_are_refused():
+    with pytest.raises(MoeInputError, match=rf"calibration input_ids must lie in \[0, {VOCAB_SIZE}\)"):
+        compress_moe_model(_model("mixtral"), 1, torch.tensor([[5, VOCAB_SIZE, 7]]))

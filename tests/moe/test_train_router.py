@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 
 import pytest
 import torch
@@ -86,3 +87,49 @@ def test_cli(moe, tmp_path, capsys):
     assert main(["train-router", str(folder), str(text), str(tmp_path / "out"), "--steps", "2", "--seq-len", "16"]) == 0
     assert "parameters trained" in capsys.readouterr().out
     assert main(["train-router", str(folder), str(tmp_path / "none.txt"), str(tmp_path / "x"), "--quiet"]) == 2
+
+
+def test_a_bf16_checkpoint_is_saved_in_bf16_with_its_own_aux_loss_coef(moe, tmp_path):
+    from safetensors import safe_open
+
+    folder, text = moe
+    half = tmp_path / "bf16"
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    model.config.router_aux_loss_coef = 0.001
+    model.to(torch.bfloat16).save_pretrained(half)
+    word_tokenizer().save_pretrained(half)
+    train_router(half, text, tmp_path / "trained", steps=1, seq_len=16, aux_loss_coef=0.5, progress=False)
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "trained")
+    assert config.dtype == torch.bfloat16 and config.router_aux_loss_coef == 0.001
+    with safe_open(tmp_path / "trained" / "model.safetensors", "pt") as weights:
+        assert {weights.get_slice(key).get_dtype() for key in weights.keys()} == {"BF16"}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing model", "model folder {model} does not exist or is not a folder"),
+    ("no tokenizer", "{model} has no tokenizer (none of tokenizer.json"),
+    ("pickled weights", "{model} holds only pickled PyTorch weights"),
+    ("latin-1 text", "training text {text} is not UTF-8 text (byte 9 is 0xe9); convert it"),
+    ("text is a folder", "training text {text} is a folder; pass a local UTF-8 text file"),
+    ("negative aux coef", "--aux-loss-coef (aux_loss_coef) must be >= 0, got -1.0"),
+])
+def test_bad_training_inputs_name_the_file(moe, tmp_path, case, message):
+    folder, text = moe
+    model = tmp_path / "model"
+    if case != "missing model":
+        shutil.copytree(folder, model)
+    if case == "no tokenizer":
+        for path in model.glob("*token*"):
+            path.unlink()
+    elif case == "pickled weights":
+        (model / "model.safetensors").rename(model / "pytorch_model.bin")
+    elif case == "latin-1 text":
+        text = tmp_path / "latin1.txt"
+        text.write_bytes("w1 w2 caf\xe9 w3".encode("latin-1"))
+    elif case == "text is a folder":
+        text = tmp_path
+    with pytest.raises(MoefuseError) as raised:
+        train_router(model, text, tmp_path / "out", steps=1, seq_len=16, progress=False,
+                     aux_loss_coef=-1.0 if case == "negative aux coef" else 0.02)
+    assert message.format(model=model, text=text) in str(raised.value)
+    assert not (tmp_path / "out").exists()
