@@ -48,7 +48,7 @@ from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, OutputTensor
 from moefuse.merge.config import checkpoint_dtype, parse_dtype
 from moefuse.merge.plan import Source
 from moefuse.moe.build import OutputTask, run_builder, same_vocabulary, write_tasks
-from moefuse.moe.config import MoeConfigError, check_experts_per_token, model_folder, read_config_mapping
+from moefuse.moe.config import MoeConfigError, check_experts_per_token, listed, model_folder, read_config_mapping
 from moefuse.moe.configuration_hetero import MODEL_TYPE, PROJECTORS, ROUTING_MODES, MoefuseHeteroConfig
 
 HETERO_KEYS = ("mode", "experts", "experts_per_token", "routing", "routing_temperature", "projector",
@@ -114,7 +114,7 @@ def parse_hetero_config(source: Union[str, os.PathLike, dict, HeteroBuildConfig]
                              f"valid keys: {', '.join(HETERO_KEYS)}")
     if data.get("mode", "heterogeneous") != "heterogeneous":
         raise MoeConfigError(f"config: mode is {data['mode']!r}; a heterogeneous MoE needs mode: heterogeneous")
-    experts = [_expert_folder(e, i) for i, e in enumerate(data.get("experts") or [])]
+    experts = [_expert_folder(e, i) for i, e in enumerate(listed(data, "experts"))]
     if not experts:
         raise MoeConfigError("config: 'experts' must list at least one dense causal LM folder")
     per_token = _integer(data, "experts_per_token", 1, 1)

@@ -140,6 +140,17 @@ def _number(value: Any, where: str) -> Optional[float]:
     return float(value)
 
 
+def listed(data: dict, key: str) -> list:
+    """The list `data[key]` (empty when absent); a single string or a mapping is refused, since
+    iterating it would read characters or keys as entries."""
+    value = data.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise MoeConfigError(f"config: '{key}' must be a list (one '- ' entry per expert), got {value!r}")
+    return value
+
+
 def _expert(entry: Any, where: str) -> ExpertSpec:
     if isinstance(entry, str):
         entry = {"source_model": entry}
@@ -173,7 +184,16 @@ def _shared_rules(value: Any) -> List[SharedRule]:
             raise MoeConfigError(f"config: shared_weights[{i}] has unknown key(s) {', '.join(unknown)}; valid: filter, method, parameters")
         method = entry["method"]
         if method not in SHARED_METHODS:
-            method = get_method(method).name  # raises, listing the valid methods
+            spec = get_method(method)  # raises, listing the valid methods
+            if not spec.needs_base or spec.max_models is not None:
+                raise MoeConfigError(
+                    f"config: shared_weights[{i}]: method '{spec.name}' cannot merge the base with every expert; "
+                    f"use {', '.join(SHARED_METHODS)} or a method of `moefuse methods` taking a base and any "
+                    "number of models (ties, dare_ties, task_arithmetic, ...)")
+            method = spec.name
+        if entry.get("filter") is not None and not isinstance(entry["filter"], str):
+            raise MoeConfigError(f"config: shared_weights[{i}].filter must be one tensor-name substring or group "
+                                 f"name, got {entry['filter']!r}; write one rule per filter")
         parameters = entry.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise MoeConfigError(f"config: shared_weights[{i}].parameters must be a mapping, got {parameters!r}")
@@ -211,10 +231,10 @@ def parse_moe_config(source: Union[str, os.PathLike, dict, MoeBuildConfig]) -> M
         raise MoeConfigError(f"config: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(TOP_LEVEL_KEYS)}")
     if data.get("base_model") is None:
         raise MoeConfigError("config: 'base_model' is required (the model whose non-expert weights and tokenizer are used)")
-    experts = [_expert(e, f"experts[{i}]") for i, e in enumerate(data.get("experts") or [])]
+    experts = [_expert(e, f"experts[{i}]") for i, e in enumerate(listed(data, "experts"))]
     if not experts:
         raise MoeConfigError("config: 'experts' must list at least one expert (source_model: <folder>)")
-    shared = [_expert(e, f"shared_experts[{i}]") for i, e in enumerate(data.get("shared_experts") or [])]
+    shared = [_expert(e, f"shared_experts[{i}]") for i, e in enumerate(listed(data, "shared_experts"))]
 
     gate_mode = data.get("gate_mode", "hidden")
     if gate_mode not in GATE_MODES:

@@ -147,3 +147,21 @@ def test_output_folder_that_is_an_input_is_refused_before_the_gates_are_computed
     with pytest.raises(MoefuseError, match=f"output folder {dense[1]} is the input {dense[1]}"):
         build_moe(_config(dense), dense[1], progress=False, overwrite=True)
     assert sorted(p.name for p in dense[1].iterdir()) == before
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda c, d: {**c, "experts": str(d[1])}, "'experts' must be a list (one '- ' entry per expert)"),
+    (lambda c, d: {**c, "experts": {"source_model": str(d[1])}}, "'experts' must be a list"),
+    (lambda c, d: {**c, "shared_experts": str(d[1])}, "'shared_experts' must be a list"),
+    (lambda c, d: {"mode": "heterogeneous", "experts": str(d[1])}, "'experts' must be a list"),
+    (lambda c, d: {**c, "shared_weights": [{"filter": 5, "method": "average"}]},
+     "shared_weights[0].filter must be one tensor-name substring or group name, got 5"),
+    (lambda c, d: {**c, "shared_weights": [{"filter": ["embeddings", "head"], "method": "average"}]},
+     "shared_weights[0].filter must be one tensor-name substring"),
+    (lambda c, d: {**c, "shared_weights": [{"method": "slerp"}]},
+     "shared_weights[0]: method 'slerp' cannot merge the base with every expert"),
+    (lambda c, d: {**c, "shared_weights": [{"method": "passthrough"}]},
+     "shared_weights[0]: method 'passthrough' cannot merge the base with every expert"),
+])
+def test_malformed_lists_and_shared_rules_are_refused_while_parsing(dense, tmp_path, edit, pattern):
+    _refused(edit(_config(dense), dense), tmp_path, pattern)
