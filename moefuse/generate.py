@@ -14,9 +14,7 @@ import torch
 from moefuse.device import resolve_device
 from moefuse.errors import MoeInputError
 from moefuse.io.local_files import checked_model_folder
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from moefuse.ops.merge import DTYPE_NAMES
 
 def generate(
     model_path: Union[str, Path],
@@ -38,8 +36,8 @@ def generate(
 
     from moefuse.integrations.transformers import apply_to
 
-    if dtype is not None and dtype not in _DTYPES:
-        raise MoeInputError(f"generate: dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise MoeInputError(f"generate: dtype {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise MoeInputError(f"generate: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     target = resolve_device(device)
@@ -49,7 +47,7 @@ def generate(
     inputs = tokenizer(prompt, return_tensors="pt")
     if inputs["input_ids"].shape[1] == 0:
         raise MoeInputError(f"generate: the prompt {prompt!r} encodes to no tokens; give a non-empty prompt")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype] if dtype else "auto",
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPE_NAMES[dtype] if dtype else "auto",
                                                  use_safetensors=True, local_files_only=True).to(target)
     model.eval()
     if fast is not False:

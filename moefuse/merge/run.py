@@ -214,14 +214,15 @@ def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str
     cache with `direct_io`, where the file system allows it). The caller closes the plan."""
     target = resolve_device(device)
     tokenizer_source = _tokenizer_source(plan)
-    check_output_dir(out_dir, overwrite, _input_folders(plan))  # before the progress bar shows
+    inputs = _input_folders(plan)
+    check_output_dir(out_dir, overwrite, inputs)  # before the progress bar shows
     out_dtypes = {t.out_dtype for t in plan.tasks if t.merge}
     _return_freed_pieces_to_the_system()
     loader = _Loader(target)
     bar = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress)
     try:
         align_plan(plan)
-        with atomic_output_dir(out_dir, overwrite, _input_folders(plan)) as partial:
+        with atomic_output_dir(out_dir, overwrite, inputs) as partial:
             writer = ShardedWriter(partial, [t.output for t in plan.tasks], max_shard_size,
                                    metadata={"producer": "moefuse"}, direct_io=direct_io)
             output = _Output(writer, bar)
