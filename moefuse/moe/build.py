@@ -25,13 +25,14 @@ import torch
 from tqdm import tqdm
 
 from moefuse.errors import MergeInputError, MoefuseError, NonfiniteInputError
+from moefuse.io.local_files import read_model_config
 from moefuse.io.output import (
     DTYPE_CONFIG_NAMES, atomic_output_dir, check_output_dir, copy_generation_config, copy_tokenizer_files,
 )
 from moefuse.io.safetensors_reader import CheckpointReader
 from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, OutputTensor, ShardedWriter
 from moefuse.merge.config import checkpoint_dtype
-from moefuse.merge.plan import FLOAT_DTYPES, Source, matching_sources, nonfinite_input
+from moefuse.merge.plan import FLOAT_DTYPES, Source, check_model_count, matching_sources, nonfinite_input
 from moefuse.methods import get_method, resolve_params
 from moefuse.moe.config import (
     SHARED_METHODS, ExpertSpec, MoeBuildConfig, MoeConfigError, config_mode, parse_moe_config,
@@ -64,9 +65,7 @@ class MoeBuilder:
         self._readers: Dict[Path, CheckpointReader] = {self._path_key(cfg.base_model): self.base}
         self.expert_readers = [self._reader(e.source_model) for e in cfg.experts]
         self.shared_readers = [self._reader(e.source_model) for e in cfg.shared_experts]
-        self.base_config = self.base.config()
-        if not self.base_config:
-            raise MergeInputError(f"{cfg.base_model} has no config.json; the base must be a Hugging Face model folder")
+        self.base_config = model_config(self.base, "base_model")
         self._check_compatible()
         # Models whose versions of the shared tensors are averaged or merged: each distinct expert model once.
         self.merge_readers = list({id(r): r for r in self.expert_readers + self.shared_readers}.values())
@@ -92,33 +91,51 @@ class MoeBuilder:
 
     # ---- validation -------------------------------------------------------------------------
     def _check_compatible(self) -> None:
+        """Refuse an expert or shared expert without config.json, of another architecture than the
+        base, or with another vocabulary."""
         described = [("experts", i, e, r) for i, (e, r) in enumerate(zip(self.cfg.experts, self.expert_readers))]
         described += [("shared_experts", i, e, r) for i, (e, r) in enumerate(zip(self.cfg.shared_experts, self.shared_readers))]
-        base_fields = {f: self.base_config.get(f) for f in ARCHITECTURE_FIELDS}
         for group, index, expert, reader in described:
-            fields = {f: reader.config().get(f) for f in ARCHITECTURE_FIELDS}
-            differing = [f"{f} {fields[f]} vs {base_fields[f]}" for f in ARCHITECTURE_FIELDS
-                         if f != "vocab_size" and fields[f] != base_fields[f]]
-            if differing:
-                raise MoeConfigError(
-                    f"{group}[{index}] ({expert.source_model}) does not share the base's architecture "
-                    f"({'; '.join(differing)}): FFN experts of one MoE layer must come from models of one "
-                    "architecture. Experts of different architectures or sizes need a heterogeneous MoE "
-                    "(MergeME's per-expert layer stacks with projectors): use mode: heterogeneous."
-                )
-            if fields["vocab_size"] != base_fields["vocab_size"] or not same_vocabulary(expert.source_model, self.cfg.base_model):
-                raise MoeConfigError(
-                    f"{group}[{index}] ({expert.source_model}) has a different vocabulary or tokenizer from the base "
-                    f"{self.cfg.base_model} (vocab_size {fields['vocab_size']} vs {base_fields['vocab_size']}): "
-                    "experts must share the base's tokenizer"
-                )
+            fields = {f: model_config(reader, f"{group}[{index}]").get(f) for f in ARCHITECTURE_FIELDS}
+            where = f"{group}[{index}] ({expert.source_model})"
+            self._check_architecture(fields, where)
+            self._check_vocabulary(fields["vocab_size"], expert.source_model, where)
+
+    def _check_architecture(self, fields: Dict[str, object], where: str) -> None:
+        """Refuse an expert (described by `where`) whose ARCHITECTURE_FIELDS, but vocab_size, differ from the base's."""
+        differing = [f"{f} {fields[f]} vs {self.base_config.get(f)}" for f in ARCHITECTURE_FIELDS
+                     if f != "vocab_size" and fields[f] != self.base_config.get(f)]
+        if differing:
+            raise MoeConfigError(
+                f"{where} does not share the base's architecture "
+                f"({'; '.join(differing)}): FFN experts of one MoE layer must come from models of one "
+                "architecture. Experts of different architectures or sizes need a heterogeneous MoE "
+                "(MergeME's per-expert layer stacks with projectors): use mode: heterogeneous."
+            )
+
+    def _check_vocabulary(self, vocab_size: object, folder: Path, where: str) -> None:
+        """Refuse an expert (`folder`, described by `where`) whose vocab_size or tokenizer.json vocabulary
+        differs from the base's, naming the folder that lacks tokenizer.json when only one has it."""
+        base, base_where = self.cfg.base_model, f"the base ({self.cfg.base_model})"
+        check_comparable_tokenizers(folder, where, base, base_where)
+        if vocab_size != self.base_config.get("vocab_size"):
+            difference = f"vocab_size {vocab_size} vs {self.base_config.get('vocab_size')}"
+        elif not same_vocabulary(folder, base):
+            difference = "their tokenizer.json vocabularies differ"
+        else:
+            return
+        raise MoeConfigError(f"{where} has a different vocabulary or tokenizer from {base_where} ({difference}): "
+                             "experts must share the base's tokenizer")
 
     def _check_rules(self) -> None:
-        """Validate the shared-weight merge parameters now, not midway through writing."""
+        """Validate the shared-weight merge methods' model counts (each distinct expert model is one
+        model) and parameters now, not midway through writing."""
         for index, rule in enumerate(self.cfg.shared_weights):
             if rule.method not in SHARED_METHODS:
                 try:
-                    resolve_params(get_method(rule.method), len(self.merge_readers), dict(rule.parameters))
+                    spec = get_method(rule.method)
+                    check_model_count(spec, len(self.merge_readers), "", "distinct expert model(s)")
+                    resolve_params(spec, len(self.merge_readers), dict(rule.parameters))
                 except MoefuseError as error:
                     raise MoeConfigError(f"config: shared_weights[{index}] ({rule.method}): {error}") from None
 
@@ -145,18 +162,18 @@ class MoeBuilder:
         info = self.base.info(key)
         if rule.method == "base" or info.dtype not in FLOAT_DTYPES:
             source = Source(self.base, key)
-            return OutputTask(self._output(key, info), lambda: self._cast(source, info.dtype), [source], "copy base")
-        inputs = matching_sources(self.base, key, self.merge_readers)
+            return OutputTask(self._output(key, info), lambda: self._cast(source), [source], "copy base")
+        inputs = matching_sources(self.base, key, self.merge_readers, cast_floats=True)
         if rule.method == "average":
             def produce() -> torch.Tensor:
-                tensors = [s.reader.tensor(s.key) for s in inputs]
+                tensors = [self._cast(s) for s in inputs]
                 return merge_tensors(None, tensors, "linear", out_dtype=self.out_dtype, weight=1.0, normalize=True)
             return OutputTask(self._output(key, info), produce, inputs, "average of the experts")
         base_source = Source(self.base, key)
 
         def merge() -> torch.Tensor:
             try:
-                return merge_tensors(base_source.reader.tensor(key), [s.reader.tensor(s.key) for s in inputs],
+                return merge_tensors(self._cast(base_source), [self._cast(s) for s in inputs],
                                      rule.method, out_dtype=self.out_dtype, **rule.parameters)
             except NonfiniteInputError as error:
                 raise nonfinite_input(error, key, base_source, inputs) from None
@@ -187,14 +204,14 @@ class MoeBuilder:
         return tasks
 
     def _expert_task(self, out_key: str, key: str, expert: ExpertSpec, reader: CheckpointReader) -> OutputTask:
-        source = matching_sources(self.base, key, [reader])[0]
+        source = matching_sources(self.base, key, [reader], cast_floats=True)[0]
         info = self.base.info(key)
         scale = expert.residual_scale if key.endswith("down_proj.weight") else None
 
         def produce() -> torch.Tensor:
             tensor = source.reader.tensor(source.key)
             if expert.noise_scale is None and scale is None:
-                return self._cast(source, info.dtype)
+                return self._cast(source)
             tensor = tensor.float()
             if expert.noise_scale is not None:
                 tensor = tensor + expert.noise_scale * torch.randn(tensor.shape, generator=self._noise)
@@ -222,9 +239,11 @@ class MoeBuilder:
         dtype = self.out_dtype if info.dtype in FLOAT_DTYPES else info.dtype
         return OutputTensor(key, tuple(info.shape), dtype)
 
-    def _cast(self, source: Source, dtype: torch.dtype) -> torch.Tensor:
+    def _cast(self, source: Source) -> torch.Tensor:
+        """`source`'s tensor, cast to the output dtype when floating (FLOAT_DTYPES): inputs stored in
+        differing floating dtypes are merged and written in that one, as mergekit-moe does."""
         tensor = source.reader.tensor(source.key)
-        return tensor.to(self.out_dtype) if dtype in FLOAT_DTYPES else tensor
+        return tensor.to(self.out_dtype) if tensor.dtype in FLOAT_DTYPES else tensor
 
     # ---- running ----------------------------------------------------------------------------
     def output_config(self) -> dict:
@@ -307,6 +326,26 @@ def write_tasks(tasks: List[OutputTask], out_dir: Path, files_source: Path, mode
         copy_tokenizer_files(files_source, partial)
         (partial / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
     return Path(out_dir)
+
+
+def model_config(reader: CheckpointReader, where: str) -> dict:
+    """The config.json of `reader`'s folder as a dict; a folder without one (or with an invalid one)
+    is refused, naming `where` (the config option that points to it)."""
+    try:
+        return read_model_config(reader.folder)
+    except MoefuseError as error:
+        raise MoeConfigError(f"{where}: {error}") from None
+
+
+def check_comparable_tokenizers(folder: Path, where: str, reference: Path, reference_where: str) -> None:
+    """Refuse two model folders of which only one has tokenizer.json: the vocabularies cannot be
+    compared, so the folder lacking it is named (`where`, `reference_where` describe the folders)."""
+    has, reference_has = [(Path(f) / "tokenizer.json").is_file() for f in (folder, reference)]
+    if has == reference_has:
+        return
+    lacking, other = (reference_where, where) if has else (where, reference_where)
+    raise MoeConfigError(f"{lacking} has no tokenizer files (no tokenizer.json), so its vocabulary cannot be "
+                         f"checked against {other}'s; copy the tokenizer files of the model it was made from into it")
 
 
 def same_vocabulary(folder: Path, reference: Path) -> bool:

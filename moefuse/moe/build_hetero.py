@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
@@ -47,8 +47,12 @@ from moefuse.io.safetensors_reader import CheckpointReader
 from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, OutputTensor
 from moefuse.merge.config import checkpoint_dtype, parse_dtype
 from moefuse.merge.plan import Source
-from moefuse.moe.build import OutputTask, run_builder, same_vocabulary, write_tasks
-from moefuse.moe.config import MoeConfigError, check_experts_per_token, listed, model_folder, read_config_mapping
+from moefuse.moe.build import (
+    OutputTask, check_comparable_tokenizers, model_config, run_builder, same_vocabulary, write_tasks,
+)
+from moefuse.moe.config import (
+    MoeConfigError, check_dtype, check_experts_per_token, listed, model_folder, read_config_mapping,
+)
 from moefuse.moe.configuration_hetero import MODEL_TYPE, PROJECTORS, ROUTING_MODES, MoefuseHeteroConfig
 
 HETERO_KEYS = ("mode", "experts", "experts_per_token", "routing", "routing_temperature", "projector",
@@ -62,7 +66,8 @@ CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 @dataclass(frozen=True)
 class HeteroBuildConfig:
-    """A validated heterogeneous MoE configuration (see the module docstring)."""
+    """A heterogeneous MoE configuration (see the module docstring). Every instance is validated on
+    construction (`check_hetero_config`), whether `parse_hetero_config` made it or a caller did."""
 
     experts: List[Path]
     experts_per_token: int = 1
@@ -75,21 +80,47 @@ class HeteroBuildConfig:
     dtype: Optional[torch.dtype] = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_hetero_config(self)
 
-def _integer(data: dict, key: str, default, minimum: int) -> Optional[int]:
-    value = data.get(key, default)
-    if value is None and default is None:
-        return None
+
+def _check_integer(value: Any, key: str, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise MoeConfigError(f"config: {key} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
-def _choice(data: dict, key: str, choices) -> str:
-    value = data.get(key, choices[0])
+def _check_choice(value: Any, key: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise MoeConfigError(f"config: {key} {value!r} is not supported; use one of {', '.join(choices)}")
-    return value
+
+
+def check_hetero_config(cfg: HeteroBuildConfig) -> None:
+    """Refuse an invalid configuration, naming the option: every check of a heterogeneous MoE
+    config that needs no model files (those are made by `HeteroMoeBuilder`)."""
+    if not isinstance(cfg.experts, list):
+        raise MoeConfigError(f"config: experts must be a list of model folders, got {cfg.experts!r}")
+    for index, folder in enumerate(cfg.experts):
+        model_folder(folder, f"experts[{index}]")
+    if not cfg.experts:
+        raise MoeConfigError("config: 'experts' must list at least one dense causal LM folder")
+    _check_integer(cfg.experts_per_token, "experts_per_token", 1)
+    check_experts_per_token(cfg.experts_per_token, len(cfg.experts))
+    _check_choice(cfg.routing, "routing", ROUTING_MODES)
+    temperature = cfg.routing_temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise MoeConfigError(f"config: routing_temperature must be a number > 0, got {temperature!r}")
+    _check_choice(cfg.projector, "projector", PROJECTORS)
+    if cfg.projector_hidden_size is not None:
+        _check_integer(cfg.projector_hidden_size, "projector_hidden_size", 1)
+    shared = cfg.shared_embeddings
+    if shared != "average" and (isinstance(shared, bool) or not isinstance(shared, int)
+                                or not 0 <= shared < len(cfg.experts)):
+        raise MoeConfigError(f"config: shared_embeddings must be 'average' or an expert index in "
+                             f"[0, {len(cfg.experts) - 1}], got {shared!r}")
+    if not isinstance(cfg.expert_tables, bool):
+        raise MoeConfigError(f"config: expert_tables must be true or false, got {cfg.expert_tables!r}")
+    check_dtype(cfg.dtype)
+    _check_integer(cfg.seed, "seed", 0)
 
 
 def _expert_folder(entry, index: int) -> Path:
@@ -104,7 +135,8 @@ def _expert_folder(entry, index: int) -> Path:
 
 
 def parse_hetero_config(source: Union[str, os.PathLike, dict, HeteroBuildConfig]) -> HeteroBuildConfig:
-    """Read and validate a heterogeneous MoE configuration (YAML path, dict, or a config object)."""
+    """Read and validate a heterogeneous MoE configuration (YAML path, dict, or a config object,
+    which was validated when it was made)."""
     if isinstance(source, HeteroBuildConfig):
         return source
     data = read_config_mapping(source)
@@ -114,35 +146,18 @@ def parse_hetero_config(source: Union[str, os.PathLike, dict, HeteroBuildConfig]
                              f"valid keys: {', '.join(HETERO_KEYS)}")
     if data.get("mode", "heterogeneous") != "heterogeneous":
         raise MoeConfigError(f"config: mode is {data['mode']!r}; a heterogeneous MoE needs mode: heterogeneous")
-    experts = [_expert_folder(e, i) for i, e in enumerate(listed(data, "experts"))]
-    if not experts:
-        raise MoeConfigError("config: 'experts' must list at least one dense causal LM folder")
-    per_token = _integer(data, "experts_per_token", 1, 1)
-    check_experts_per_token(per_token, len(experts))
-    temperature = data.get("routing_temperature", 1.0)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise MoeConfigError(f"config: routing_temperature must be a number > 0, got {temperature!r}")
-    shared = data.get("shared_embeddings", "average")
-    if shared != "average" and (isinstance(shared, bool) or not isinstance(shared, int)
-                                or not 0 <= shared < len(experts)):
-        raise MoeConfigError(f"config: shared_embeddings must be 'average' or an expert index in "
-                             f"[0, {len(experts) - 1}], got {shared!r}")
-    routing = _choice(data, "routing", ROUTING_MODES)
-    expert_tables = data.get("expert_tables", routing == "perplexity")
-    if not isinstance(expert_tables, bool):
-        raise MoeConfigError(f"config: expert_tables must be true or false, got {expert_tables!r}")
-    dtype = parse_dtype(data.get("dtype"), "dtype", MoeConfigError)
-    return HeteroBuildConfig(
-        experts=experts,
-        experts_per_token=per_token,
+    routing = data.get("routing", ROUTING_MODES[0])
+    return HeteroBuildConfig(  # validated on construction (check_hetero_config)
+        experts=[_expert_folder(e, i) for i, e in enumerate(listed(data, "experts"))],
+        experts_per_token=data.get("experts_per_token", 1),
         routing=routing,
-        routing_temperature=float(temperature),
-        projector=_choice(data, "projector", PROJECTORS),
-        projector_hidden_size=_integer(data, "projector_hidden_size", None, 1),
-        shared_embeddings=shared,
-        expert_tables=expert_tables,
-        dtype=dtype,
-        seed=_integer(data, "seed", 0, 0),
+        routing_temperature=data.get("routing_temperature", 1.0),
+        projector=data.get("projector", PROJECTORS[0]),
+        projector_hidden_size=data.get("projector_hidden_size"),
+        shared_embeddings=data.get("shared_embeddings", "average"),
+        expert_tables=data.get("expert_tables", routing == "perplexity"),
+        dtype=parse_dtype(data.get("dtype"), "dtype", MoeConfigError),
+        seed=data.get("seed", 0),
     )
 
 
@@ -157,7 +172,7 @@ class HeteroMoeBuilder:
     def __init__(self, cfg: HeteroBuildConfig):
         self.cfg = cfg
         self.readers = [CheckpointReader(folder) for folder in cfg.experts]
-        self.configs = [reader.config() for reader in self.readers]
+        self.configs = [model_config(reader, f"experts[{i}]") for i, reader in enumerate(self.readers)]
         self._check_experts()
         self.widths = [reader.info(EMBED_KEY).shape[1] for reader in self.readers]
         self.hidden_size = max(self.widths)
@@ -169,11 +184,10 @@ class HeteroMoeBuilder:
 
     # ---- validation -------------------------------------------------------------------------
     def _check_experts(self) -> None:
-        reference = self.cfg.experts[0]
         for index, (folder, config, reader) in enumerate(zip(self.cfg.experts, self.configs, self.readers)):
             where = f"experts[{index}] ({folder})"
             architectures = config.get("architectures") or []
-            if not config or not any(name in CAUSAL_LM_CLASSES for name in architectures):
+            if not any(name in CAUSAL_LM_CLASSES for name in architectures):
                 raise MoeConfigError(
                     f"{where} is not a causal language model (config.json architectures: {architectures or 'none'}); "
                     "heterogeneous MoE experts must be dense causal LMs (e.g. LlamaForCausalLM, Qwen2ForCausalLM)"
@@ -195,11 +209,19 @@ class HeteroMoeBuilder:
                 raise MoeConfigError(
                     f"{where}: no {HEAD_KEY} and tie_word_embeddings is not set; the checkpoint is incomplete"
                 )
-            if index and not same_vocabulary(folder, reference):
-                raise MoeConfigError(
-                    f"{where} has a different tokenizer from experts[0] ({reference}): the experts of a heterogeneous "
-                    "MoE share one embedding and head, so they must share a tokenizer (tokenizer.json vocabulary)"
-                )
+            if index:
+                self._check_tokenizer(folder, where)
+
+    def _check_tokenizer(self, folder: Path, where: str) -> None:
+        """Refuse an expert (`folder`, described by `where`) whose tokenizer.json vocabulary differs
+        from experts[0]'s, naming the folder that lacks tokenizer.json when only one has it."""
+        reference = self.cfg.experts[0]
+        check_comparable_tokenizers(folder, where, reference, f"experts[0] ({reference})")
+        if not same_vocabulary(folder, reference):
+            raise MoeConfigError(
+                f"{where} has a different tokenizer from experts[0] ({reference}): the experts of a heterogeneous "
+                "MoE share one embedding and head, so they must share a tokenizer (tokenizer.json vocabulary)"
+            )
 
     # ---- planning ---------------------------------------------------------------------------
     def _model_config(self) -> dict:

@@ -26,13 +26,21 @@ from typing import Dict, List, Sequence
 import torch
 import transformers
 
-from moefuse.io.safetensors_reader import CheckpointReader
+from moefuse.io.local_files import check_tokenizer_files
+from moefuse.io.safetensors_reader import CheckpointError, CheckpointReader
 from moefuse.moe.config import ExpertSpec, MoeConfigError
 
 EMBEDDING_KEY = "model.embed_tokens.weight"
 
 
 def load_tokenizer(folder: Path):
+    """The tokenizer of the base model `folder`, which prompt-based gate modes need; a folder
+    without tokenizer files, or one transformers cannot load, is refused."""
+    try:
+        check_tokenizer_files(folder)
+    except CheckpointError as error:
+        raise MoeConfigError(f"base_model: {error}; prompt-based gate modes need the base model's tokenizer, "
+                             "or use gate_mode random") from None
     try:
         return transformers.AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as error:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
@@ -272,3 +274,42 @@ def test_perplexity_moe_generates_after_save_and_load(variants, tmp_path):
     ids = word_tokenizer()(TEXT, return_tensors="pt").input_ids
     out = moe.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape == (1, ids.shape[1] + 5)
+
+
+def _cast_copy(folder: Path, dest: Path, dtype: torch.dtype) -> Path:
+    """A copy of model folder `folder` at `dest` with its floating tensors and config dtype in `dtype`."""
+    shutil.copytree(folder, dest)
+    for path in dest.glob("*.safetensors"):
+        tensors = safetensors.torch.load_file(path)
+        safetensors.torch.save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
+                                    path, metadata={"format": "pt"})
+    config = json.loads((dest / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_experts_in_another_float_dtype_are_cast_to_the_output_dtype(variants, tmp_path, dtype):
+    """As mergekit-moe: an fp32 base with a bf16 expert builds (output dtype: `dtype`, else the base's),
+    and equals a build from inputs cast to the output dtype beforehand, for merged, averaged and copied
+    shared tensors and for the expert FFNs."""
+    out_dtype = torch.bfloat16 if dtype else torch.float32
+    rules = [{"filter": "attention", "method": "ties", "parameters": {"density": 0.5, "weight": 1.0}},
+             {"filter": "norms", "method": "average"}]
+
+    def build(folders, out):
+        config = {"base_model": str(folders[0]), "gate_mode": "random", "experts": _experts(folders[1:], prompts=False),
+                  "shared_weights": rules, **({"dtype": dtype} if dtype else {})}
+        return CheckpointReader(build_moe(config, tmp_path / out, progress=False))
+
+    inputs = [variants[0], variants[1], _cast_copy(variants[2], tmp_path / "bf16", torch.bfloat16)]
+    built = build(inputs, "moe")
+    expected = build([_cast_copy(f, tmp_path / f"cast-{i}", out_dtype) for i, f in enumerate(inputs)], "expected")
+    assert sorted(built.keys()) == sorted(expected.keys())
+    for key in built.keys():
+        assert built.info(key).dtype == out_dtype, key
+        assert torch.equal(built.tensor(key), expected.tensor(key)), key
+    moe = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    assert moe.dtype == out_dtype
+    assert torch.isfinite(_logits(tmp_path / "moe")).all()

@@ -11,6 +11,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from moefuse import build_moe
 from moefuse.errors import MoefuseError
+from moefuse.moe.build_hetero import HeteroBuildConfig, build_hetero_moe
+from moefuse.moe.config import ExpertSpec, MoeBuildConfig, MoeConfigError, SharedRule
 from tests.moe.tiny_models import SPECIAL, WORDS, save_dense_models
 
 
@@ -155,7 +157,8 @@ def test_output_folder_that_is_an_input_is_refused_before_the_gates_are_computed
     (lambda c, d: {**c, "shared_experts": str(d[1])}, "'shared_experts' must be a list"),
     (lambda c, d: {"mode": "heterogeneous", "experts": str(d[1])}, "'experts' must be a list"),
     (lambda c, d: {**c, "shared_weights": [{"filter": 5, "method": "average"}]},
-     "shared_weights[0].filter must be one tensor-name substring or group name, got 5"),
+     "shared_weights[0].filter must be one tensor-name substring or group name (embeddings, attention, norms, "
+     "head), got 5"),
     (lambda c, d: {**c, "shared_weights": [{"filter": ["embeddings", "head"], "method": "average"}]},
      "shared_weights[0].filter must be one tensor-name substring"),
     (lambda c, d: {**c, "shared_weights": [{"method": "slerp"}]},
@@ -165,3 +168,104 @@ def test_output_folder_that_is_an_input_is_refused_before_the_gates_are_computed
 ])
 def test_malformed_lists_and_shared_rules_are_refused_while_parsing(dense, tmp_path, edit, pattern):
     _refused(edit(_config(dense), dense), tmp_path, pattern)
+
+
+SHARED_METHOD_LIST = ("base, average, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, "
+                      "model_stock, task_arithmetic, ties")
+
+
+@pytest.mark.parametrize("method, reason", [
+    ("tiez", "is unknown"), ("slerp", "cannot merge the base with every expert"),
+    ("passthrough", "cannot merge the base with every expert"), ("linear", "cannot merge the base with every expert"),
+])
+def test_shared_weights_methods_that_do_not_work_list_those_that_do(dense, tmp_path, method, reason):
+    _refused(_config(dense, shared_weights=[{"method": method}]), tmp_path,
+             f"shared_weights[0]: method '{method}' {reason}; shared weights take one of {SHARED_METHOD_LIST}")
+
+
+def test_model_stock_shared_weights_need_two_distinct_experts(dense, tmp_path):
+    config = {"base_model": str(dense[0]), "gate_mode": "random", "experts_per_token": 1,
+              "experts": [str(dense[1])], "shared_weights": [{"method": "model_stock"}]}
+    _refused(config, tmp_path, "shared_weights[0] (model_stock)", "needs at least 2 distinct expert model(s)", "got 1")
+
+
+def _config_object(dense, **change) -> MoeBuildConfig:
+    experts = [ExpertSpec(f, [p]) for f, p in zip(dense, ["python code", "the king"])]
+    return MoeBuildConfig(**{"base_model": dense[0], "experts": experts, **change})
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"experts_per_token": 5}, "experts_per_token is 5 but only 2 expert(s) are listed"),
+    ({"experts_per_token": 0}, "experts_per_token must be a positive integer, got 0"),
+    ({"gate_mode": "bogus"}, "gate_mode 'bogus' is not supported; use one of hidden"),
+    ({"experts": []}, "'experts' must list at least one expert"),
+    ({"experts": "/models/a"}, "experts must be a list of ExpertSpec"),
+    ({"experts": [ExpertSpec("/models/a", "code"), ExpertSpec("/models/b", ["king"])]},
+     "experts[0].positive_prompts must be a list of strings, got 'code'"),
+    ({"shared_experts": [ExpertSpec(5)]}, "shared_experts[0].source_model must be a path"),
+    ({"dtype": "bfloat16"}, "dtype must be torch.float32, torch.bfloat16, torch.float16 or None"),
+    ({"seed": "1"}, "seed must be an integer"),
+    ({"routing_temperature": 0}, "routing_temperature must be positive"),
+    ({"shared_weights": [SharedRule(["embeddings", "head"], "average")]}, "shared_weights[0].filter must be one"),
+    ({"shared_weights": [SharedRule(None, "slerp")]}, "method 'slerp' cannot merge the base with every expert"),
+    ({"shared_weights": [SharedRule(None, "base", {"weight": 1})]}, "method 'base' takes no parameters"),
+])
+def test_a_config_object_gets_the_checks_of_a_parsed_config(dense, tmp_path, change, pattern):
+    with pytest.raises(MoeConfigError) as raised:
+        build_moe(_config_object(dense, **change), tmp_path / "out", progress=False)
+    assert pattern in str(raised.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"experts_per_token": 3}, "experts_per_token is 3 but only 2 expert(s) are listed"),
+    ({"routing": "bogus"}, "routing 'bogus' is not supported"),
+    ({"shared_embeddings": 2}, "shared_embeddings must be 'average' or an expert index in [0, 1], got 2"),
+    ({"experts": "/models/a"}, "experts must be a list of model folders"),
+    ({"seed": -1}, "seed must be an integer >= 0"),
+])
+def test_a_heterogeneous_config_object_gets_the_checks_of_a_parsed_config(dense, tmp_path, change, pattern):
+    with pytest.raises(MoeConfigError) as raised:
+        build_moe(HeteroBuildConfig(**{"experts": list(dense), **change}), tmp_path / "out", progress=False)
+    assert pattern in str(raised.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_valid_config_object_builds(dense, tmp_path):
+    assert "expert 1: " in build_moe(_config_object(dense, gate_mode="random"), tmp_path / "out", dry_run=True)
+    assert "router" in build_hetero_moe(HeteroBuildConfig(list(dense)), tmp_path / "out", dry_run=True)
+
+
+def _copy_without(folder, dest, *patterns):
+    """A copy of model folder `folder` at `dest` without the files matching `patterns`."""
+    shutil.copytree(folder, dest, ignore=shutil.ignore_patterns(*patterns))
+    return dest
+
+
+TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "chat_template*")
+
+
+def test_a_base_or_expert_without_tokenizer_files_is_named(dense, tmp_path):
+    bare = _copy_without(dense[0], tmp_path / "bare", *TOKENIZER_PATTERNS)
+    random_gates = {**_config(dense), "gate_mode": "random"}
+    _refused({**random_gates, "base_model": str(bare)}, tmp_path,
+             f"the base ({bare}) has no tokenizer files (no tokenizer.json)", f"experts[0] ({dense[0]})")
+    expert = _config(dense)
+    expert["experts"][1]["source_model"] = str(bare)
+    _refused(expert, tmp_path, f"experts[1] ({bare}) has no tokenizer files", f"the base ({dense[0]})")
+    _refused({"mode": "heterogeneous", "experts": [str(bare), str(dense[1])]}, tmp_path,
+             f"experts[0] ({bare}) has no tokenizer files", f"experts[1] ({dense[1]})")
+    everywhere = _config(dense, base_model=str(bare))
+    for entry in everywhere["experts"]:
+        entry["source_model"] = str(bare)
+    _refused(everywhere, tmp_path, f"base_model: {bare} has no tokenizer", "or use gate_mode random")
+
+
+def test_a_model_folder_without_config_json_is_named(dense, tmp_path):
+    bare = _copy_without(dense[1], tmp_path / "bare", "config.json")
+    expert = _config(dense)
+    expert["experts"][1]["source_model"] = str(bare)
+    _refused(expert, tmp_path, f"experts[1]: {bare} has no config.json")
+    _refused(_config(dense, base_model=str(bare)), tmp_path, f"base_model: {bare} has no config.json")
+    _refused({"mode": "heterogeneous", "experts": [str(dense[0]), str(bare)]}, tmp_path,
+             f"experts[1]: {bare} has no config.json")
