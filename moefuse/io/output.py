@@ -90,10 +90,10 @@ def atomic_output_dir(out_dir: os.PathLike, overwrite: bool = False, inputs: Ite
         partial.rename(out)
 
 
-def copy_model_files(config_source: Path, tokenizer_source: Path, dest: Path, dtype: Optional[torch.dtype],
+def copy_model_files(config_source: Path, dest: Path, dtype: Optional[torch.dtype],
                      updates: Optional[Dict[str, Any]] = None) -> None:
     """Copy config.json (with the output dtype and `updates` applied) and generation_config.json
-    from `config_source`, and the tokenizer files found in `tokenizer_source`."""
+    from `config_source`."""
     config_path = Path(config_source) / "config.json"
     if config_path.exists():
         config = json.loads(config_path.read_text())
@@ -105,7 +105,6 @@ def copy_model_files(config_source: Path, tokenizer_source: Path, dest: Path, dt
                 config["torch_dtype"] = config["dtype"]
         (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     copy_generation_config(config_source, dest)
-    copy_tokenizer_files(tokenizer_source, dest)
 
 
 def copy_generation_config(source: Path, dest: Path) -> None:

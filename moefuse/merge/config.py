@@ -1,9 +1,12 @@
 """Merge configuration: mergekit's YAML for the methods moefuse implements.
 
 Accepted keys: `merge_method`, `base_model`, `models` (each `model` plus optional `parameters`) or
-`slices` (see below), `parameters`, `dtype`, `out_dtype`, `tokenizer_source` (`base` or a model path),
-`tokenizer: {source: ...}`, `name`, `align` (true: match each model's FFN neurons to the base, or the
-first model, layer by layer before merging; see moefuse.moe.align). Models are local folders (no hub downloads). A parameter
+`slices` (see below), `parameters`, `dtype`, `out_dtype`, `tokenizer_source` (`base`, `union` or a
+model path) or `tokenizer: {source, tokens, pad_to_multiple_of}` (either one aligns the models'
+vocabularies by token; see moefuse.merge.vocabulary), `chat_template` (`auto`, a built-in name or a
+Jinja template; see moefuse.merge.chat_template), `name`, `align` (true: match each model's FFN
+neurons to the base, or the first model, layer by layer before merging; see moefuse.moe.align).
+Models are local folders (no hub downloads). A parameter
 value is a number/bool/string; a list of numbers (a gradient over the layers, interpolated at
 t = layer / (layers - 1), t = 0 outside the layer stack); or a list of `{filter, value}`
 conditions, the first whose filter is a substring of the tensor name (or `*`/absent) applying.
@@ -31,17 +34,20 @@ import torch
 import yaml
 
 from moefuse.errors import MergeConfigError, MoefuseError
+from moefuse.merge.chat_template import check_chat_template
 from moefuse.methods import get_method
 
 TOP_LEVEL_KEYS = (
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "tokenizer", "name", "align",
+    "tokenizer_source", "tokenizer", "chat_template", "name", "align",
 )
+TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
+TOKEN_KEYS = ("source", "force")
+TOKEN_SOURCE_KINDS = ("model_token", "zero")
 SLICE_KEYS = ("sources", "base_model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 UNSUPPORTED_KEYS = {
     "modules": "multi-module configurations are not supported yet; list whole models under 'models'",
-    "chat_template": "setting a chat template is not supported yet; edit tokenizer_config.json after merging",
 }
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -82,6 +88,36 @@ class OutputSlice:
 
 
 @dataclass(frozen=True)
+class TokenSource:
+    """Where a token's row comes from: `model`'s row for that same token (kind `model`), for
+    another token of it named by `token` or `token_id` (kind `model_token`), or zeros (`zero`)."""
+
+    kind: str
+    model: Optional[Path] = None
+    token: Optional[str] = None
+    token_id: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class TokenRule:
+    """mergekit's `tokenizer.tokens.<token>`: the token's stand-in row for the models that lack it
+    (None: the automatic one), given to every model with `force`."""
+
+    source: Optional[TokenSource] = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class VocabularyConfig:
+    """The output vocabulary (`source`: "base", "union" or a model folder), per-token rules, and a
+    multiple the number of rows is padded up to."""
+
+    source: Union[str, Path] = "union"
+    tokens: Dict[str, TokenRule] = field(default_factory=dict)
+    pad_to_multiple_of: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     merge_method: str
     models: List[ModelEntry]  # empty when the config gives `slices`
@@ -90,6 +126,8 @@ class MergeConfig:
     dtype: Optional[torch.dtype] = None
     out_dtype: Optional[torch.dtype] = None
     tokenizer_source: Optional[Path] = None  # None: the base model (or the first model)
+    vocabulary: Optional[VocabularyConfig] = None  # None: tensors merged row by row as stored
+    chat_template: Optional[str] = None  # "auto", a built-in name or a Jinja template
     align: bool = False  # permute each model's FFN neurons to match the reference before merging
     slices: Tuple[OutputSlice, ...] = ()  # the layer stack, slice by slice (empty: whole `models`)
 
@@ -168,14 +206,7 @@ def parse_config(source: Union[str, os.PathLike, dict]) -> MergeConfig:
     if spec.needs_base and base is None and (not slices or any(piece.base_model is None for piece in slices)):
         raise MergeConfigError(f"config: merge_method '{spec.name}' needs a 'base_model'")
 
-    tokenizer_source = data.get("tokenizer_source")
-    tokenizer = data.get("tokenizer")
-    if tokenizer is not None:
-        if not isinstance(tokenizer, dict) or set(tokenizer) - {"source"}:
-            raise MergeConfigError("config: 'tokenizer' supports only {source: base | <model path>}")
-        tokenizer_source = tokenizer.get("source", tokenizer_source)
-    if tokenizer_source == "union":
-        raise MergeConfigError("config: tokenizer_source 'union' (vocabulary merging) is not supported; use 'base' or a model path")
+    vocabulary = _vocabulary(data.get("tokenizer_source"), data.get("tokenizer"))
     align = data.get("align", False)
     if not isinstance(align, bool):
         raise MergeConfigError(f"config: 'align' must be true or false, got {align!r}")
@@ -190,8 +221,68 @@ def parse_config(source: Union[str, os.PathLike, dict]) -> MergeConfig:
         parameters=_parameters(data.get("parameters"), "parameters"),
         dtype=parse_dtype(data.get("dtype"), "dtype"),
         out_dtype=parse_dtype(data.get("out_dtype"), "out_dtype"),
-        tokenizer_source=None if tokenizer_source in (None, "base") else _model_path(tokenizer_source, "tokenizer_source"),
+        tokenizer_source=vocabulary.source if vocabulary is not None and isinstance(vocabulary.source, Path) else None,
+        vocabulary=vocabulary,
+        chat_template=_chat_template(data.get("chat_template")),
     )
+
+
+def _vocabulary(tokenizer_source: Any, tokenizer: Any) -> Optional[VocabularyConfig]:
+    """The vocabulary alignment `tokenizer_source` or the `tokenizer` section asks for (None if neither)."""
+    if tokenizer_source is not None and tokenizer is not None:
+        raise MergeConfigError("config: give either 'tokenizer_source' or 'tokenizer', not both")
+    if tokenizer_source is not None:
+        return VocabularyConfig(_vocabulary_source(tokenizer_source, "tokenizer_source"))
+    if tokenizer is None:
+        return None
+    tokenizer = _mapping(tokenizer, "tokenizer", TOKENIZER_KEYS)
+    multiple = tokenizer.get("pad_to_multiple_of")
+    if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1):
+        raise MergeConfigError(f"config: tokenizer.pad_to_multiple_of must be a positive integer, got {multiple!r}")
+    tokens = tokenizer.get("tokens") or {}
+    if not isinstance(tokens, dict):
+        raise MergeConfigError(f"config: tokenizer.tokens must map tokens to {{source, force}}, got {tokens!r}")
+    return VocabularyConfig(_vocabulary_source(tokenizer.get("source", "union"), "tokenizer.source"),
+                            {str(token): _token_rule(rule, f"tokenizer.tokens[{token!r}]") for token, rule in tokens.items()},
+                            multiple)
+
+
+def _vocabulary_source(value: Any, where: str) -> Union[str, Path]:
+    return value if value in ("base", "union") else _model_path(value, where)
+
+
+def _token_rule(value: Any, where: str) -> TokenRule:
+    rule = _mapping(value if value is not None else {}, where, TOKEN_KEYS)
+    force = rule.get("force", False)
+    if not isinstance(force, bool):
+        raise MergeConfigError(f"config: {where}.force must be true or false, got {force!r}")
+    source = rule.get("source")
+    if source is None:
+        if force:
+            raise MergeConfigError(f"config: {where}.force needs a source (a model path, or kind model_token or zero)")
+        return TokenRule(None, force)
+    if not isinstance(source, dict):
+        return TokenRule(TokenSource("model", _model_path(source, f"{where}.source")), force)
+    kind = source.get("kind")
+    if kind not in TOKEN_SOURCE_KINDS:
+        raise MergeConfigError(f"config: {where}.source.kind must be one of {', '.join(TOKEN_SOURCE_KINDS)}, "
+                               f"got {kind!r} (or give a model path as the source)")
+    if kind == "zero":
+        _mapping(source, f"{where}.source", ("kind",))
+        return TokenRule(TokenSource("zero"), force)
+    source = _mapping(source, f"{where}.source", ("kind", "model", "token", "token_id"))
+    token, token_id = source.get("token"), source.get("token_id")
+    if "model" not in source or (token is None) == (token_id is None):
+        raise MergeConfigError(f"config: {where}.source of kind model_token needs 'model' and one of 'token' or 'token_id'")
+    if token is not None and not isinstance(token, str):
+        raise MergeConfigError(f"config: {where}.source.token must be a string, got {token!r}")
+    if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0):
+        raise MergeConfigError(f"config: {where}.source.token_id must be a non-negative integer, got {token_id!r}")
+    return TokenRule(TokenSource("model_token", _model_path(source["model"], f"{where}.source.model"), token, token_id), force)
+
+
+def _chat_template(value: Any) -> Optional[str]:
+    return None if value is None else check_chat_template(value)
 
 
 def _models(listed: Any) -> List[ModelEntry]:

@@ -30,18 +30,36 @@ from moefuse.ops.rowwise import row_block_bytes
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+# Tensors whose rows are indexed by token id (re-indexed when vocabularies are aligned)
+VOCABULARY_TENSORS = ("embed_tokens.weight", "lm_head.weight", "lm_head.bias", "wte.weight", "embed_in.weight",
+                      "embed_out.weight", "word_embeddings.weight")
+
+
+def is_vocabulary_tensor(key: str) -> bool:
+    """True for an embedding or LM head tensor (rows indexed by token id)."""
+    return key.endswith(VOCABULARY_TENSORS)
 
 
 @dataclass(frozen=True)
 class Source:
     """One input of a tensor: a checkpoint and the key to read there, optionally indexed by a
-    permutation (dim, perm) along one dimension (FFN neuron alignment)."""
+    permutation (dim, perm) along one dimension (FFN neuron alignment), or re-indexed to the output
+    vocabulary (`aligned`: the task's AlignedRows and this source's position among them)."""
 
     reader: CheckpointReader
     key: str
     permutation: Optional[Tuple[int, torch.Tensor]] = field(default=None, compare=False)
+    aligned: Optional[Tuple[Any, int]] = field(default=None, compare=False)
+
+    @property
+    def in_memory(self) -> bool:
+        """True when the tensor read is a copy in memory, not a view of the memory map."""
+        return self.permutation is not None or self.aligned is not None
 
     def read(self) -> torch.Tensor:
+        if self.aligned is not None:
+            rows, position = self.aligned
+            return rows.tensor(position)
         tensor = self.reader.tensor(self.key)
         if self.permutation is None:
             return tensor
@@ -51,9 +69,9 @@ class Source:
         return permuted
 
     def release(self, start: int = 0, stop: Optional[int] = None) -> None:
-        """Drop the pages of flat entries [start, stop) (all by default) from memory (a permuted
-        input's pages were dropped when its copy was made)."""
-        if self.permutation is None:
+        """Drop the pages of flat entries [start, stop) (all by default) from memory (an input
+        copied in memory had its pages dropped when the copy was made)."""
+        if not self.in_memory:
             self.reader.release_entries(self.key, start, stop)
 
 
@@ -85,6 +103,7 @@ class MergePlan:
     tasks: List[TensorTask]
     config_source: Optional[Path] = None  # where config.json comes from (default: the base, else the first model)
     config_updates: Dict[str, Any] = field(default_factory=dict)  # its entries to rewrite (a new layer stack)
+    vocabulary: Optional[Any] = None  # the aligned output vocabulary (moefuse.merge.vocabulary), if any
 
     def __post_init__(self):
         if self.config_source is None:
@@ -106,7 +125,7 @@ class MergePlan:
             numel = math.prod(task.shape)
             itemsize = (task.compute_dtype or task.out_dtype).itemsize
             per_entry = itemsize * len(task.sources) + task.out_dtype.itemsize * (1 + writes_in_flight)
-            if self.config.align or not task.merge:
+            if self.config.align or not task.merge or any(source.in_memory for source in task.sources):
                 return numel * per_entry
             recorded_keeps = (numel + 7) // 8 * len(task.inputs) if spec.sparsifier in ("random", "della") else 0
             if merges_row_blocks(self.config.merge_method, len(task.inputs), task.params, numel):
@@ -145,27 +164,38 @@ def find_source(reader: CheckpointReader, key: str) -> Source:
     raise MergeInputError(f"tensor '{key}' is missing from {reader.folder}; the models must share an architecture")
 
 
-def checked_sources(reference: Source, sources: List[Source], cast_floats: bool = False) -> List[Source]:
+def checked_sources(reference: Source, sources: List[Source], cast_floats: bool = False,
+                    any_rows: bool = False) -> List[Source]:
     """`sources`, checked to have the shape and dtype of `reference`'s tensor; with `cast_floats`
-    (a merge that casts its inputs), floating dtypes (FLOAT_DTYPES) may differ from each other."""
+    (a merge that casts its inputs), floating dtypes (FLOAT_DTYPES) may differ from each other;
+    with `any_rows` (a vocabulary tensor to be re-indexed), so may the number of rows."""
     info = reference.reader.info(reference.key)
     for source in sources:
         other = source.reader.info(source.key)
         castable = cast_floats and {other.dtype, info.dtype} <= set(FLOAT_DTYPES)
-        if other.shape != info.shape or (other.dtype != info.dtype and not castable):
+        same_shape = other.shape[1:] == info.shape[1:] and len(other.shape) == len(info.shape) if any_rows \
+            else other.shape == info.shape
+        if not same_shape or (other.dtype != info.dtype and not castable):
+            vocabulary = (f"; if their vocabularies differ, set tokenizer_source (base, union or a model) to align "
+                          f"them by token" if is_vocabulary_tensor(reference.key) and not any_rows else "")
             raise MergeInputError(
                 f"tensor '{reference.key}': {source.reader.folder} has shape {list(other.shape)} {other.dtype} "
                 f"('{source.key}'), but {reference.reader.folder} has {list(info.shape)} {info.dtype}; "
-                "the models must share an architecture"
+                f"the models must share an architecture{vocabulary}"
             )
     return sources
 
 
 def matching_sources(reference: CheckpointReader, key: str, readers: List[CheckpointReader],
-                     cast_floats: bool = False) -> List[Source]:
+                     cast_floats: bool = False, any_rows: bool = False) -> List[Source]:
     """`key` in each of `readers`, checked to have the reference's shape and dtype (floating
-    dtypes may differ with `cast_floats`, see `checked_sources`)."""
-    return checked_sources(Source(reference, key), [find_source(r, key) for r in readers], cast_floats)
+    dtypes, and rows with `any_rows`, may differ; see `checked_sources`)."""
+    return checked_sources(Source(reference, key), [find_source(r, key) for r in readers], cast_floats, any_rows)
+
+
+def rows_may_differ(config: MergeConfig, key: str) -> bool:
+    """True for a vocabulary tensor of a merge that aligns vocabularies (its rows are re-indexed)."""
+    return config.vocabulary is not None and is_vocabulary_tensor(key)
 
 
 def nonfinite_input(error: NonfiniteInputError, key: str, base: Optional[Source], inputs: List[Source],
@@ -245,11 +275,24 @@ def check_model_count(spec, count: int, where: str, what: str) -> None:
 
 
 def build_plan(config: MergeConfig) -> MergePlan:
-    """Open every checkpoint's headers and plan each output tensor."""
-    if config.slices:
-        from moefuse.merge.slices import build_sliced_plan  # it builds on this module's helpers
+    """Open every checkpoint's headers and plan each output tensor (and, if the config names a
+    tokenizer, the output vocabulary: see moefuse.merge.vocabulary)."""
+    # both build on this module's helpers
+    from moefuse.merge.slices import build_sliced_plan
+    from moefuse.merge.vocabulary import align_vocabulary
 
-        return build_sliced_plan(config)
+    plan = build_sliced_plan(config) if config.slices else _build_models_plan(config)
+    try:
+        if config.vocabulary is not None:
+            align_vocabulary(plan)
+    except BaseException:
+        plan.close()
+        raise
+    return plan
+
+
+def _build_models_plan(config: MergeConfig) -> MergePlan:
+    """The plan of a merge of whole `models`."""
     spec = get_method(config.merge_method)
     base = CheckpointReader(config.base_model) if config.base_model is not None else None
     entries = [e for e in config.models if not (spec.needs_base and base is not None and _same(e.path, base.folder))]
@@ -261,7 +304,7 @@ def build_plan(config: MergeConfig) -> MergePlan:
     tasks: List[TensorTask] = []
     for key in reference.keys():
         info = reference.info(key)
-        inputs = matching_sources(reference, key, models, cast_floats=True)
+        inputs = matching_sources(reference, key, models, cast_floats=True, any_rows=rows_may_differ(config, key))
         task_base = Source(base, key) if base is not None and spec.needs_base else None
         if info.dtype not in FLOAT_DTYPES:  # copied from the base, as stored
             tasks.append(TensorTask(key, info.shape, info.dtype, task_base, inputs, merge=False))
@@ -334,6 +377,12 @@ def describe(plan: MergePlan, piece_entries: int, writes_in_flight: int) -> str:
     ]
     if plan.config.align:
         lines.insert(-1, "align: each model's FFN neurons are matched to the reference's, layer by layer")
+    if plan.vocabulary is not None:
+        lines.insert(-1, plan.vocabulary.describe(sum(any(s.aligned for s in t.sources) for t in plan.tasks)))
+    template = plan.config.chat_template
+    if template is not None:
+        named = template == "auto" or "{" not in template
+        lines.insert(-1, f"chat template: {template if named else f'the Jinja template given ({len(template)} characters)'}")
     seen = set()
     for task in plan.tasks:
         signature = repr(sorted(task.params.items()))

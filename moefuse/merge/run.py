@@ -20,15 +20,22 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from tqdm import tqdm
 
 from moefuse.device import resolve_device
 from moefuse.errors import MoefuseError, NonfiniteInputError
-from moefuse.io.output import atomic_output_dir, check_output_dir, check_output_is_not_an_input, copy_model_files
+from moefuse.io.output import (
+    atomic_output_dir,
+    check_output_dir,
+    check_output_is_not_an_input,
+    copy_model_files,
+    copy_tokenizer_files,
+)
 from moefuse.io.safetensors_writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
+from moefuse.merge.chat_template import resolve_chat_template, write_chat_template
 from moefuse.merge.config import MergeConfig, parse_config
 from moefuse.merge.plan import MergePlan, TensorTask, align_plan, build_plan, describe, nonfinite_input
 from moefuse.ops.merge import merge_streamed, merge_tensors
@@ -194,17 +201,39 @@ def _merge_task(plan: MergePlan, task: TensorTask, tensors: List[torch.Tensor], 
         raise type(error)(f"tensor '{task.key}': {error}") from None
 
 
-def _tokenizer_source(plan: MergePlan) -> Path:
+def _tokenizer_source(plan: MergePlan) -> Optional[Path]:
+    """The folder whose tokenizer files the output gets (None: a new tokenizer is saved)."""
+    if plan.vocabulary is not None and plan.vocabulary.copy_from is None:
+        return None
     source = Path(plan.config.tokenizer_source or plan.config_source)
     if not source.is_dir():
         raise MoefuseError(f"tokenizer_source {source} is not a folder")
     return source
 
 
+def _model_folders(plan: MergePlan) -> List[Path]:
+    """The folders of the base and the models, each once (a linear merge may list its base)."""
+    folders = {reader.folder.resolve(): reader.folder for reader in ([plan.base] if plan.base else []) + plan.models}
+    return list(folders.values())
+
+
 def _input_folders(plan: MergePlan) -> List[Path]:
     """Every folder the merge reads: the models, the base and the tokenizer source."""
-    readers = ([plan.base] if plan.base is not None else []) + plan.models
-    return [reader.folder for reader in readers] + [_tokenizer_source(plan)]
+    tokenizer_source = _tokenizer_source(plan)
+    return _model_folders(plan) + ([tokenizer_source] if tokenizer_source is not None else [])
+
+
+def _write_tokenizer(plan: MergePlan, tokenizer_source: Optional[Path], dest: Path) -> None:
+    """The output's tokenizer: `tokenizer_source`'s files, or the new one the aligned vocabulary
+    built; then the configured chat template."""
+    if tokenizer_source is not None:
+        copy_tokenizer_files(tokenizer_source, dest)
+    else:
+        plan.vocabulary.save(dest)
+    if plan.config.chat_template is not None:
+        template = resolve_chat_template(plan.config.chat_template, _model_folders(plan))
+        if template is not None:
+            write_chat_template(dest, template)
 
 
 def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str = "auto",
@@ -245,8 +274,9 @@ def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str
                 writer.abort()
                 raise
             writer.finish()
-            copy_model_files(plan.config_source, tokenizer_source, partial,
-                             out_dtypes.pop() if len(out_dtypes) == 1 else None, plan.config_updates)
+            copy_model_files(plan.config_source, partial, out_dtypes.pop() if len(out_dtypes) == 1 else None,
+                             plan.config_updates)
+            _write_tokenizer(plan, tokenizer_source, partial)
     finally:
         bar.close()
         loader.close()

@@ -30,6 +30,7 @@ from moefuse.merge.plan import (
     checked_sources,
     find_source,
     merged_task,
+    rows_may_differ,
 )
 from moefuse.methods import MethodSpec, get_method
 
@@ -99,7 +100,7 @@ def _task(config: MergeConfig, key: str, parts: _SliceInputs, key_of, t: float) 
     base, inputs = parts.sources(key_of)
     reference = base if base is not None else inputs[0]
     info = reference.reader.info(reference.key)
-    checked_sources(reference, inputs, cast_floats=True)
+    checked_sources(reference, inputs, cast_floats=True, any_rows=rows_may_differ(config, key))
     if info.dtype not in FLOAT_DTYPES:  # copied from the first source, as stored
         return TensorTask(key, info.shape, info.dtype, base, inputs, {}, merge=False)
     params = _resolve_task_params(config, key, t, parts.parameters, shared=[parts.shared],

@@ -22,6 +22,7 @@ from moefuse.io.safetensors_reader import CheckpointError
 from moefuse.merge import merge_checkpoints
 from moefuse.merge import run as merge_run
 from tests.checkpoints import save_variants
+from tests.moe.tiny_models import word_tokenizer
 
 
 @pytest.fixture
@@ -125,8 +126,10 @@ def test_bad_yaml_and_unsupported_keys(tmp_path, models):
     for modules in ({"text_decoder": {}}, {}):
         with pytest.raises(MergeConfigError, match="'modules': multi-module configurations are not supported"):
             merge_checkpoints({**_ties(models), "modules": modules}, tmp_path / "out", progress=False)
-    with pytest.raises(MergeConfigError, match="'chat_template': setting a chat template is not supported"):
-        merge_checkpoints({**_ties(models), "chat_template": ""}, tmp_path / "out", progress=False)
+    for template in ("", "chatm", 3):
+        with pytest.raises(MergeConfigError, match="chat_template .* is neither 'auto', a built-in template "
+                                                   "\\(chatml, llama3, mistral, alpaca\\) nor a Jinja template"):
+            merge_checkpoints({**_ties(models), "chat_template": template}, tmp_path / "out", progress=False)
     with pytest.raises(MergeConfigError, match="unknown key\\(s\\) merge_mthod"):
         merge_checkpoints({"merge_mthod": "ties"}, tmp_path / "out", progress=False)
 
@@ -210,6 +213,8 @@ def test_output_folder_that_is_or_holds_an_input_is_refused(tmp_path, models, ou
     out = {"the base": models[0], "a model": models[2], "the folder of the inputs": models[0].parent,
            "the tokenizer source": tmp_path / "tok"}[output]
     if output == "the tokenizer source":
+        for folder in models:
+            word_tokenizer().save_pretrained(folder)
         shutil.copytree(models[0], out)
         config["tokenizer_source"] = str(out)
     before = sorted(p.name for p in out.rglob("*"))

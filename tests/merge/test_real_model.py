@@ -64,3 +64,28 @@ def test_slices_of_the_whole_stack_reproduce_the_logits_and_a_deeper_stack_gener
     merge_checkpoints(deeper, tmp_path / "deeper", progress=False)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "deeper").config.num_hidden_layers == layers + 6
     assert len(_greedy(tmp_path / "deeper").strip()) > 0
+
+
+def test_union_with_a_fine_tune_that_added_tokens_matches_mergekit(smollm, tmp_path):
+    """A fine-tune that added two special tokens (and embedding rows for them) merged with the base
+    and another variant under `tokenizer_source: union`: the merged model has every token, encodes
+    the new ones as one id each, still answers, and equals mergekit's merge token by token."""
+    from tests.merge.test_merge_vocabulary import _assert_matches_mergekit
+
+    base, first, second = smollm
+    added = tmp_path / "added"
+    tokenizer = AutoTokenizer.from_pretrained(first)
+    new_tokens = ["<|tool_call|>", "<|tool_result|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": new_tokens})
+    model = AutoModelForCausalLM.from_pretrained(first, dtype=torch.bfloat16)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.save_pretrained(added)
+    tokenizer.save_pretrained(added)
+    config = {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
+              "out_dtype": "bfloat16", "tokenizer_source": "union",
+              "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in (added, second)]}
+    ids = _assert_matches_mergekit(config, tmp_path)
+    assert set(new_tokens) <= set(ids) and len(ids) == len(tokenizer)
+    merged = AutoTokenizer.from_pretrained(tmp_path / "moefuse")
+    assert merged("<|tool_call|>").input_ids == [ids["<|tool_call|>"]]
+    assert "Paris" in _greedy(tmp_path / "moefuse")

@@ -22,9 +22,10 @@ SPECIAL = ["<unk>", "<s>", "</s>"]
 VOCAB_SIZE = 128
 
 
-def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer over WORDS (vocabulary of VOCAB_SIZE with padding ids)."""
-    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
+def word_tokenizer(words: List[str] = WORDS) -> transformers.PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over `words`, ids in that order after the SPECIAL tokens
+    (for models with VOCAB_SIZE rows, so that ids are left for padding)."""
+    vocab = {token: i for i, token in enumerate(SPECIAL + list(words))}
     assert len(vocab) <= VOCAB_SIZE
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
