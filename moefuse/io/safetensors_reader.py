@@ -15,7 +15,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -159,6 +159,20 @@ class CheckpointReader:
 
     def keys(self) -> List[str]:
         return list(self.tensors)
+
+    @property
+    def adapter_folder(self) -> Optional[Path]:
+        """The LoRA adapter applied to the tensors read (see moefuse.io.lora), if any."""
+        return None
+
+    @property
+    def name(self) -> str:
+        """How the checkpoint is named to the user: its folder (MODEL+ADAPTER with an adapter)."""
+        return str(self.folder)
+
+    def copied(self, key: str) -> bool:
+        """True when `tensor(key)` returns a copy in memory, not a view of the file (see moefuse.io.lora)."""
+        return False
 
     def info(self, key: str) -> TensorInfo:
         return self.tensors[key]

@@ -6,7 +6,8 @@ model path) or `tokenizer: {source, tokens, pad_to_multiple_of}` (either one ali
 vocabularies by token; see moefuse.merge.vocabulary), `chat_template` (`auto`, a built-in name or a
 Jinja template; see moefuse.merge.chat_template), `name`, `align` (true: match each model's FFN
 neurons to the base, or the first model, layer by layer before merging; see moefuse.moe.align).
-Models are local folders (no hub downloads). A parameter
+Models are local folders (no hub downloads), or `MODEL+ADAPTER` for a model with a PEFT LoRA adapter
+folder applied as it is read (see moefuse.io.lora). A parameter
 value is a number/bool/string; a list of numbers (a gradient over the layers, interpolated at
 t = layer / (layers - 1), t = 0 outside the layer stack); or a list of `{filter, value}`
 conditions, the first whose filter is a substring of the tensor name (or `*`/absent) applying.
@@ -59,15 +60,17 @@ Setting = Union[int, float, bool, str, list, dict, None]
 class ModelEntry:
     path: Path
     parameters: Dict[str, Setting] = field(default_factory=dict)
+    adapter: Optional[Path] = None  # a LoRA adapter folder applied to the model (MODEL+ADAPTER)
 
 
 @dataclass(frozen=True)
 class SliceSource:
-    """Layers [layer_range[0], layer_range[1]) of one model."""
+    """Layers [layer_range[0], layer_range[1]) of one model (with a LoRA `adapter`, if given)."""
 
     path: Path
     layer_range: Tuple[int, int]
     parameters: Dict[str, Setting] = field(default_factory=dict)
+    adapter: Optional[Path] = None
 
     @property
     def length(self) -> int:
@@ -80,6 +83,7 @@ class OutputSlice:
 
     sources: Tuple[SliceSource, ...]
     base_model: Optional[Path] = None
+    base_adapter: Optional[Path] = None
     parameters: Dict[str, Setting] = field(default_factory=dict)
 
     @property
@@ -124,6 +128,7 @@ class MergeConfig:
     base_model: Optional[Path] = None
     parameters: Dict[str, Setting] = field(default_factory=dict)
     dtype: Optional[torch.dtype] = None
+    base_adapter: Optional[Path] = None  # a LoRA adapter applied to the base (BASE+ADAPTER)
     out_dtype: Optional[torch.dtype] = None
     tokenizer_source: Optional[Path] = None  # None: the base model (or the first model)
     vocabulary: Optional[VocabularyConfig] = None  # None: tensors merged row by row as stored
@@ -150,9 +155,25 @@ def parse_dtype(value: Any, key: str, error: Type[MoefuseError] = MergeConfigErr
 def _model_path(value: Any, where: str) -> Path:
     if not isinstance(value, (str, os.PathLike)):
         raise MergeConfigError(f"config: {where} must be a path to a model folder, got {value!r}")
-    if "+" in str(value) and not Path(value).exists():
-        raise MergeConfigError(f"config: {where} '{value}' looks like a model+LoRA reference; LoRA merging is not supported")
+    if "+" in str(value) and not Path(value).expanduser().exists():
+        raise MergeConfigError(f"config: {where} '{value}' looks like a MODEL+ADAPTER reference, which is taken "
+                               "for models only (base_model, models, slice sources)")
     return Path(value).expanduser()
+
+
+def model_reference(value: Any, where: str) -> Tuple[Path, Optional[Path]]:
+    """(model folder, LoRA adapter folder or None) of mergekit's `MODEL` or `MODEL+ADAPTER`: split
+    at the first '+' that leaves an existing model folder on its left (else the first '+')."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise MergeConfigError(f"config: {where} must be a path to a model folder, got {value!r}")
+    text = str(value)
+    if "+" not in text or Path(text).expanduser().exists():
+        return Path(text).expanduser(), None
+    cuts = [i for i, char in enumerate(text) if char == "+"]
+    cut = next((i for i in cuts if Path(text[:i]).expanduser().is_dir()), cuts[0])
+    if not text[cut + 1:]:
+        raise MergeConfigError(f"config: {where} '{text}' names no adapter after '+'; write MODEL+ADAPTER")
+    return Path(text[:cut]).expanduser(), Path(text[cut + 1:]).expanduser()
 
 
 def _parameters(value: Any, where: str) -> Dict[str, Setting]:
@@ -202,7 +223,8 @@ def parse_config(source: Union[str, os.PathLike, dict]) -> MergeConfig:
     models = [] if sliced else _models(data.get("models"))
     slices = _slices(data["slices"]) if sliced else ()
 
-    base = _model_path(data["base_model"], "base_model") if data.get("base_model") is not None else None
+    base, base_adapter = model_reference(data["base_model"], "base_model") if data.get("base_model") is not None \
+        else (None, None)
     if spec.needs_base and base is None and (not slices or any(piece.base_model is None for piece in slices)):
         raise MergeConfigError(f"config: merge_method '{spec.name}' needs a 'base_model'")
 
@@ -218,6 +240,7 @@ def parse_config(source: Union[str, os.PathLike, dict]) -> MergeConfig:
         merge_method=spec.name,
         models=models,
         base_model=base,
+        base_adapter=base_adapter,
         parameters=_parameters(data.get("parameters"), "parameters"),
         dtype=parse_dtype(data.get("dtype"), "dtype"),
         out_dtype=parse_dtype(data.get("out_dtype"), "out_dtype"),
@@ -295,8 +318,8 @@ def _models(listed: Any) -> List[ModelEntry]:
         extra = sorted(set(entry) - {"model", "parameters"})
         if extra:
             raise MergeConfigError(f"config: models[{i}] has unknown key(s) {', '.join(extra)}; valid: model, parameters")
-        models.append(ModelEntry(_model_path(entry["model"], f"models[{i}].model"),
-                                 _parameters(entry.get("parameters"), f"models[{i}].parameters")))
+        path, adapter = model_reference(entry["model"], f"models[{i}].model")
+        models.append(ModelEntry(path, _parameters(entry.get("parameters"), f"models[{i}].parameters"), adapter))
     if not models:
         raise MergeConfigError("config: 'models' (or 'slices') must list at least one model")
     return models
@@ -336,16 +359,17 @@ def _slices(listed: Any) -> Tuple[OutputSlice, ...]:
             source = _mapping(source, at, SOURCE_KEYS)
             if "model" not in source or "layer_range" not in source:
                 raise MergeConfigError(f"config: {at} needs 'model' and 'layer_range'")
-            sources.append(SliceSource(_model_path(source["model"], f"{at}.model"),
-                                       _layer_range(source["layer_range"], f"{at}.layer_range"),
-                                       _parameters(source.get("parameters"), f"{at}.parameters")))
+            path, adapter = model_reference(source["model"], f"{at}.model")
+            sources.append(SliceSource(path, _layer_range(source["layer_range"], f"{at}.layer_range"),
+                                       _parameters(source.get("parameters"), f"{at}.parameters"), adapter))
         lengths = sorted({source.length for source in sources})
         if len(lengths) > 1:
             raise MergeConfigError(f"config: the sources of {where} span different numbers of layers ({lengths}); "
                                    "give every source of a slice a layer_range of the same length")
         base = entry.get("base_model")
-        slices.append(OutputSlice(tuple(sources), _model_path(base, f"{where}.base_model") if base is not None else None,
-                                  _parameters(entry.get("parameters"), f"{where}.parameters")))
+        base, base_adapter = model_reference(base, f"{where}.base_model") if base is not None else (None, None)
+        slices.append(OutputSlice(tuple(sources), base, base_adapter, _parameters(entry.get("parameters"),
+                                                                                  f"{where}.parameters")))
     if not slices:
         raise MergeConfigError("config: 'slices' must list at least one slice")
     return tuple(slices)

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from moefuse.errors import MergeConfigError, MergeInputError, NonfiniteInputError
+from moefuse.io.lora import open_checkpoint
 from moefuse.io.safetensors_reader import CheckpointReader
 from moefuse.io.safetensors_writer import OutputTensor
 from moefuse.merge.config import MergeConfig, evaluate_setting
@@ -54,7 +55,7 @@ class Source:
     @property
     def in_memory(self) -> bool:
         """True when the tensor read is a copy in memory, not a view of the memory map."""
-        return self.permutation is not None or self.aligned is not None
+        return self.permutation is not None or self.aligned is not None or self.reader.copied(self.key)
 
     def read(self) -> torch.Tensor:
         if self.aligned is not None:
@@ -294,11 +295,12 @@ def build_plan(config: MergeConfig) -> MergePlan:
 def _build_models_plan(config: MergeConfig) -> MergePlan:
     """The plan of a merge of whole `models`."""
     spec = get_method(config.merge_method)
-    base = CheckpointReader(config.base_model) if config.base_model is not None else None
-    entries = [e for e in config.models if not (spec.needs_base and base is not None and _same(e.path, base.folder))]
+    base = open_checkpoint(config.base_model, config.base_adapter) if config.base_model is not None else None
+    entries = [e for e in config.models if not (spec.needs_base and base is not None
+                                                and same_model(e.path, e.adapter, config.base_model, config.base_adapter))]
     check_model_count(spec, len(entries), "", "model(s)")
     _check_parameter_names(config, [e.parameters for e in entries])
-    models = [CheckpointReader(e.path) for e in entries]
+    models = [open_checkpoint(e.path, e.adapter) for e in entries]
     reference = base if base is not None else models[0]
     num_layers = _num_layers(reference)
     tasks: List[TensorTask] = []
@@ -350,6 +352,13 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
+def same_model(path: Path, adapter: Optional[Path], other: Path, other_adapter: Optional[Path]) -> bool:
+    """True when two references name the same model folder with the same LoRA adapter (or none)."""
+    same_adapter = adapter is None and other_adapter is None or (
+        adapter is not None and other_adapter is not None and _same(adapter, other_adapter))
+    return same_adapter and _same(path, other)
+
+
 def _describe_slices(config: MergeConfig) -> List[str]:
     """One line per slice: the output layers it makes and the input layers they come from."""
     lines, offset = [], 0
@@ -365,8 +374,8 @@ def describe(plan: MergePlan, piece_entries: int, writes_in_flight: int) -> str:
     with up to `writes_in_flight` output pieces queued for the writer."""
     lines = [
         f"method: {plan.config.merge_method}",
-        f"base: {plan.base.folder if plan.base else '(none)'}",
-        *[f"model {i}: {m.folder}" for i, m in enumerate(plan.models)],
+        f"base: {plan.base.name if plan.base else '(none)'}",
+        *[f"model {i}: {m.name}" for i, m in enumerate(plan.models)],
         *_describe_slices(plan.config),
         f"tensors: {len(plan.tasks)} ({sum(not t.merge for t in plan.tasks)} copied from the base), "
         f"output {plan.output_bytes / 1e9:.3f} GB",

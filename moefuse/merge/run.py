@@ -218,9 +218,11 @@ def _model_folders(plan: MergePlan) -> List[Path]:
 
 
 def _input_folders(plan: MergePlan) -> List[Path]:
-    """Every folder the merge reads: the models, the base and the tokenizer source."""
+    """Every folder the merge reads: the models, the base, their LoRA adapters and the tokenizer source."""
     tokenizer_source = _tokenizer_source(plan)
-    return _model_folders(plan) + ([tokenizer_source] if tokenizer_source is not None else [])
+    adapters = [reader.adapter_folder for reader in ([plan.base] if plan.base else []) + plan.models
+                if reader.adapter_folder is not None]
+    return _model_folders(plan) + adapters + ([tokenizer_source] if tokenizer_source is not None else [])
 
 
 def _write_tokenizer(plan: MergePlan, tokenizer_source: Optional[Path], dest: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from moefuse.errors import MergeConfigError, MergeInputError
+from moefuse.io.lora import open_checkpoint
 from moefuse.io.safetensors_reader import CheckpointReader
 from moefuse.merge.config import MergeConfig, OutputSlice
 from moefuse.merge.plan import (
@@ -25,7 +26,7 @@ from moefuse.merge.plan import (
     _check_parameter_names,
     _num_layers,
     _resolve_task_params,
-    _same,
+    same_model,
     check_model_count,
     checked_sources,
     find_source,
@@ -42,16 +43,16 @@ def renumber(key: str, layer: int) -> str:
 
 
 class _Readers:
-    """One CheckpointReader per model folder, opened on first use, in order of first use."""
+    """One CheckpointReader per model folder and LoRA adapter, opened on first use, in order of first use."""
 
     def __init__(self):
         self.opened: List[CheckpointReader] = []
 
-    def __call__(self, path: Path) -> CheckpointReader:
+    def __call__(self, path: Path, adapter: Optional[Path] = None) -> CheckpointReader:
         for reader in self.opened:
-            if _same(reader.folder, path):
+            if same_model(reader.folder, reader.adapter_folder, path, adapter):
                 return reader
-        self.opened.append(CheckpointReader(path))
+        self.opened.append(open_checkpoint(path, adapter))
         return self.opened[-1]
 
 
@@ -73,25 +74,26 @@ class _SliceInputs:
 def _slice_inputs(config: MergeConfig, spec: MethodSpec, index: int, piece: OutputSlice,
                   readers: _Readers) -> _SliceInputs:
     where = f"slices[{index}]"
-    base_path = piece.base_model or config.base_model
+    base_path, base_adapter = (piece.base_model, piece.base_adapter) if piece.base_model is not None \
+        else (config.base_model, config.base_adapter)
     entries = list(piece.sources)
     base = None
     if spec.needs_base:
-        found = [source for source in entries if _same(source.path, base_path)]
+        found = [source for source in entries if same_model(source.path, source.adapter, base_path, base_adapter)]
         if not found:
             raise MergeConfigError(
                 f"config: {where}: merge_method '{spec.name}' takes its base from the slice's sources, but the base "
                 f"model {base_path} is not among them; add it to {where}.sources with a layer_range"
             )
         entries.remove(found[0])
-        base = (readers(found[0].path), found[0].layer_range[0])
+        base = (readers(found[0].path, found[0].adapter), found[0].layer_range[0])
     check_model_count(spec, len(entries), f"config: {where}: ", "source(s)")
     for j, source in enumerate(piece.sources):
-        layers = _num_layers(readers(source.path))
+        layers = _num_layers(readers(source.path, source.adapter))
         if source.layer_range[1] > layers:
             raise MergeConfigError(f"config: {where}.sources[{j}].layer_range {list(source.layer_range)} goes past "
                                    f"the {layers} layers of {source.path}")
-    return _SliceInputs(base, [(readers(s.path), s.layer_range[0]) for s in entries], [s.parameters for s in entries],
+    return _SliceInputs(base, [(readers(s.path, s.adapter), s.layer_range[0]) for s in entries], [s.parameters for s in entries],
                         piece.parameters)
 
 
@@ -118,9 +120,10 @@ def build_sliced_plan(config: MergeConfig) -> MergePlan:
     _check_parameter_names(config, [p for piece in config.slices
                                     for p in (piece.parameters, *[s.parameters for s in piece.sources])])
     readers = _Readers()
-    base = readers(config.base_model) if config.base_model is not None else None
+    base = readers(config.base_model, config.base_adapter) if config.base_model is not None else None
     parts = [_slice_inputs(config, spec, i, piece, readers) for i, piece in enumerate(config.slices)]
-    config_reader = base if base is not None else readers(config.slices[0].sources[0].path)
+    first = config.slices[0].sources[0]
+    config_reader = base if base is not None else readers(first.path, first.adapter)
     outside = [key for key in config_reader.keys() if not LAYER_PATTERN.search(key)]
     before = [key for key in outside if "embed" in key]
 
