@@ -24,13 +24,19 @@ def read_model_config(folder: PathLike) -> Dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json; pass a Hugging Face checkpoint folder")
+    return read_json_object(path)
+
+
+def read_json_object(path: PathLike) -> Dict[str, Any]:
+    """The JSON object in the existing file `path` (a model's config, a tokenizer's settings)."""
+    path = Path(path)
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} is not valid JSON ({error}); repair or re-download it") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}")
-    return config
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def checked_model_folder(folder: PathLike, *, tokenizer: bool = True) -> Dict[str, Any]:

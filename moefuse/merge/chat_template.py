@@ -14,7 +14,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from moefuse.errors import MergeConfigError, MoefuseError
+from moefuse.errors import MergeConfigError
+from moefuse.io.local_files import read_json_object
 
 BUILTIN_TEMPLATES = {
     "chatml": (
@@ -92,12 +93,4 @@ def write_chat_template(dest: Path, template: str) -> None:
 
 def _json_object(path: Path) -> dict:
     """The JSON object in `path` ({} if there is no such file)."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise MoefuseError(f"{path} is not valid JSON ({error}); repair it or remove it") from None
-    if not isinstance(data, dict):
-        raise MoefuseError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path) if path.is_file() else {}

@@ -14,7 +14,8 @@ conditions, the first whose filter is a substring of the tensor name (or `*`/abs
 A model's own parameters take precedence over the global ones; a per-model parameter may be set
 globally for all models.
 
-`slices` (mergekit's layer slices) build the output's layer stack slice by slice, in order: each
+`slices` (mergekit's layer slices; a slice's `residual_weight` is ignored with a warning, as mergekit
+0.1.5 reads it but never uses it) build the output's layer stack slice by slice, in order: each
 slice lists `sources` (`model`, `layer_range: [start, stop)`, optional `parameters`), all of the same
 length, and optionally its own `base_model` and `parameters`. Output layer `offset + i` of a slice
 merges layer `start + i` of each source; gradients run over each slice (t = i / (length - 1), 1 for
@@ -27,6 +28,7 @@ different models make a "frankenmerge" with a new number of layers.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Type, Union
@@ -348,9 +350,13 @@ def _slices(listed: Any) -> Tuple[OutputSlice, ...]:
     slices = []
     for i, entry in enumerate(listed):
         where = f"slices[{i}]"
-        if isinstance(entry, dict) and "residual_weight" in entry:
-            raise MergeConfigError(f"config: {where}.residual_weight is not supported; remove it")
-        entry = _mapping(entry, where, SLICE_KEYS)
+        entry = _mapping(entry, where, SLICE_KEYS + ("residual_weight",))
+        residual = entry.get("residual_weight")
+        if residual is not None:
+            if isinstance(residual, bool) or not isinstance(residual, (int, float)):
+                raise MergeConfigError(f"config: {where}.residual_weight must be a number, got {residual!r}")
+            warnings.warn(f"config: {where}.residual_weight is ignored, as mergekit 0.1.5 ignores it "
+                          "(it is read but never used there)", stacklevel=3)
         if not isinstance(entry.get("sources"), list) or not entry["sources"]:
             raise MergeConfigError(f"config: {where}.sources must list at least one source")
         sources = []

@@ -129,6 +129,21 @@ def test_renumber_replaces_only_the_layer_index():
     assert renumber("model.layers.12.mlp.layers.weight", 3) == "model.layers.3.mlp.layers.weight"
 
 
+def test_residual_weight_is_ignored_as_mergekit_ignores_it(tmp_path, models):
+    a, b, _ = models
+    config = {"merge_method": "task_arithmetic", "base_model": str(a),
+              "slices": [{"sources": [_source(a, 0, 4), _source(b, 0, 4)]}]}
+    merge_checkpoints(config, tmp_path / "plain", progress=False)
+    with pytest.warns(UserWarning, match=r"slices\[0\].residual_weight is ignored, as mergekit 0.1.5 ignores it"):
+        merge_checkpoints({**config, "slices": [{**config["slices"][0], "residual_weight": 0.5}]}, tmp_path / "residual",
+                          progress=False)
+    for name in ("model.safetensors.index.json", "config.json"):
+        if (tmp_path / "plain" / name).exists():
+            assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "residual" / name).read_bytes()
+    for shard in (tmp_path / "plain").glob("*.safetensors"):
+        assert shard.read_bytes() == (tmp_path / "residual" / shard.name).read_bytes()
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda c, a, b: {**c, "models": [{"model": str(b)}]}, "either 'models' or 'slices', not both"),
     (lambda c, a, b: {**c, "slices": [{"sources": [_source(a, 0, 2), _source(b, 0, 3)]}]},
@@ -140,7 +155,8 @@ def test_renumber_replaces_only_the_layer_index():
     (lambda c, a, b: {**c, "slices": [{"sources": [_source(b, 0, 4)]}]},
      r"slices\[0\]: merge_method 'task_arithmetic' takes its base from the slice's sources"),
     (lambda c, a, b: {**c, "align": True}, "'align: true' works with 'models' only"),
-    (lambda c, a, b: {**c, "slices": [{**c["slices"][0], "residual_weight": 0.5}]}, "residual_weight is not supported"),
+    (lambda c, a, b: {**c, "slices": [{**c["slices"][0], "residual_weight": "half"}]},
+     r"slices\[0\].residual_weight must be a number, got 'half'"),
     (lambda c, a, b: {**c, "slices": [{**c["slices"][0], "layers": 2}]},
      r"slices\[0\] has unknown key\(s\) layers; valid: sources, base_model, parameters"),
     (lambda c, a, b: {**c, "slices": [{"sources": [{"model": str(a)}]}]},
