@@ -132,7 +132,6 @@ class MergeConfig:
     dtype: Optional[torch.dtype] = None
     base_adapter: Optional[Path] = None  # a LoRA adapter applied to the base (BASE+ADAPTER)
     out_dtype: Optional[torch.dtype] = None
-    tokenizer_source: Optional[Path] = None  # None: the base model (or the first model)
     vocabulary: Optional[VocabularyConfig] = None  # None: tensors merged row by row as stored
     chat_template: Optional[str] = None  # "auto", a built-in name or a Jinja template
     align: bool = False  # permute each model's FFN neurons to match the reference before merging
@@ -246,7 +245,6 @@ def parse_config(source: Union[str, os.PathLike, dict]) -> MergeConfig:
         parameters=_parameters(data.get("parameters"), "parameters"),
         dtype=parse_dtype(data.get("dtype"), "dtype"),
         out_dtype=parse_dtype(data.get("out_dtype"), "out_dtype"),
-        tokenizer_source=vocabulary.source if vocabulary is not None and isinstance(vocabulary.source, Path) else None,
         vocabulary=vocabulary,
         chat_template=_chat_template(data.get("chat_template")),
     )

@@ -202,13 +202,9 @@ def _merge_task(plan: MergePlan, task: TensorTask, tensors: List[torch.Tensor], 
 
 
 def _tokenizer_source(plan: MergePlan) -> Optional[Path]:
-    """The folder whose tokenizer files the output gets (None: a new tokenizer is saved)."""
-    if plan.vocabulary is not None and plan.vocabulary.copy_from is None:
-        return None
-    source = Path(plan.config.tokenizer_source or plan.config_source)
-    if not source.is_dir():
-        raise MoefuseError(f"tokenizer_source {source} is not a folder")
-    return source
+    """The folder whose tokenizer files the output gets: the aligned vocabulary's source (None: it
+    is a new tokenizer, saved), else the config source (the base, or the first model)."""
+    return plan.vocabulary.copy_from if plan.vocabulary is not None else plan.config_source
 
 
 def _model_folders(plan: MergePlan) -> List[Path]:

@@ -52,6 +52,8 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 def _load_tokenizer(folder: Path):
+    if not folder.is_dir():
+        raise MergeInputError(f"tokenizer folder {folder} does not exist or is not a folder; check the path")
     if not _has_tokenizer(folder):
         raise MergeInputError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}), which aligning "
                               "the vocabularies (tokenizer_source or tokenizer in the config) needs; copy its "

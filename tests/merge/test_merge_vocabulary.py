@@ -306,3 +306,10 @@ def test_auto_chat_template_takes_the_most_common_one(tmp_path, vocab_models):
     assert _chat(tmp_path / "lit") == "hi|yo|"
     merge_checkpoints(_config(vocab_models[:2], chat_template="auto"), tmp_path / "none", progress=False)
     assert not (tmp_path / "none" / "chat_template.jinja").exists()  # no input has one: none is set
+
+
+def test_a_missing_tokenizer_source_folder_is_named(tmp_path, vocab_models):
+    with pytest.raises(MergeInputError, match=f"tokenizer folder {tmp_path / 'gone'} does not exist"):
+        merge_checkpoints(_config(vocab_models, tokenizer_source=str(tmp_path / "gone")), tmp_path / "out",
+                          progress=False)
+    assert not (tmp_path / "out").exists()
