@@ -219,9 +219,7 @@ class CheckpointReader:
         self._advise(info, info.start + start * size, end, mmap.MADV_DONTNEED)
 
     def close(self) -> None:
-        for mapped in self._maps.values():
-            try:
-                mapped.close()
-            except BufferError:  # a tensor view is still alive; the mapping closes with it
-                pass
+        """Let go of the file mappings. A mapping is unmapped when the last tensor viewing it is
+        freed: torch.frombuffer holds the mmap object but not a buffer export, so closing it here
+        would unmap memory that a live view (say, one held by an exception's traceback) still reads."""
         self._maps.clear()

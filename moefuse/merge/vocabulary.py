@@ -199,11 +199,11 @@ class OutputVocabulary:
         return tensors[resolved.index(source.model.resolve())][self._source_row(token, source)]
 
     def _stand_ins(self, folders: List[Path], tensors: List[torch.Tensor], index: torch.Tensor,
-                   needed: torch.Tensor) -> torch.Tensor:
-        """The stand-in row of every `needed` output token (mergekit's order of precedence)."""
+                   needed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The stand-in row (in `dtype`) of every `needed` output token, in mergekit's order of precedence."""
         present = index >= 0
         count = present.sum(0)
-        rows = tensors[0].new_zeros((self.tokens, *tensors[0].shape[1:]))
+        rows = torch.zeros((self.tokens, *tensors[0].shape[1:]), dtype=dtype)
         automatic = needed.clone()
         for token, rule in self.rules.items():
             token_id = self.ids[token]
@@ -216,11 +216,11 @@ class OutputVocabulary:
         total = rows.new_zeros((int(averaged.sum()), *rows.shape[1:]))
         for m, tensor in enumerate(tensors):
             only = automatic & (count == 1) & present[m]
-            rows[only] = tensor[index[m][only]]
+            rows[only] = tensor[index[m][only]].to(dtype)
             if m == base:
-                rows[from_base] = tensor[index[m][from_base]]
+                rows[from_base] = tensor[index[m][from_base]].to(dtype)
             contributes = present[m][averaged]
-            total[contributes] = total[contributes] + tensor[index[m][averaged & present[m]]]
+            total[contributes] = total[contributes] + tensor[index[m][averaged & present[m]]].to(dtype)
         rows[averaged] = total / count[averaged].view(-1, *[1] * (rows.dim() - 1)).to(rows.dtype)
         absent = automatic & (count == 0)
         if absent.any():
@@ -235,15 +235,14 @@ class OutputVocabulary:
         its rows in output order, in `dtype` (default: the one torch promotes them to); stand-in
         means are computed in it, as mergekit computes them in its gathered tensors' dtype."""
         dtype = dtype or functools.reduce(torch.promote_types, [t.dtype for t in tensors])
-        tensors = [t.to(dtype) for t in tensors]
         index = torch.stack([self.index(folder) for folder in folders])
         needed = (index < 0).any(0) | self.forced
-        stand_ins = self._stand_ins(folders, tensors, index, needed) if needed.any() else None
+        stand_ins = self._stand_ins(folders, tensors, index, needed, dtype) if needed.any() else None
         aligned = []
-        for m, tensor in enumerate(tensors):
-            out = tensor.new_zeros((self.size, *tensor.shape[1:]))
+        for m, tensor in enumerate(tensors):  # rows are cast as they are gathered: no cast copy of a whole input
+            out = torch.zeros((self.size, *tensor.shape[1:]), dtype=dtype)
             own = (index[m] >= 0) & ~self.forced
-            out[:self.tokens][own] = tensor[index[m][own]]
+            out[:self.tokens][own] = tensor[index[m][own]].to(dtype)
             if stand_ins is not None:
                 out[:self.tokens][~own] = stand_ins[~own]
             if self.size > self.tokens:
@@ -251,13 +250,9 @@ class OutputVocabulary:
             aligned.append(out)
         return aligned
 
-    def save(self, dest: Path) -> bool:
-        """Save the output tokenizer in `dest` if it is not a source's, unchanged (then the caller
-        copies that source's files); True if saved."""
-        if self.copy_from is not None:
-            return False
+    def save(self, dest: Path) -> None:
+        """Save the output tokenizer in `dest` (when it is new: else `copy_from`'s files serve)."""
         self.tokenizer.save_pretrained(str(dest))
-        return True
 
     def describe(self, aligned: int) -> str:
         """One line for --dry-run: the output vocabulary and how many tensors are re-indexed."""
