@@ -278,13 +278,13 @@ def check_model_count(spec, count: int, where: str, what: str) -> None:
 def build_plan(config: MergeConfig) -> MergePlan:
     """Open every checkpoint's headers and plan each output tensor (and, if the config names a
     tokenizer, the output vocabulary: see moefuse.merge.vocabulary)."""
-    # both build on this module's helpers
-    from moefuse.merge.slices import build_sliced_plan
-    from moefuse.merge.vocabulary import align_vocabulary
+    from moefuse.merge.slices import build_sliced_plan  # it builds on this module's helpers
 
     plan = build_sliced_plan(config) if config.slices else _build_models_plan(config)
     try:
         if config.vocabulary is not None:
+            from moefuse.merge.vocabulary import align_vocabulary  # imports transformers (0.6 s)
+
             align_vocabulary(plan)
     except BaseException:
         plan.close()

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-import transformers
 
 from moefuse.errors import MergeConfigError, MergeInputError
 from moefuse.io.local_files import read_model_config
@@ -58,8 +57,10 @@ def _load_tokenizer(folder: Path):
         raise MergeInputError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}), which aligning "
                               "the vocabularies (tokenizer_source or tokenizer in the config) needs; copy its "
                               "tokenizer files into it, or remove tokenizer_source/tokenizer to merge rows as stored")
+    from transformers import AutoTokenizer  # only merges that align vocabularies pay for importing it
+
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as error:  # transformers raises many kinds for a broken tokenizer
         raise MergeInputError(f"the tokenizer of {folder} could not be loaded ({type(error).__name__}: {error}); "
                               "repair its tokenizer files") from None
