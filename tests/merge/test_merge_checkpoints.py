@@ -4,6 +4,8 @@ written layout, the CLI and dry runs."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import shutil
 from pathlib import Path
 
@@ -195,3 +197,17 @@ def test_cli_merge_dry_run_and_quiet(tmp_path, llama_models, capsys):
     assert cli_main(["merge", str(config_path), str(tmp_path / "out"), "--quiet"]) == 0
     assert capsys.readouterr().out == ""
     assert (tmp_path / "out" / "model.safetensors").exists() or (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_a_merge_does_not_import_transformers(tmp_path, llama_models):
+    """Start-up counts in a merge's wall time: only merges that align vocabularies import transformers."""
+    config = tmp_path / "merge.yml"
+    config.write_text(yaml.safe_dump(_config(llama_models, "ties")))
+    code = ("import sys\nfrom moefuse.cli import main\n"
+            "assert main(['merge', sys.argv[1], sys.argv[2], '--quiet']) == 0\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'tokenizers')))\n")
+    result = subprocess.run([sys.executable, "-c", code, str(config), str(tmp_path / "out")], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    assert (tmp_path / "out" / "config.json").exists()
