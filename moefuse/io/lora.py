@@ -5,9 +5,12 @@ targets is read as W + s * B @ A (an embedding: W + s * (B @ A)^T, from PEFT's
 `lora_embedding_A/B`), with s = lora_alpha / r, or lora_alpha / sqrt(r) with `use_rslora`, r and
 lora_alpha taken per module from `rank_pattern` / `alpha_pattern` where they match. The product is
 computed in fp32 and added to W in fp32, then rounded to W's dtype (an embedding's update is rounded
-to W's dtype before the addition): what PEFT's `merge_and_unload` gives on the CPU, bit for bit. Tensors the adapter saves whole
-(`modules_to_save`, a targeted embedding's base layer, biases) replace the model's. Only the
-targeted tensors are copied into memory, one at a time; the others stay memory-mapped views.
+to W's dtype before the addition): what PEFT's `merge_and_unload` gives on the CPU, bit for bit.
+Tensors the adapter saves whole (`modules_to_save`, a targeted embedding's base layer, biases)
+replace the model's. In a model with tied embeddings that stores no LM head, the head's tensors
+act on the embedding it shares: its update is added after the embedding's own, as PEFT merges
+them. Only the targeted tensors are copied into memory, one at a time; the others stay
+memory-mapped views.
 
 Refused, naming the file and what to do: adapters of another PEFT type or with DoRA, LoRA biases,
 fan_in_fan_out, layer replication, trainable tokens or target parameters; pickled adapter weights;
@@ -22,7 +25,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from safetensors import safe_open
@@ -62,7 +65,7 @@ class LoraAdapter:
 
     def __init__(self, folder: os.PathLike, model: CheckpointReader):
         self.folder = Path(folder)
-        config = self._config()
+        self._config()
         weights = self.folder / WEIGHTS_NAME
         if not weights.is_file():
             pickled = [p.name for p in self.folder.glob("adapter_model.*")]
@@ -70,22 +73,36 @@ class LoraAdapter:
                     "safetensors (PEFT's save_pretrained does by default)") if pickled else ""
             raise CheckpointError(f"LoRA adapter {self.folder} has no {WEIGHTS_NAME}{hint}")
         self._file = safe_open(str(weights), framework="pt")
-        self.updates: Dict[str, LowRankUpdate] = {}
+        self.updates: Dict[str, List[LowRankUpdate]] = {}  # model key -> its updates, in PEFT's order
         self.replacements: Dict[str, str] = {}  # model key -> adapter key of a whole saved tensor
         halves: Dict[str, Dict[str, str]] = {}
         for key in self._file.keys():
             module, part, kind = self._split(key)
             if part is None:
-                self.replacements[self._model_key(key, model, module.replace(".base_layer", ""))] = key
-                continue
-            halves.setdefault(module, {"kind": kind})[part] = key
+                self._add_replacement(key, model, module.replace(".base_layer", ""))
+            else:
+                halves.setdefault(module, {"kind": kind})[part] = key
         for module, pair in halves.items():
             if "A" not in pair or "B" not in pair:
                 raise CheckpointError(f"LoRA adapter {weights}: module '{module}' has only one of its A and B matrices")
             target = self._model_key(pair["A"], model, module + ".weight")
-            self.updates[target] = self._update(config, module, pair, model.info(target).shape)
+            self.updates.setdefault(target, []).append(self._update(module, pair, model.info(target).shape))
+        for updates in self.updates.values():  # a tied head's update after the embedding's own, as PEFT merges
+            updates.sort(key=lambda update: not update.embedding)
 
-    def _config(self) -> dict:
+    def _add_replacement(self, adapter_key: str, model: CheckpointReader, key: str) -> None:
+        """Record the whole tensor `adapter_key` as the new value of the model's `key` (checked to
+        fit it; for a tied head, the embedding's own saved tensor takes precedence)."""
+        target = self._model_key(adapter_key, model, key)
+        saved, expected = tuple(self._file.get_slice(adapter_key).get_shape()), model.info(target).shape
+        if saved != tuple(expected):
+            raise CheckpointError(f"LoRA adapter {self.folder}: '{adapter_key}' has shape {list(saved)} where the "
+                                  f"model's '{target}' has {list(expected)} (an adapter trained with a resized "
+                                  "vocabulary?); merge it into its model with PEFT first")
+        if target == key or target not in self.replacements:
+            self.replacements[target] = adapter_key
+
+    def _config(self) -> None:
         path = self.folder / CONFIG_NAME
         if not path.is_file():
             state = "does not exist" if not self.folder.exists() else f"has no {CONFIG_NAME}"
@@ -107,7 +124,6 @@ class LoraAdapter:
         self.rslora = bool(config.get("use_rslora"))
         self.rank_pattern = config.get("rank_pattern") or {}
         self.alpha_pattern = config.get("alpha_pattern") or {}
-        return config
 
     @staticmethod
     def _split(key: str):
@@ -119,12 +135,15 @@ class LoraAdapter:
         return name, None, None
 
     def _model_key(self, adapter_key: str, model: CheckpointReader, key: str) -> str:
-        if key not in model.tensors:
+        """The model key an adapter tensor for `key` changes: `key`, or for a tied LM head, the
+        embedding it shares (PEFT then merges the head's update into that weight too)."""
+        stored = model.stored_key(key)
+        if stored is None:
             raise CheckpointError(f"LoRA adapter {self.folder}: tensor '{adapter_key}' targets '{key}', which "
                                   f"{model.folder} does not have; was the adapter trained on another model?")
-        return key
+        return stored
 
-    def _update(self, config: dict, module: str, pair: Dict[str, str], shape) -> LowRankUpdate:
+    def _update(self, module: str, pair: Dict[str, str], shape) -> LowRankUpdate:
         """The update of `module`'s weight (of `shape`), its A and B checked to fit it."""
         a_shape, b_shape = self._file.get_slice(pair["A"]).get_shape(), self._file.get_slice(pair["B"]).get_shape()
         embedding = pair["kind"] == "embedding"
@@ -143,21 +162,16 @@ class LoraAdapter:
     def apply(self, key: str, weight: torch.Tensor) -> torch.Tensor:
         """Tensor `key` with the adapter applied (a new tensor; `weight` is the model's): the
         saved tensor if the adapter has one (a targeted embedding saves its base layer too), plus
-        the low-rank update if it has one."""
+        each low-rank update in turn."""
         if key in self.replacements:
-            saved = self._file.get_tensor(self.replacements[key])
-            if saved.shape != weight.shape:
-                raise CheckpointError(f"LoRA adapter {self.folder}: '{self.replacements[key]}' has shape "
-                                      f"{list(saved.shape)} where the model's '{key}' has {list(weight.shape)} "
-                                      "(an adapter trained with a resized vocabulary?); merge it with PEFT first")
-            weight = saved.to(weight.dtype)
-        update = self.updates.get(key)
-        if update is None:
-            return weight
-        product = self._file.get_tensor(update.b_key).float() @ self._file.get_tensor(update.a_key).float()
-        if update.embedding:  # PEFT rounds an embedding's update to the weight's dtype before adding it
-            return weight + (product.T * update.scale).to(weight.dtype)
-        return (weight.float() + product * update.scale).to(weight.dtype)
+            weight = self._file.get_tensor(self.replacements[key]).to(weight.dtype)
+        for update in self.updates.get(key, ()):
+            product = self._file.get_tensor(update.b_key).float() @ self._file.get_tensor(update.a_key).float()
+            if update.embedding:  # PEFT rounds an embedding's update to the weight's dtype before adding it
+                weight = weight + (product.T * update.scale).to(weight.dtype)
+            else:
+                weight = (weight.float() + product * update.scale).to(weight.dtype)
+        return weight
 
     def close(self) -> None:
         self._file = None

@@ -33,6 +33,7 @@ DTYPES: Dict[str, torch.dtype] = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
 
 class CheckpointError(MoefuseError, ValueError):
@@ -169,6 +170,15 @@ class CheckpointReader:
     def name(self) -> str:
         """How the checkpoint is named to the user: its folder (MODEL+ADAPTER with an adapter)."""
         return str(self.folder)
+
+    def stored_key(self, key: str) -> Optional[str]:
+        """The key tensor `key` is stored under: itself, or for the LM head of a model with tied
+        embeddings that stores none, the embedding (as transformers loads it); None if absent."""
+        if key in self.tensors:
+            return key
+        if key == TIED_HEAD and TIED_EMBEDDING in self.tensors and self.config().get("tie_word_embeddings", True):
+            return TIED_EMBEDDING
+        return None
 
     def copied(self, key: str) -> bool:
         """True when `tensor(key)` returns a copy in memory, not a view of the file (see moefuse.io.lora)."""

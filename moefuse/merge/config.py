@@ -162,16 +162,21 @@ def _model_path(value: Any, where: str) -> Path:
     return Path(value).expanduser()
 
 
+def _is_model_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "config.json").is_file() or any(path.glob("*.safetensors")))
+
+
 def model_reference(value: Any, where: str) -> Tuple[Path, Optional[Path]]:
     """(model folder, LoRA adapter folder or None) of mergekit's `MODEL` or `MODEL+ADAPTER`: split
-    at the first '+' that leaves an existing model folder on its left (else the first '+')."""
+    at the first '+' that leaves a model folder (config.json or safetensors files) on its left,
+    else at the first '+'."""
     if not isinstance(value, (str, os.PathLike)):
         raise MergeConfigError(f"config: {where} must be a path to a model folder, got {value!r}")
     text = str(value)
     if "+" not in text or Path(text).expanduser().exists():
         return Path(text).expanduser(), None
     cuts = [i for i, char in enumerate(text) if char == "+"]
-    cut = next((i for i in cuts if Path(text[:i]).expanduser().is_dir()), cuts[0])
+    cut = next((i for i in cuts if _is_model_folder(Path(text[:i]).expanduser())), cuts[0])
     if not text[cut + 1:]:
         raise MergeConfigError(f"config: {where} '{text}' names no adapter after '+'; write MODEL+ADAPTER")
     return Path(text[:cut]).expanduser(), Path(text[cut + 1:]).expanduser()

@@ -30,7 +30,6 @@ from moefuse.ops.rowwise import row_block_bytes
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 # Tensors whose rows are indexed by token id (re-indexed when vocabularies are aligned)
 VOCABULARY_TENSORS = ("embed_tokens.weight", "lm_head.weight", "lm_head.bias", "wte.weight", "embed_in.weight",
                       "embed_out.weight", "word_embeddings.weight")
@@ -158,10 +157,9 @@ def _num_layers(reader: CheckpointReader) -> int:
 
 def find_source(reader: CheckpointReader, key: str) -> Source:
     """The source for `key` in `reader`, resolving a tied LM head the way transformers does."""
-    if key in reader.tensors:
-        return Source(reader, key)
-    if key == TIED_HEAD and TIED_EMBEDDING in reader.tensors and reader.config().get("tie_word_embeddings", True):
-        return Source(reader, TIED_EMBEDDING)
+    stored = reader.stored_key(key)
+    if stored is not None:
+        return Source(reader, stored)
     raise MergeInputError(f"tensor '{key}' is missing from {reader.folder}; the models must share an architecture")
 
 

@@ -4,6 +4,7 @@ PEFT's merge_and_unload and mergekit."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,28 @@ def test_adapted_tensors_equal_peft_merge_and_unload(tmp_path, models, options, 
         assert tensor.dtype == dtype and torch.equal(tensor, expected[key]), key
     targets = OPTIONS[options].get("target_modules", TARGETS) + OPTIONS[options].get("modules_to_save", [])
     assert {k for k in reader.keys() if reader.copied(k)} == {k for k in reader.keys() if k.split(".")[-2] in targets}
+
+
+TIED_OPTIONS = {
+    "embedding with weight tying": {"target_modules": ["q_proj", "embed_tokens"], "ensure_weight_tying": True},
+    "head": {"target_modules": ["q_proj", "lm_head"]},
+    "embedding and head": {"target_modules": ["q_proj", "lm_head", "embed_tokens"]},
+    "saved head": {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+}
+
+
+@pytest.mark.parametrize("options", sorted(TIED_OPTIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tied_embeddings_take_the_heads_update_as_peft_does(tmp_path, options, dtype):
+    """A model with tied embeddings stores no LM head: the adapter's head tensors act on the
+    embedding (before, they were refused as targeting a tensor the model lacks)."""
+    (folder,) = save_variants(tmp_path / "tied", "llama", 1, tied=True, dtype=dtype)
+    adapter = save_adapter(folder, tmp_path / "adapter", 5, **TIED_OPTIONS[options])
+    reader = AdaptedCheckpointReader(folder, adapter)
+    expected = peft_merged(folder, adapter, dtype)
+    assert "lm_head.weight" not in reader.keys()
+    for key in reader.keys():
+        assert torch.equal(reader.tensor(key), expected[key]), key
 
 
 def _ties(base: str, *models: str) -> dict:
@@ -164,6 +187,10 @@ def _only_a(state: dict) -> None:
     del state["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
 
 
+def _resized_head(state: dict) -> None:
+    state["base_model.model.lm_head.weight"] = torch.zeros(130, 64)
+
+
 def _wrong_shape(state: dict) -> None:
     state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 65)
 
@@ -176,6 +203,8 @@ def _wrong_shape(state: dict) -> None:
     (_edit_weights(_unknown_module), "targets 'model.layers.0.mlp.router.weight', which .* does not have"),
     (_edit_weights(_only_a), "module 'model.layers.0.self_attn.q_proj' has only one of its A and B"),
     (_edit_weights(_wrong_shape), "has A \\[4, 65\\] and B \\[64, 4\\], which do not fit its weight \\[64, 64\\]"),
+    (_edit_weights(_resized_head), "'base_model.model.lm_head.weight' has shape \\[130, 64\\] where the model's "
+                                   "'lm_head.weight' has \\[128, 64\\] \\(an adapter trained with a resized vocabulary"),
 ])
 def test_bad_adapters_are_refused(tmp_path, models, edit, message):
     adapter = _broken_adapter(tmp_path, models, edit)
@@ -202,3 +231,13 @@ def test_output_may_not_replace_an_adapter(tmp_path, models):
         merge_checkpoints(_ties(str(models[0]), f"{models[1]}+{adapter}"), adapter, progress=False, overwrite=True)
     assert (adapter / "adapter_model.safetensors").exists()
 
+
+
+def test_plus_signs_in_folder_names(tmp_path, models):
+    """MODEL+ADAPTER splits where a model folder ends: an empty folder named like the text before
+    the first '+' does not count."""
+    model = shutil.copytree(models[1], tmp_path / "m+x")
+    (tmp_path / "m").mkdir()
+    adapter = save_adapter(models[1], tmp_path / "a+b")
+    text = merge_checkpoints(_ties(str(models[0]), f"{model}+{adapter}"), tmp_path / "out", dry_run=True)
+    assert f"model 0: {model}+{adapter}\n" in text
