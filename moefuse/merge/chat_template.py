@@ -1,7 +1,9 @@
 """The merged model's chat template (mergekit's `chat_template` option).
 
 The option is `auto` (the template most of the input models share, by plurality; none set when no
-input has one), the name of a built-in template (BUILTIN_TEMPLATES), or a Jinja template itself.
+input has one), the name of a built-in template (BUILTIN_TEMPLATES: moefuse's own renderings of
+the chatml, llama3, mistral, alpaca and exaone formats, the names mergekit ships), or a Jinja
+template itself.
 The template is written where every transformers version finds it: `chat_template.jinja` (read
 first by transformers 5), the `chat_template` entry of tokenizer_config.json (older versions), and
 chat_template.json if the tokenizer source had one (processors).
@@ -31,20 +33,37 @@ BUILTIN_TEMPLATES = {
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
     ),
+    # A leading system message is folded into the first user turn; turns must then alternate.
     "mistral": (
-        "{{ bos_token }}{% for message in messages %}"
-        "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
-        "{% else %}{{ raise_exception('the mistral chat template takes user and assistant messages only') }}"
-        "{% endif %}{% endfor %}"
+        "{% set system = messages[0]['content'] + '\\n\\n' if messages and messages[0]['role'] == 'system' else '' %}"
+        "{% set turns = messages[1:] if system else messages %}"
+        "{{ bos_token }}{% for message in turns %}"
+        "{% if message['role'] not in ('user', 'assistant') or (message['role'] == 'user') != loop.index0 is even %}"
+        "{{ raise_exception('the mistral chat template takes user and assistant turns in turn, after an optional "
+        "system message') }}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
+        "{% else %}{{ message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"
     ),
+    # System text first; instructions, inputs (role user_context) and responses in sections.
     "alpaca": (
         "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
-        "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
-        "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}"
+        "{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] | trim }}"
+        "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] | trim }}"
+        "{% elif message['role'] == 'user_context' %}{{ '### Input:\\n' + message['content'] | trim }}"
+        "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] | trim + eos_token }}"
         "{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+        "{% if add_generation_prompt %}{{ '\\n\\n### Response:\\n' }}{% endif %}"
+    ),
+    # EXAONE 3: an empty system turn when the conversation has none.
+    "exaone": (
+        "{% if not messages or messages[0]['role'] != 'system' %}{{ '[|system|][|endofturn|]\\n' }}{% endif %}"
+        "{% for message in messages %}"
+        "{{ '[|' + message['role'] + '|]' + message['content'] }}"
+        "{% if message['role'] == 'user' %}{{ '\\n' }}{% else %}{{ '[|endofturn|]\\n' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
     ),
 }
 MIN_TEMPLATE_LENGTH = 20  # shorter text with no '{' is a misspelt name, not a template

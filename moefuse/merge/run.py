@@ -17,6 +17,7 @@ import ctypes
 import os
 import threading
 import time
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -228,10 +229,16 @@ def _write_tokenizer(plan: MergePlan, tokenizer_source: Optional[Path], dest: Pa
         copy_tokenizer_files(tokenizer_source, dest)
     else:
         plan.vocabulary.save(dest)
-    if plan.config.chat_template is not None:
-        template = resolve_chat_template(plan.config.chat_template, _model_folders(plan))
-        if template is not None:
-            write_chat_template(dest, template)
+    if plan.config.chat_template is None:
+        return
+    if not any((dest / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        warnings.warn(f"chat_template is not written: the output has no tokenizer, as {tokenizer_source} has none "
+                      "(as mergekit, which also skips it); copy a tokenizer into the output and set the template there",
+                      stacklevel=3)
+        return
+    template = resolve_chat_template(plan.config.chat_template, _model_folders(plan))
+    if template is not None:
+        write_chat_template(dest, template)
 
 
 def execute(plan: MergePlan, out_dir: Path, *, device: str = "cpu", backend: str = "auto",

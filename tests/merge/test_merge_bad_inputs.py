@@ -128,7 +128,7 @@ def test_bad_yaml_and_unsupported_keys(tmp_path, models):
             merge_checkpoints({**_ties(models), "modules": modules}, tmp_path / "out", progress=False)
     for template in ("", "chatm", 3):
         with pytest.raises(MergeConfigError, match="chat_template .* is neither 'auto', a built-in template "
-                                                   "\\(chatml, llama3, mistral, alpaca\\) nor a Jinja template"):
+                                                   "\\(chatml, llama3, mistral, alpaca, exaone\\) nor a Jinja template"):
             merge_checkpoints({**_ties(models), "chat_template": template}, tmp_path / "out", progress=False)
     with pytest.raises(MergeConfigError, match="unknown key\\(s\\) merge_mthod"):
         merge_checkpoints({"merge_mthod": "ties"}, tmp_path / "out", progress=False)

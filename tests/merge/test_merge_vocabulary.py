@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moefuse import MergeConfigError, MergeInputError
 from moefuse.merge import merge_checkpoints
 from moefuse.merge.chat_template import BUILTIN_TEMPLATES
+from tests.checkpoints import save_variants
 from tests.helpers import assert_merge_close, require_peer
 from tests.moe.tiny_models import WORDS, save_dense_models, word_tokenizer
 
@@ -276,13 +277,33 @@ def test_builtin_chat_templates_render(tmp_path, vocab_models):
                 "llama3": "<s><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
                           "<|start_header_id|>assistant<|end_header_id|>\n\nyo<|eot_id|>",
                 "mistral": "<s>[INST] hi [/INST]yo</s>",
-                "alpaca": "### Instruction:\nhi\n\n### Response:\nyo</s>\n\n"}
+                "alpaca": "### Instruction:\nhi\n\n### Response:\nyo</s>",
+                "exaone": "[|system|][|endofturn|]\n[|user|]hi\n[|assistant|]yo[|endofturn|]\n"}
     assert set(expected) == set(BUILTIN_TEMPLATES)
     for name, text in expected.items():
         merge_checkpoints(_config(vocab_models[:2], chat_template=name), tmp_path / name, progress=False)
         assert _chat(tmp_path / name) == text
         config = json.loads((tmp_path / name / "tokenizer_config.json").read_text())
         assert config["chat_template"] == BUILTIN_TEMPLATES[name]
+
+
+def test_builtin_templates_take_system_messages(vocab_models):
+    tokenizer = AutoTokenizer.from_pretrained(vocab_models[0])
+    chat = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"}, {"role": "user", "content": "bye"}]
+
+    def render(name, messages=chat):
+        return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=BUILTIN_TEMPLATES[name],
+                                             add_generation_prompt=True)
+
+    assert render("mistral") == "<s>[INST] Be nice.\n\nhi [/INST]yo</s>[INST] bye [/INST]"
+    assert render("alpaca") == ("Be nice.\n\n### Instruction:\nhi\n\n### Response:\nyo</s>\n\n"
+                                "### Instruction:\nbye\n\n### Response:\n")
+    assert render("exaone") == ("[|system|]Be nice.[|endofturn|]\n[|user|]hi\n[|assistant|]yo[|endofturn|]\n"
+                                "[|user|]bye\n[|assistant|]")
+    for broken in ([chat[1], chat[1]], [chat[1], {"role": "tool", "content": "x"}]):
+        with pytest.raises(Exception, match="takes user and assistant turns in turn"):
+            render("mistral", broken)
 
 
 def test_auto_chat_template_takes_the_most_common_one(tmp_path, vocab_models):
@@ -313,3 +334,10 @@ def test_a_missing_tokenizer_source_folder_is_named(tmp_path, vocab_models):
         merge_checkpoints(_config(vocab_models, tokenizer_source=str(tmp_path / "gone")), tmp_path / "out",
                           progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_no_chat_template_is_written_without_a_tokenizer(tmp_path):
+    folders = save_variants(tmp_path / "in", "llama", 2)  # weights and config only
+    with pytest.warns(UserWarning, match="chat_template is not written: the output has no tokenizer"):
+        merge_checkpoints(_config(folders, chat_template="chatml"), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "chat_template.jinja").exists()
