@@ -188,16 +188,26 @@ class OutputVocabulary:
             raise MergeConfigError(f"{where}.token_id {source.token_id} is past the {model.rows} rows of {source.model}")
         return source.token_id
 
+    def check_rules(self, folders: List[Path]) -> None:
+        """Refuse a rule that takes a row from a model the tensor of `folders`' models is not
+        merged from (a slice's), for a token that tensor needs a stand-in for."""
+        resolved = [folder.resolve() for folder in folders]
+        index = torch.stack([self.index(folder) for folder in folders])
+        needed = (index < 0).any(0) | self.forced
+        for token, rule in self.rules.items():
+            source = rule.source
+            if source is not None and source.kind != "zero" and needed[self.ids[token]] \
+                    and source.model.resolve() not in resolved:
+                raise MergeConfigError(f"config: tokenizer.tokens[{token!r}].source names {source.model}, which a "
+                                       f"vocabulary tensor is not merged from ({', '.join(map(str, folders))})")
+
     def _rule_row(self, token: str, source: TokenSource, folders: List[Path],
                   tensors: List[torch.Tensor]) -> torch.Tensor:
-        """The stand-in row a `tokenizer.tokens` rule's `source` gives `token`."""
+        """The stand-in row a `tokenizer.tokens` rule's `source` gives `token` (see `check_rules`)."""
         if source.kind == "zero":
             return tensors[0].new_zeros(tensors[0].shape[1:])
-        resolved = [folder.resolve() for folder in folders]
-        if source.model.resolve() not in resolved:  # a tensor of some of the models (a slice's)
-            raise MergeConfigError(f"config: tokenizer.tokens[{token!r}].source names {source.model}, which this "
-                                   f"tensor is not merged from ({', '.join(map(str, folders))})")
-        return tensors[resolved.index(source.model.resolve())][self._source_row(token, source)]
+        position = [folder.resolve() for folder in folders].index(source.model.resolve())
+        return tensors[position][self._source_row(token, source)]
 
     def _stand_ins(self, folders: List[Path], tensors: List[torch.Tensor], index: torch.Tensor,
                    needed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -294,6 +304,7 @@ def align_vocabulary(plan: MergePlan) -> None:
         sources = task.sources
         if all(vocabulary.unchanged(s.reader.folder, s.reader.info(s.key).shape[0]) for s in sources):
             continue
+        vocabulary.check_rules([source.reader.folder for source in sources])
         rows = AlignedRows(vocabulary, sources, task.compute_dtype)
         moved = [replace(source, aligned=(rows, i)) for i, source in enumerate(sources)]
         if task.base is not None:

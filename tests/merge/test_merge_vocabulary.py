@@ -341,3 +341,18 @@ def test_no_chat_template_is_written_without_a_tokenizer(tmp_path):
     with pytest.warns(UserWarning, match="chat_template is not written: the output has no tokenizer"):
         merge_checkpoints(_config(folders, chat_template="chatml"), tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "chat_template.jinja").exists()
+
+
+def test_a_rule_naming_a_model_a_slice_does_not_merge_is_refused_while_planning(tmp_path, vocab_models):
+    """The embedding comes from the first slice, of the base alone: a rule taking a row from the
+    chat model cannot be followed there, and --dry-run says so."""
+    base, chat, _ = map(str, vocab_models)
+    config = {"merge_method": "passthrough", "base_model": base,
+              "tokenizer": {"source": "union", "tokens": {"<|im_start|>": {"source": chat}}},
+              "slices": [{"sources": [{"model": base, "layer_range": [0, 1]}]},
+                         {"sources": [{"model": chat, "layer_range": [1, 2]}]}]}
+    for dry_run in (True, False):
+        with pytest.raises(MergeConfigError, match=f"source names {chat}, which a vocabulary tensor is not merged "
+                                                   f"from \\({base}\\)"):
+            merge_checkpoints(config, tmp_path / "out", progress=False, dry_run=dry_run)
+    assert not (tmp_path / "out").exists()
