@@ -50,9 +50,14 @@ def checked_model_folder(folder: PathLike, *, tokenizer: bool = True) -> Dict[st
     return config
 
 
+def has_tokenizer_files(folder: PathLike) -> bool:
+    """True if `folder` holds any tokenizer file (TOKENIZER_FILES)."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def check_tokenizer_files(folder: PathLike) -> None:
     """Refuse a `folder` without any tokenizer file (TOKENIZER_FILES)."""
-    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer_files(folder):
         raise CheckpointError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the "
                               "tokenizer files of the model it came from into it")
 

@@ -19,7 +19,6 @@ adapter tensors that match no weight of the model, or whose shapes do not fit it
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -30,6 +29,7 @@ from typing import Dict, List, Optional
 import torch
 from safetensors import safe_open
 
+from moefuse.io.local_files import read_json_object
 from moefuse.io.safetensors_reader import CheckpointError, CheckpointReader
 
 CONFIG_NAME = "adapter_config.json"
@@ -108,14 +108,10 @@ class LoraAdapter:
             state = "does not exist" if not self.folder.exists() else f"has no {CONFIG_NAME}"
             raise CheckpointError(f"LoRA adapter folder {self.folder} {state}; give MODEL+ADAPTER with a PEFT "
                                   "LoRA adapter folder")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise CheckpointError(f"{path} is not valid JSON ({error})") from None
-        if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-            kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
-            raise CheckpointError(f"{path}: only LoRA adapters can be merged, this one is {kind}; merge it into "
-                                  "its model with PEFT's merge_and_unload first")
+        config = read_json_object(path)
+        if config.get("peft_type", "LORA") != "LORA":
+            raise CheckpointError(f"{path}: only LoRA adapters can be merged, this one is {config['peft_type']}; "
+                                  "merge it into its model with PEFT's merge_and_unload first")
         used = [name for name in UNSUPPORTED if config.get(name)]
         if used:
             raise CheckpointError(f"{path} uses {', '.join(used)}, which moefuse does not apply; merge the adapter "

@@ -134,8 +134,19 @@ class MergePlan:
 
         return max((piece_bytes(t) for t in self.tasks), default=0)
 
+    @property
+    def readers(self) -> List[CheckpointReader]:
+        """The base's reader (if any), then the models'."""
+        return ([self.base] if self.base is not None else []) + self.models
+
+    @property
+    def folders(self) -> List[Path]:
+        """The base's and the models' folders, each once (a linear merge may list its base; a model
+        may appear with and without a LoRA adapter)."""
+        return list({reader.folder.resolve(): reader.folder for reader in self.readers}.values())
+
     def close(self) -> None:
-        for reader in ([self.base] if self.base else []) + self.models:
+        for reader in self.readers:
             reader.close()
 
 

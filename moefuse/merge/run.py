@@ -208,18 +208,11 @@ def _tokenizer_source(plan: MergePlan) -> Optional[Path]:
     return plan.vocabulary.copy_from if plan.vocabulary is not None else plan.config_source
 
 
-def _model_folders(plan: MergePlan) -> List[Path]:
-    """The folders of the base and the models, each once (a linear merge may list its base)."""
-    folders = {reader.folder.resolve(): reader.folder for reader in ([plan.base] if plan.base else []) + plan.models}
-    return list(folders.values())
-
-
 def _input_folders(plan: MergePlan) -> List[Path]:
     """Every folder the merge reads: the models, the base, their LoRA adapters and the tokenizer source."""
     tokenizer_source = _tokenizer_source(plan)
-    adapters = [reader.adapter_folder for reader in ([plan.base] if plan.base else []) + plan.models
-                if reader.adapter_folder is not None]
-    return _model_folders(plan) + adapters + ([tokenizer_source] if tokenizer_source is not None else [])
+    adapters = [reader.adapter_folder for reader in plan.readers if reader.adapter_folder is not None]
+    return plan.folders + adapters + ([tokenizer_source] if tokenizer_source is not None else [])
 
 
 def _write_tokenizer(plan: MergePlan, tokenizer_source: Optional[Path], dest: Path) -> None:
@@ -236,7 +229,7 @@ def _write_tokenizer(plan: MergePlan, tokenizer_source: Optional[Path], dest: Pa
                       "(as mergekit, which also skips it); copy a tokenizer into the output and set the template there",
                       stacklevel=3)
         return
-    template = resolve_chat_template(plan.config.chat_template, _model_folders(plan))
+    template = resolve_chat_template(plan.config.chat_template, plan.folders)
     if template is not None:
         write_chat_template(dest, template)
 

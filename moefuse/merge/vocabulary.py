@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from moefuse.errors import MergeConfigError, MergeInputError
-from moefuse.io.local_files import read_model_config
+from moefuse.io.local_files import has_tokenizer_files, read_model_config
 from moefuse.io.output import TOKENIZER_FILES
 from moefuse.merge.config import TokenRule, TokenSource, VocabularyConfig
 from moefuse.merge.plan import MergePlan, Source, is_vocabulary_tensor
@@ -46,14 +46,10 @@ class ModelVocabulary:
     rows: int
 
 
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in TOKENIZER_FILES)
-
-
 def _load_tokenizer(folder: Path):
     if not folder.is_dir():
         raise MergeInputError(f"tokenizer folder {folder} does not exist or is not a folder; check the path")
-    if not _has_tokenizer(folder):
+    if not has_tokenizer_files(folder):
         raise MergeInputError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}), which aligning "
                               "the vocabularies (tokenizer_source or tokenizer in the config) needs; copy its "
                               "tokenizer files into it, or remove tokenizer_source/tokenizer to merge rows as stored")
@@ -75,7 +71,7 @@ def _configured_rows(folder: Path, default: int) -> int:
 
 def model_vocabulary(folder: Path, fallback: Optional[ModelVocabulary] = None) -> ModelVocabulary:
     """`folder`'s vocabulary; a folder without tokenizer files gets `fallback`'s tokens."""
-    tokenizer = _load_tokenizer(folder) if fallback is None or _has_tokenizer(folder) else fallback.tokenizer
+    tokenizer = _load_tokenizer(folder) if fallback is None or has_tokenizer_files(folder) else fallback.tokenizer
     vocab = tokenizer.get_vocab()
     rows = _configured_rows(folder, len(vocab))
     return ModelVocabulary(folder, tokenizer, {token: i for token, i in vocab.items() if i < rows}, rows)
@@ -294,9 +290,9 @@ class AlignedRows:
 def align_vocabulary(plan: MergePlan) -> None:
     """Build the output vocabulary `plan.config.vocabulary` asks for and re-index every vocabulary
     tensor whose models' rows do not already match it."""
-    readers = ([plan.base] if plan.base is not None else []) + plan.models
-    base = model_vocabulary(readers[0].folder)
-    vocabularies = [base] + [model_vocabulary(reader.folder, fallback=base) for reader in readers[1:]]
+    first, *others = plan.folders
+    base = model_vocabulary(first)
+    vocabularies = [base] + [model_vocabulary(folder, fallback=base) for folder in others]
     vocabulary = OutputVocabulary(plan.config.vocabulary, vocabularies, base)
     for task in plan.tasks:
         if not task.merge or not is_vocabulary_tensor(task.key):
