@@ -44,6 +44,12 @@ OTHER_METHODS = [
     ("model_stock filter_wise", "model_stock", 4, dict(filter_wise=True)),
     ("breadcrumbs_ties", "breadcrumbs_ties", 4, dict(density=0.3, gamma=0.01, weight=0.5)),
     ("della", "della", 4, dict(density=0.5, epsilon=0.1, weight=0.5)),
+    ("nuslerp", "nuslerp", 2, dict(weight=[0.4, 0.6])),
+    ("nuslerp rows", "nuslerp", 2, dict(weight=[0.4, 0.6], nuslerp_flatten=False)),
+    ("multislerp", "multislerp", 4, dict(weight=[0.4, 0.3, 0.2, 0.1])),
+    ("karcher", "karcher", 4, {}),
+    ("nearswap", "nearswap", 1, dict(t=0.005)),
+    ("sce", "sce", 4, dict(select_topk=0.3)),
 ]
 OTHER_SHAPE = (512, 512) if common.quiet_env() else (4096, 4096)
 OTHER_CONFIGS = [(entry, dtype) for entry in OTHER_METHODS for dtype in (torch.float32, torch.bfloat16)]
@@ -73,7 +79,7 @@ def test_merge_speed(benchmark, record, method, n, size, dtype):
 def test_other_methods_speed(benchmark, record, entry, dtype):
     name, method, n, params = entry
     base, tensors = _inputs(n, OTHER_SHAPE, dtype)
-    if method == "linear":
+    if method in ("linear", "karcher"):  # no base role: the base is one of the inputs
         base, tensors = None, [base, *tensors[1:]]
     row = _measure(benchmark, method, base, tensors, params)
     shape = "x".join(map(str, OTHER_SHAPE))

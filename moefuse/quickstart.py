@@ -13,6 +13,11 @@ import torch
 
 import moefuse
 
+EXAMPLE_PARAMS = {
+    "linear": {}, "passthrough": {}, "model_stock": {}, "karcher": {}, "slerp": {"t": 0.5}, "nearswap": {"t": 0.005},
+    "nuslerp": {"weight": [0.5, 0.5]}, "multislerp": {"weight": 1.0}, "sce": {"select_topk": 0.3},
+}
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,10 +33,10 @@ def main(argv=None) -> None:
     base = torch.randn(args.numel, generator=generator).to(dtype)
     models = [(base.float() + 0.01 * torch.randn(args.numel, generator=generator)).to(dtype) for _ in range(args.models)]
     base, models = base.to(device), [m.to(device) for m in models]
-    params = {"linear": {}, "slerp": {"t": 0.5}, "model_stock": {}}.get(args.method, {"density": 0.3})
-    if args.method == "slerp":
-        models = models[:1]
-    use_base = None if args.method == "linear" else base
+    params = EXAMPLE_PARAMS.get(args.method, {"density": 0.3})  # density: the task-arithmetic family
+    spec = moefuse.get_method(args.method)
+    models = models[:spec.max_models] if spec.max_models else models
+    use_base = base if spec.uses_base else None
 
     moefuse.merge_tensors(use_base, models, args.method, **params)  # warm-up
     start = time.perf_counter()

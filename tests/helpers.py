@@ -86,10 +86,13 @@ def assert_merge_close(actual: torch.Tensor, expected: torch.Tensor, exclude=Non
 
 
 def method_operands(method: str, base, tensors):
-    """(base, tensors) as `method` takes them: no base for linear and passthrough, one model for
-    slerp and passthrough."""
+    """(base, tensors) as `method` takes them: the base where it has a base role (else it is one more
+    input for karcher and left out for linear and passthrough), at most `max_models` models."""
     from moefuse.methods import get_method
+    from moefuse.methods.base import BASE_AS_INPUT
 
     spec = get_method(method)
+    if spec.base == BASE_AS_INPUT:
+        tensors = [base, *tensors]
     tensors = list(tensors) if spec.max_models is None else list(tensors)[:spec.max_models]
-    return (base if spec.needs_base else None), tensors
+    return (base if spec.uses_base else None), tensors

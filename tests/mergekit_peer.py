@@ -16,6 +16,7 @@ import torch
 from tests.helpers import require_peer
 
 GTA_DEFAULT_KEYS = ("normalize", "rescale", "lambda", "int8_mask")
+GROUP_METHODS = ("nuslerp", "multislerp", "karcher", "nearswap", "sce")  # mergekit's TensorGroup methods
 
 
 @contextmanager
@@ -58,6 +59,8 @@ def mergekit_merge(
     if method == "slerp":
         batch = TensorBatch(tensors=(base.unsqueeze(0), tensors[0].unsqueeze(0)), base_index=0)
         return impl.merge_batch(batch, t=torch.tensor([params["t"]], dtype=torch.float32))[0]
+    if method in GROUP_METHODS:
+        return _merge_group(impl, base, tensors, params)
     group = TensorGroup.from_tensors([base, *tensors], base_index=0)
     if method == "model_stock":
         return impl.merge_group(group, filter_wise=params.get("filter_wise", False))
@@ -73,6 +76,19 @@ def mergekit_merge(
             call[name] = dict(zip(range(1, n + 1), _per_model(value, n)))
     with _injected_bernoulli(masks):
         return impl.merge_group(group, **call)
+
+
+def _merge_group(impl, base: Optional[torch.Tensor], tensors: Sequence[torch.Tensor], params: Dict[str, Any]):
+    """A TensorGroup method; a per-model `weight` goes to the non-base entries in order."""
+    from mergekit.merge_methods.base import PerInputValues, TensorGroup
+
+    group = TensorGroup.from_tensors(([base] if base is not None else []) + list(tensors),
+                                     base_index=0 if base is not None else None)
+    call = dict(params)
+    if "weight" in call:
+        ids = [entry.id for entry in group.non_base]
+        call["weight"] = PerInputValues(list(zip(ids, _per_model(call["weight"], len(ids)))))
+    return impl.merge_group(group, **call)
 
 
 def _per_model(value, n: int) -> List[float]:

@@ -16,7 +16,8 @@ Python, around any mergekit entry point (``mergekit.merge.run_merge``,
 What is covered
 ---------------
 The mergekit methods moefuse implements: task_arithmetic, ties, dare_ties, dare_linear,
-breadcrumbs, breadcrumbs_ties, della, della_linear, linear, slerp and model_stock, each only if
+breadcrumbs, breadcrumbs_ties, della, della_linear, linear, slerp, model_stock, nuslerp,
+multislerp, karcher, nearswap and sce, each only if
 mergekit's definition (parameters, defaults, sparsifier, sign election) matches moefuse's.
 `enable()` replaces only the numerical kernel of those method objects in mergekit's registry
 (the objects every mergekit code path looks up); mergekit still reads the configuration,
@@ -33,7 +34,11 @@ moefuse computes in fp32 and returns the input dtype. For fp32 inputs the result
 mergekit's to 1e-6 relative. For bf16/fp16 inputs mergekit's task-arithmetic family and
 model_stock round each intermediate step to the input dtype, so results can differ in the last
 bits (linear and slerp compute in fp32 in both); and where 16-bit task vectors hold equal
-magnitudes at a trim threshold, mergekit keeps an arbitrary one and moefuse the lower index.
+magnitudes at a trim threshold, mergekit keeps an arbitrary one and moefuse the lower index (the
+same for equal variances at sce's selection cut). multislerp of points that are all zero (every
+model equal to the base) returns the base where mergekit raises; nuslerp interpolates linearly
+where the cosine is within 4 fp32 ulps of +-1, mergekit only where its fp32 cosine is exactly +-1
+(see `moefuse.methods.spherical`).
 
 DARE and DELLA (dare_ties, dare_linear, della, della_linear) drop entries at random. mergekit
 draws its masks with torch.bernoulli; moefuse draws them from its counter-based Philox
@@ -57,7 +62,7 @@ import torch
 
 from moefuse.errors import MergeConfigError, MoefuseError
 from moefuse.methods import MethodSpec, get_method, method_names
-from moefuse.methods.base import MODEL_SCOPE
+from moefuse.methods.base import BASE_AS_INPUT, MODEL_SCOPE
 from moefuse.ops.merge import merge_tensors
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -197,6 +202,9 @@ def _hook_for(method: Any) -> Optional[Tuple[str, Callable]]:
         return ("merge_group", functools.partial(_merge_group, spec)) if matches else None
     kind, run = {
         "model_stock": (FunctionalGroupMergeMethod, _merge_group),
+        "sphere": (FunctionalGroupMergeMethod, _merge_group),
+        "nearswap": (FunctionalGroupMergeMethod, _merge_group),
+        "sce": (FunctionalGroupMergeMethod, _merge_group),
         "linear": (BatchedMergeMethod, _merge_linear),
         "slerp": (BatchedMergeMethod, _merge_slerp),
     }.get(spec.family, (None, None))  # passthrough (a copy) is left to mergekit
@@ -248,13 +256,17 @@ def _kernel(original: Callable, run: Callable, theirs: Any, fill_defaults: bool)
 
 
 def _merge_group(spec: MethodSpec, group: Any, parameters: Dict[str, Any]) -> Optional[torch.Tensor]:
-    """A TensorGroup kernel (task-arithmetic family, model_stock); per-model parameters are
-    mappings keyed by entry id."""
-    if group.base is None:
+    """A TensorGroup kernel (task-arithmetic family, model_stock, nuslerp, multislerp, karcher,
+    nearswap, sce); per-model parameters are mappings keyed by entry id. The base goes where
+    `spec.base` puts it: karcher's is one more input."""
+    if spec.base == BASE_AS_INPUT:
+        base, entries = None, list(group.entries)
+    elif group.base is None and spec.needs_base:
         return None
-    entries = group.non_base
+    else:
+        base, entries = (group.base.tensor if group.base is not None else None), group.non_base
     if not entries and spec.family == "gta":
-        return group.base.tensor
+        return base
     params = {}
     for name, value in parameters.items():
         if spec.param(name).scope != MODEL_SCOPE:
@@ -263,7 +275,7 @@ def _merge_group(spec: MethodSpec, group: Any, parameters: Dict[str, Any]) -> Op
             params[name] = [_scalar(value[entry.id]) for entry in entries]
         else:
             return None
-    return _merge(spec, group.base.tensor, [entry.tensor for entry in entries], params)
+    return _merge(spec, base, [entry.tensor for entry in entries], params)
 
 
 def _merge_linear(spec: MethodSpec, batch: Any, parameters: Dict[str, Any]) -> Optional[torch.Tensor]:

@@ -22,10 +22,10 @@ from moefuse.errors import MergeConfigError, MergeInputError, NonfiniteInputErro
 from moefuse.io.lora import open_checkpoint
 from moefuse.io.safetensors_reader import CheckpointReader
 from moefuse.io.safetensors_writer import OutputTensor
-from moefuse.merge.config import MergeConfig, evaluate_setting
+from moefuse.merge.config import MergeConfig, ModelEntry, evaluate_setting
 from moefuse.methods import get_method, resolve_params
-from moefuse.methods.base import GLOBAL_SCOPE
-from moefuse.ops.merge import merges_row_blocks
+from moefuse.methods.base import BASE_AS_INPUT, GLOBAL_SCOPE
+from moefuse.ops.merge import merges_row_blocks, torch_scratch_bytes
 from moefuse.ops.rowwise import row_block_bytes
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -116,7 +116,7 @@ class MergePlan:
     def peak_bytes_estimate(self, piece_entries: int, writes_in_flight: int) -> int:
         """Merged tensors stream in pieces of `piece_entries`: the inputs' pieces, the output
         piece being computed and up to `writes_in_flight` being written, in the compute dtype
-        (fp32 scratch is per tile). DELLA and filter-wise Model Stock stream blocks of whole rows
+        (fp32 scratch is per tile; the torch-operation merges add `torch_scratch_bytes`). DELLA and filter-wise Model Stock stream blocks of whole rows
         (`row_block_bytes`); copied or aligned tensors count whole. DARE and DELLA add one bit per
         entry and model (their recorded keep decisions)."""
         spec = get_method(self.config.merge_method)
@@ -130,7 +130,8 @@ class MergePlan:
             recorded_keeps = (numel + 7) // 8 * len(task.inputs) if spec.sparsifier in ("random", "della") else 0
             if merges_row_blocks(self.config.merge_method, len(task.inputs), task.params, numel):
                 return row_block_bytes(spec, task.shape, per_entry, len(task.inputs)) + recorded_keeps
-            return min(numel, piece_entries) * per_entry + recorded_keeps
+            scratch = torch_scratch_bytes(self.config.merge_method, len(task.inputs), task.params)
+            return min(numel, piece_entries) * (per_entry + scratch) + recorded_keeps
 
         return max((piece_bytes(t) for t in self.tasks), default=0)
 
@@ -186,8 +187,8 @@ def checked_sources(reference: Source, sources: List[Source], cast_floats: bool 
         same_shape = other.shape[1:] == info.shape[1:] and len(other.shape) == len(info.shape) if any_rows \
             else other.shape == info.shape
         if not same_shape or (other.dtype != info.dtype and not castable):
-            vocabulary = (f"; if their vocabularies differ, set tokenizer_source (base, union or a model) to align "
-                          f"them by token" if is_vocabulary_tensor(reference.key) and not any_rows else "")
+            vocabulary = ("; if their vocabularies differ, set tokenizer_source (base, union or a model) to align "
+                          "them by token" if is_vocabulary_tensor(reference.key) and not any_rows else "")
             raise MergeInputError(
                 f"tensor '{reference.key}': {source.reader.folder} has shape {list(other.shape)} {other.dtype} "
                 f"('{source.key}'), but {reference.reader.folder} has {list(info.shape)} {info.dtype}; "
@@ -305,8 +306,7 @@ def _build_models_plan(config: MergeConfig) -> MergePlan:
     """The plan of a merge of whole `models`."""
     spec = get_method(config.merge_method)
     base = open_checkpoint(config.base_model, config.base_adapter) if config.base_model is not None else None
-    entries = [e for e in config.models if not (spec.needs_base and base is not None
-                                                and same_model(e.path, e.adapter, config.base_model, config.base_adapter))]
+    entries = _model_entries(config, spec)
     check_model_count(spec, len(entries), "", "model(s)")
     _check_parameter_names(config, [e.parameters for e in entries])
     models = [open_checkpoint(e.path, e.adapter) for e in entries]
@@ -316,7 +316,7 @@ def _build_models_plan(config: MergeConfig) -> MergePlan:
     for key in reference.keys():
         info = reference.info(key)
         inputs = matching_sources(reference, key, models, cast_floats=True, any_rows=rows_may_differ(config, key))
-        task_base = Source(base, key) if base is not None and spec.needs_base else None
+        task_base = Source(base, key) if base is not None and spec.uses_base else None
         if info.dtype not in FLOAT_DTYPES:  # copied from the base, as stored
             tasks.append(TensorTask(key, info.shape, info.dtype, task_base, inputs, merge=False))
             continue
@@ -334,6 +334,20 @@ def _build_models_plan(config: MergeConfig) -> MergePlan:
                 stacklevel=2,
             )
     return MergePlan(config, base, models, tasks)
+
+
+def _model_entries(config: MergeConfig, spec) -> List[ModelEntry]:
+    """The models merged besides the base: the listed ones, less the base where the method uses it
+    as the base; a method without a base role takes a configured base as one more input, as
+    mergekit adds it (BASE_AS_INPUT)."""
+    if config.base_model is None:
+        return list(config.models)
+    is_base = [same_model(e.path, e.adapter, config.base_model, config.base_adapter) for e in config.models]
+    if spec.uses_base:
+        return [e for e, base in zip(config.models, is_base) if not base]
+    if spec.base == BASE_AS_INPUT and not any(is_base):
+        return [*config.models, ModelEntry(config.base_model, adapter=config.base_adapter)]
+    return list(config.models)
 
 
 def align_plan(plan: MergePlan) -> None:

@@ -78,15 +78,16 @@ def _slice_inputs(config: MergeConfig, spec: MethodSpec, index: int, piece: Outp
         else (config.base_model, config.base_adapter)
     entries = list(piece.sources)
     base = None
-    if spec.needs_base:
+    if spec.uses_base and base_path is not None:
         found = [source for source in entries if same_model(source.path, source.adapter, base_path, base_adapter)]
-        if not found:
+        if not found and spec.needs_base:
             raise MergeConfigError(
                 f"config: {where}: merge_method '{spec.name}' takes its base from the slice's sources, but the base "
                 f"model {base_path} is not among them; add it to {where}.sources with a layer_range"
             )
-        entries.remove(found[0])
-        base = (readers(found[0].path, found[0].adapter), found[0].layer_range[0])
+        if found:  # an optional base that is not among the sources: the method runs without one
+            entries.remove(found[0])
+            base = (readers(found[0].path, found[0].adapter), found[0].layer_range[0])
     check_model_count(spec, len(entries), f"config: {where}: ", "source(s)")
     for j, source in enumerate(piece.sources):
         layers = _num_layers(readers(source.path, source.adapter))

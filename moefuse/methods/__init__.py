@@ -1,6 +1,15 @@
 """Merge methods as declarative specs; importing this package registers all of them."""
 
-from moefuse.methods import gta, linear, model_stock, passthrough, slerp  # noqa: F401  (registration)
+from moefuse.methods import (  # noqa: F401  (registration)
+    gta,
+    linear,
+    model_stock,
+    nearswap,
+    passthrough,
+    sce,
+    slerp,
+    spherical,
+)
 from moefuse.methods.base import (
     MethodSpec,
     ParamSpec,

@@ -16,6 +16,12 @@ from moefuse.errors import MergeConfigError
 MODEL_SCOPE = "model"
 GLOBAL_SCOPE = "global"
 
+# What a method does with the configured base model:
+BASE_REQUIRED = "required"  # task vectors X_i - B are merged onto B; a base is needed
+BASE_OPTIONAL = "optional"  # as BASE_REQUIRED when a base is given, else the X_i themselves are merged
+BASE_AS_INPUT = "input"  # no base role: a configured base model is one more input (mergekit adds it)
+BASE_UNUSED = "unused"  # no base role: only the listed models are merged
+
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -59,7 +65,8 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A merge method: its family ("gta", "linear", "slerp", "model_stock", "passthrough") and parameters.
+    """A merge method: its family ("gta", "linear", "slerp", "model_stock", "passthrough", "sphere",
+    "nearswap", "sce"), its parameters and its `base` policy (one of the BASE_* constants).
 
     For the generalized task arithmetic ("gta") family, `sparsifier` is one of None,
     "magnitude", "breadcrumbs", "random", "della" and `consensus` says whether TIES sign
@@ -70,12 +77,21 @@ class MethodSpec:
     family: str
     params: Tuple[ParamSpec, ...]
     doc: str
-    needs_base: bool = True
+    base: str = BASE_REQUIRED
     min_models: int = 1
     max_models: Optional[int] = None
     sparsifier: Optional[str] = None
     consensus: bool = False
     reference_url: str = ""
+
+    @property
+    def needs_base(self) -> bool:
+        return self.base == BASE_REQUIRED
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether a given base tensor plays the base's role (task vectors are taken against it)."""
+        return self.base in (BASE_REQUIRED, BASE_OPTIONAL)
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:

@@ -6,7 +6,7 @@
 Computed in fp32. No base model is used.
 """
 
-from moefuse.methods.base import GLOBAL_SCOPE, MODEL_SCOPE, MethodSpec, ParamSpec, register
+from moefuse.methods.base import BASE_UNUSED, GLOBAL_SCOPE, MODEL_SCOPE, MethodSpec, ParamSpec, register
 
 LINEAR = register(
     MethodSpec(
@@ -17,7 +17,7 @@ LINEAR = register(
             ParamSpec("normalize", GLOBAL_SCOPE, True, kind=bool, doc="divide by the weight sum"),
         ),
         doc=__doc__,
-        needs_base=False,
+        base=BASE_UNUSED,
         reference_url="https://arxiv.org/abs/2203.05482",
     )
 )

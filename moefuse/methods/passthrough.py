@@ -6,7 +6,7 @@ Computed in fp32. With layer `slices` of different models it stacks their layers
 model ("frankenmerge"); one source per slice. No base model is used.
 """
 
-from moefuse.methods.base import MODEL_SCOPE, MethodSpec, ParamSpec, register
+from moefuse.methods.base import BASE_UNUSED, MODEL_SCOPE, MethodSpec, ParamSpec, register
 
 PASSTHROUGH = register(
     MethodSpec(
@@ -14,7 +14,7 @@ PASSTHROUGH = register(
         family="passthrough",
         params=(ParamSpec("scale", MODEL_SCOPE, 1.0, doc="factor applied to the tensor"),),
         doc=__doc__,
-        needs_base=False,
+        base=BASE_UNUSED,
         min_models=1,
         max_models=1,
         reference_url="https://github.com/arcee-ai/mergekit#passthrough",

@@ -24,12 +24,17 @@ from moefuse.ops.merge_reference import (
     linear_coefficients,
     model_stock_reference,
     model_stock_t,
+    nearswap_reference,
+    nuslerp_vectors_reference,
+    sce_reference,
     slerp_coefficients,
     weighted_sum_reference,
 )
 from moefuse.ops.pieces import Pieces
 from moefuse.ops.plan import KEEP_DELLA, gta_plan
 from moefuse.ops.rowwise import merge_row_blocks
+from moefuse.ops.sce import sce_streamed
+from moefuse.ops.spherical import nuslerp_t, nuslerp_vectorwise, point_coefficients, with_base
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DTYPE_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in SUPPORTED_DTYPES}
@@ -172,6 +177,23 @@ def _merge(base, tensors: List[torch.Tensor], method: str, emit: Emit, streaming
         t = model_stock_t(_gram(impl, flat, flat_base, check, names, pieces)).item()
         coefficients = [1 - t] + [t / len(tensors)] * len(tensors)
         _weighted_sum(impl, [flat_base, *flat], coefficients, out_dtype, check, names, pieces, emit, allocate)
+    elif _per_vector(spec, resolved):
+        counts, outputs = nuslerp_vectorwise(flat_base, flat, tuple(reference_input.shape),
+                                             nuslerp_t(resolved.per_model["weight"]),
+                                             resolved.shared["nuslerp_row_wise"], pieces, impl.count_nonfinite)
+        _emit_computed(counts, outputs, out_dtype, check, names, allocate, emit)
+    elif spec.family == "sphere":
+        coefficients = point_coefficients(spec.name, resolved, _gram(impl, flat, flat_base, check, names, pieces))
+        operands = ([flat_base] if base is not None else []) + flat
+        _weighted_sum(impl, operands, with_base(coefficients, base is not None), out_dtype, check, names, pieces,
+                      emit, allocate)
+    elif spec.family == "nearswap":
+        counts = [0, 0]
+        _emit_computed(counts, _nearswap_pieces(impl, flat_base, flat[0], resolved.shared["t"], pieces, counts),
+                       out_dtype, check, names, allocate, emit)
+    elif spec.family == "sce":
+        counts, outputs = sce_streamed(flat_base, flat, n, resolved.shared["select_topk"], pieces, impl.count_nonfinite)
+        _emit_computed(counts, outputs, out_dtype, check, names, allocate, emit)
     else:
         raise AssertionError(f"unhandled method family {spec.family!r}")
     return reference_input.shape
@@ -184,6 +206,20 @@ def merges_row_blocks(method: str, num_models: int, params: Dict[str, Any], nume
     resolved = resolve_params(spec, num_models, dict(params))
     plan = gta_plan(spec, resolved, numel) if spec.family == "gta" and num_models else None
     return _row_local(spec, resolved, plan)
+
+
+def torch_scratch_bytes(method: str, num_models: int, params: Dict[str, Any]) -> int:
+    """Bytes per piece entry of the temporaries of the merges run with torch operations on whole
+    pieces (SCE, NearSwap, nuslerp per vector: fp32 operands, fp64 sums, indices); 0 for the fused
+    kernels, whose fp32 scratch is per tile."""
+    spec = get_method(method)
+    if spec.family == "sce":
+        return 4 * num_models + 96
+    if spec.family == "nearswap":
+        return 48
+    if _per_vector(spec, resolve_params(spec, num_models, dict(params))):
+        return 96
+    return 0
 
 
 def _row_local(spec: MethodSpec, resolved, plan) -> bool:
@@ -231,7 +267,40 @@ def _reference(spec: MethodSpec, resolved, plan, base, tensors: List[torch.Tenso
         return weighted_sum_reference(pair, slerp_coefficients(gram_reference(pair), resolved.shared["t"]))
     if spec.family == "model_stock":
         return model_stock_reference(base, tensors, resolved.shared["filter_wise"])
+    if _per_vector(spec, resolved):
+        return nuslerp_vectors_reference(base, tensors, nuslerp_t(resolved.per_model["weight"]),
+                                         resolved.shared["nuslerp_row_wise"])
+    if spec.family == "sphere":
+        coefficients = point_coefficients(spec.name, resolved, gram_reference(tensors, base))
+        return weighted_sum_reference(([base] if base is not None else []) + list(tensors),
+                                      with_base(coefficients, base is not None))
+    if spec.family == "nearswap":
+        return nearswap_reference(base, tensors[0], resolved.shared["t"])
+    if spec.family == "sce":
+        return sce_reference(base, tensors, resolved.shared["select_topk"])
     raise AssertionError(f"unhandled method family {spec.family!r}")
+
+
+def _per_vector(spec: MethodSpec, resolved) -> bool:
+    """nuslerp without flattening: one angle per vector (`moefuse.ops.spherical.nuslerp_vectorwise`)."""
+    return spec.name == "nuslerp" and not resolved.shared["nuslerp_flatten"]
+
+
+def _emit_computed(counts: List[int], outputs, out_dtype, check, names, allocate: Optional[Allocate],
+                   emit: Emit) -> None:
+    """Emit fp32 output pieces computed with torch operations, cast to `out_dtype` (into allocated
+    buffers where given), then check the inputs' NaN/Inf `counts` (complete once `outputs` is)."""
+    for piece in outputs:
+        buffer = output_buffer(allocate, piece.numel(), out_dtype)
+        emit(buffer.copy_(piece) if buffer is not None else piece.to(out_dtype))
+    check(counts, names[-len(counts):])
+
+
+def _nearswap_pieces(impl, base: torch.Tensor, model: torch.Tensor, t: float, pieces: Pieces, counts: List[int]):
+    """NearSwap piece by piece, adding the NaN/Inf counts of base and model to `counts`."""
+    for _, _, piece in pieces.walk([base, model]):
+        counts[:] = [a + b for a, b in zip(counts, impl.count_nonfinite(piece))]
+        yield nearswap_reference(piece[0], piece[1], t)
 
 
 def _check_linear_weights(resolved) -> None:
@@ -299,7 +368,7 @@ def _check_inputs(spec: MethodSpec, base: Optional[torch.Tensor], tensors: List[
     where = f"method '{spec.name}'"
     if spec.needs_base and base is None:
         raise MergeInputError(f"{where} needs a base tensor; pass base=...")
-    if not spec.needs_base and base is not None:
+    if not spec.uses_base and base is not None:
         raise MergeInputError(
             f"{where} uses no base; pass base=None and list every model in tensors (with its weight)"
         )

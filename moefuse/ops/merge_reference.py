@@ -21,6 +21,8 @@ from moefuse.ops.plan import (
     GtaPlan,
     KeepRule,
 )
+from moefuse.ops.sce import erase_and_average, sce_weights, selected_count
+from moefuse.ops.spherical import nuslerp_coefficients
 
 SLERP_DOT_THRESHOLD = 0.9995
 SLERP_NORM_EPS = 1e-8
@@ -204,3 +206,37 @@ def model_stock_reference(base: torch.Tensor, inputs: Sequence[torch.Tensor], fi
     t = model_stock_t(deltas @ deltas.transpose(1, 2)).float().unsqueeze(-1)
     average = torch.stack([x.reshape(rows.shape).float() for x in inputs]).mean(dim=0)
     return (t * average + (1 - t) * rows.float()).reshape(base.shape)
+
+
+def nuslerp_vectors_reference(base, tensors: Sequence[torch.Tensor], t: float, row_wise: bool) -> torch.Tensor:
+    """nuslerp of each vector along the last dimension (the first with `row_wise`) in fp32."""
+    points = [x.float() - base.float() if base is not None else x.float() for x in tensors]
+    if points[0].dim() >= 2:
+        points = [p.transpose(0, -1) if row_wise else p for p in points]
+    rows = [p.reshape(math.prod(p.shape[:-1]), p.shape[-1]) if p.dim() else p.reshape(1, 1) for p in points]
+    stacked = torch.stack(rows, dim=1).double()  # [vectors, 2, length]
+    coefficients = nuslerp_coefficients(stacked @ stacked.transpose(1, 2), t).float()
+    out = (coefficients[:, :, None] * torch.stack(rows, dim=1)).sum(dim=1).reshape(points[0].shape)
+    out = out.transpose(0, -1) if row_wise and out.dim() >= 2 else out
+    return out + base.float() if base is not None else out
+
+
+def nearswap_reference(base: torch.Tensor, model: torch.Tensor, t: float) -> torch.Tensor:
+    """w B + (1 - w) A with w = clamp(t / max(|A - B|, 1e-6), 0, 1), in fp32 (A the base)."""
+    a, b = base.float(), model.float()
+    weight = (t / (a - b).abs().clamp(min=1e-6)).clamp(0, 1)
+    return weight * b + (1 - weight) * a
+
+
+def sce_reference(base: torch.Tensor, tensors: Sequence[torch.Tensor], select_topk: float) -> torch.Tensor:
+    """SCE on whole tensors in fp32; the variance cut by a stable descending sort."""
+    deltas = torch.stack([x.float() - base.float() for x in tensors]).reshape(len(tensors), -1)
+    if select_topk < 1 and deltas.shape[1]:
+        variance = torch.var(deltas, dim=0, unbiased=False)
+        k = selected_count(int((variance != 0).sum()), select_topk) if select_topk > 0 else 0
+        keep = torch.zeros_like(variance, dtype=torch.bool)
+        keep[torch.sort(variance, descending=True, stable=True).indices[:k]] = True
+        deltas = deltas * keep
+    weights = sce_weights(deltas.double().square().sum(dim=1).tolist(), max(deltas.shape[1], 1))
+    merged = erase_and_average(deltas, weights)
+    return base.float() + merged.reshape(base.shape)

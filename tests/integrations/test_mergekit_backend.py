@@ -32,8 +32,8 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 COVERED = (
-    "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear",
-    "linear", "model_stock", "slerp", "task_arithmetic", "ties",
+    "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear", "karcher",
+    "linear", "model_stock", "multislerp", "nearswap", "nuslerp", "sce", "slerp", "task_arithmetic", "ties",
 )
 
 # case ("method" or "method-variant") -> mergekit parameters; per-model values in input order,
@@ -54,6 +54,12 @@ CASES: Dict[str, dict] = {
     "slerp": {"t": 0.3},
     "model_stock": {},
     "model_stock-filter_wise": {"filter_wise": True},
+    "nuslerp": {"weight": [0.3, 0.8]},
+    "nuslerp-rows": {"weight": [0.3, 0.8], "nuslerp_flatten": False},
+    "multislerp": {"weight": [0.2, 0.5, 0.9]},
+    "karcher": {"max_iter": 20},
+    "nearswap": {"t": 0.02},
+    "sce": {"select_topk": 0.5},
 }
 
 
@@ -81,13 +87,13 @@ def _call(case: str, tensors: List[torch.Tensor]) -> torch.Tensor:
     """mergekit's public entry point for one output tensor (binding, dtype handling, kernel)."""
     method = case.split("-")[0]
     return mergekit_merge_tensors(
-        tensors, method, parameters=CASES[case], base_index=None if method == "linear" else 0
+        tensors, method, parameters=CASES[case], base_index=None if method in ("linear", "karcher") else 0
     )
 
 
 def _count(case: str) -> int:
     """How many input tensors a case takes (the base included)."""
-    return {"slerp": 2, "linear": 3}.get(case.split("-")[0], 4)
+    return {"slerp": 2, "nearswap": 2, "linear": 3, "nuslerp": 3}.get(case.split("-")[0], 4)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -217,11 +223,11 @@ def test_inputs_moefuse_declines_run_mergekits_code():
 
 
 def test_methods_moefuse_lacks_keep_mergekits_code():
-    tensors = _inputs(3)
-    params = {"select_topk": 0.5}
-    expected = mergekit_merge_tensors(tensors, "sce", parameters=params, base_index=0)
+    tensors = _inputs(2)
+    params = {}
+    expected = mergekit_merge_tensors(tensors, "arcee_fusion", parameters=params, base_index=0)
     with backend.enabled(), spy() as calls:
-        actual = mergekit_merge_tensors(tensors, "sce", parameters=params, base_index=0)
+        actual = mergekit_merge_tensors(tensors, "arcee_fusion", parameters=params, base_index=0)
     assert calls.call_count == 0
     assert torch.equal(actual, expected)
 
@@ -293,6 +299,8 @@ def _config(method: str, paths: Dict[str, str]) -> dict:
         "task_arithmetic": [("tuned_a", {"weight": 0.6}), ("tuned_b", {"weight": 0.4})],
         "linear": [("base", {"weight": 0.2}), ("tuned_a", {"weight": 0.5}), ("tuned_b", {"weight": 0.3})],
         "slerp": [("base", {}), ("tuned_a", {})],
+        "nuslerp": [("tuned_a", {"weight": 0.4}), ("tuned_b", {"weight": 0.6})],
+        "karcher": [("tuned_a", {}), ("tuned_b", {})],  # mergekit adds the base as a third input
     }[method]
     config = {
         "merge_method": method,
@@ -318,7 +326,7 @@ def _load(folder: Path) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "linear", "slerp"])
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "linear", "slerp", "nuslerp", "karcher"])
 def test_run_merge_matches_mergekit(method, checkpoints, tmp_path):
     config = _config(method, checkpoints)
     expected = _merge(config, tmp_path / "mergekit")

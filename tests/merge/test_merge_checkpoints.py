@@ -29,13 +29,18 @@ DETERMINISTIC = {
     "linear": {"models": {"weight": [0.2, 0.3, 0.5]}, "parameters": {}},
     "slerp": {"models": {}, "parameters": {"t": [0.0, 0.5, 1.0]}},
     "model_stock": {"models": {}, "parameters": {}},
+    "nuslerp": {"models": {"weight": [0.3, 0.7]}, "parameters": {}},
+    "multislerp": {"models": {"weight": [0.5, 0.8]}, "parameters": {}},
+    "karcher": {"models": {}, "parameters": {"max_iter": 20}},  # mergekit adds the base as a third input
+    "nearswap": {"models": {}, "parameters": {"t": 0.01}},
+    "sce": {"models": {}, "parameters": {"select_topk": 0.5}},
 }
 
 
 def _config(folders, method, dtype="float32"):
     base, *others = folders
     case = DETERMINISTIC[method]
-    listed = folders if method == "linear" else ([base, others[0]] if method == "slerp" else others)
+    listed = {"linear": folders, "slerp": [base, others[0]], "nearswap": others[:1]}.get(method, others)
     models = []
     for i, folder in enumerate(listed):
         parameters = {k: (v[i] if isinstance(v, list) else v) for k, v in case["models"].items()}
@@ -90,6 +95,28 @@ def llama_models(checkpoints):
 @pytest.mark.parametrize("method", sorted(DETERMINISTIC))
 def test_matches_mergekit(tmp_path, checkpoints, architecture, method):
     assert_matches_mergekit(_config(checkpoints[architecture], method), tmp_path)
+
+
+@pytest.mark.parametrize("parameters", [{"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}],
+                         ids=["rows", "columns"])
+def test_nuslerp_per_vector_matches_mergekit(tmp_path, llama_models, parameters):
+    config = _config(llama_models, "nuslerp")
+    config["parameters"].update(parameters)
+    assert_matches_mergekit(config, tmp_path)
+
+
+@pytest.mark.parametrize("method", ["nuslerp", "multislerp"])
+def test_optional_base_left_out_matches_mergekit(tmp_path, llama_models, method):
+    """Without a base_model the spherical methods interpolate the models themselves."""
+    config = _config(llama_models, method)
+    del config["base_model"]
+    assert_matches_mergekit(config, tmp_path)
+
+
+def test_karcher_with_the_base_listed_takes_it_once(tmp_path, llama_models):
+    config = _config(llama_models, "karcher")
+    config["models"].insert(0, {"model": config["base_model"]})
+    assert_matches_mergekit(config, tmp_path)
 
 
 def test_bf16_checkpoints_with_out_dtype(tmp_path):

@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import save_file
 
 from moefuse.merge.run import WRITES_IN_FLIGHT
+from moefuse.ops.merge import torch_scratch_bytes
 
 SHARDS = 3
 FIXED_OVERHEAD = 64 * 2**20
@@ -102,4 +103,18 @@ def test_row_local_methods_stay_near_their_row_blocks(tmp_path, method, paramete
     della_masks = 3 * rowwise.FUSED_BYTES_PER_ENTRY * rowwise.FUSED_BLOCK_ENTRIES + 3 * 2048 * 4096 // 8
     fused = rowwise.FUSED_BLOCK_ENTRIES * data + (della_masks if method == "della" else 0)
     bound = rowwise.blocks_in_flight() * max(reference, fused) + FIXED_OVERHEAD
+    assert peak <= bound, f"peak RSS grew by {peak / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("method, parameters, global_parameters", [
+    ("sce", {}, {"select_topk": 0.3}),
+    ("multislerp", {"weight": 1.0}, {}),
+], ids=["sce", "multislerp"])
+def test_torch_operation_and_spherical_merges_stream_pieces(tmp_path, method, parameters, global_parameters):
+    """SCE's four passes (and a spherical merge's two) read 32 MB tensors in 1 MB pieces: the growth
+    stays near the pieces plus their temporaries (`torch_scratch_bytes`)."""
+    piece_entries = 1 << 18
+    peak = _peak_rss_growth(tmp_path, method, parameters, (1 << 23,), 3, piece_entries, global_parameters)
+    scratch = torch_scratch_bytes(method, 3, {**global_parameters, **parameters})
+    bound = ((4 + 1 + WRITES_IN_FLIGHT) * 4 + scratch) * piece_entries + FIXED_OVERHEAD
     assert peak <= bound, f"peak RSS grew by {peak / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"

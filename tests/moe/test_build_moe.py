@@ -183,6 +183,7 @@ def test_shared_weights_rules(variants, tmp_path):
     rules = [
         {"filter": "embeddings", "method": "base"},
         {"filter": "attention", "method": "ties", "parameters": {"density": 0.5, "weight": 1.0, "lambda": 1.0}},
+        {"filter": "model.norm", "method": "sce", "parameters": {"select_topk": 0.5}},
         {"method": "average"},
     ]
     experts = _experts(variants[1:])
@@ -194,6 +195,10 @@ def test_shared_weights_rules(variants, tmp_path):
     key = "model.layers.0.self_attn.q_proj.weight"
     expected = merge_tensors(_tensor(variants[0], key), [_tensor(f, key) for f in variants[1:]], "ties",
                              density=0.5, weight=1.0, backend="reference", **{"lambda": 1.0})
+    torch.testing.assert_close(_tensor(out, key), expected)
+    key = "model.norm.weight"
+    expected = merge_tensors(_tensor(variants[0], key), [_tensor(f, key) for f in variants[1:]], "sce",
+                             select_topk=0.5, backend="reference")
     torch.testing.assert_close(_tensor(out, key), expected)
     key = "model.layers.1.post_attention_layernorm.weight"
     expected = (_tensor(variants[1], key) + _tensor(variants[2], key)) / 2

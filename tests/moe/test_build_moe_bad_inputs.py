@@ -171,7 +171,7 @@ def test_malformed_lists_and_shared_rules_are_refused_while_parsing(dense, tmp_p
 
 
 SHARED_METHOD_LIST = ("base, average, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, "
-                      "model_stock, task_arithmetic, ties")
+                      "model_stock, sce, task_arithmetic, ties")
 
 
 @pytest.mark.parametrize("method, reason", [

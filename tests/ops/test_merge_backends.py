@@ -27,7 +27,19 @@ METHOD_PARAMS = {
     "passthrough": dict(scale=-0.7),
     "slerp": dict(t=0.4),
     "model_stock": {},
+    "nuslerp": dict(weight=[0.4, 0.9]),
+    "nuslerp_vectors": dict(weight=[0.4, 0.9], nuslerp_flatten=False),
+    "nuslerp_columns": dict(weight=[0.4, 0.9], nuslerp_flatten=False, nuslerp_row_wise=True),
+    "multislerp": dict(weight=[0.3, 0.5, 0.9]),
+    "karcher": dict(max_iter=30),
+    "nearswap": dict(t=0.02),
+    "sce": dict(select_topk=0.4),
 }
+
+
+def method_of(case: str) -> str:
+    """The method a METHOD_PARAMS case runs ("nuslerp_vectors" runs nuslerp)."""
+    return case.split("_vectors")[0].split("_columns")[0]
 
 
 def _device_for(backend: str) -> str:
@@ -70,7 +82,7 @@ def test_backend_matches_reference(backend, dtype, method):
         if method == "model_stock" and len(shape) == 0:
             continue
         base, tensors = _inputs(shape, dtype, device)
-        _merge_both(backend, base, tensors, method, **METHOD_PARAMS[method])
+        _merge_both(backend, base, tensors, method_of(method), **METHOD_PARAMS[method])
 
 
 ROW_LOCAL_PARAMS = {

@@ -87,6 +87,34 @@ def test_base_rules():
         moefuse.merge_tensors(base, [[1.0, 2.0]], "ties")
 
 
+def test_spherical_methods_and_nearswap_check_their_inputs():
+    base, tensors = _pair()
+    with pytest.raises(MergeConfigError, match="method 'nuslerp': parameter 'weight' is required"):
+        moefuse.merge_tensors(base, tensors, "nuslerp")
+    with pytest.raises(MergeInputError, match="'nuslerp' needs at least 2 model tensor"):
+        moefuse.merge_tensors(base, tensors[:1], "nuslerp", weight=1.0)
+    with pytest.raises(MergeInputError, match="'karcher' uses no base; pass base=None"):
+        moefuse.merge_tensors(base, tensors, "karcher")
+    with pytest.raises(MergeConfigError, match="'multislerp': the weights sum to zero.*normalize_weights: false"):
+        moefuse.merge_tensors(base, tensors, "multislerp", weight=[1.0, -1.0])
+    with pytest.raises(MergeConfigError, match="'max_iter' must be an integer"):
+        moefuse.merge_tensors(None, tensors, "karcher", max_iter=2.5)
+    with pytest.raises(MergeConfigError, match="method 'nearswap': parameter 't' is required"):
+        moefuse.merge_tensors(base, tensors[:1], "nearswap")
+
+
+def test_multislerp_of_cancelling_directions():
+    """Three points whose weighted unit vectors cancel have no spherical mean (an error); two fall
+    back to linear interpolation; points that are all zero give zero (the base)."""
+    base = torch.zeros(4)
+    a = torch.tensor([1.0, 2.0, 0.0, -1.0])
+    with pytest.raises(MergeInputError, match="weighted sum of the unit vectors is zero"):
+        moefuse.merge_tensors(None, [a, -a, 2 * a], "multislerp", weight=[1.0, 1.0, 0.0])
+    pair = moefuse.merge_tensors(None, [a, -2 * a], "multislerp", weight=[1.0, 1.0])
+    assert torch.allclose(pair, -0.5 * a)
+    assert torch.equal(moefuse.merge_tensors(base, [base, base, base], "multislerp", weight=1.0), base)
+
+
 def test_linear_weights_summing_to_zero():
     _, tensors = _pair()
     with pytest.raises(MergeConfigError, match="weights sum to zero"):
@@ -94,7 +122,8 @@ def test_linear_weights_summing_to_zero():
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
-@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "dare_linear", "della", "slerp", "model_stock", "linear"])
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "dare_linear", "della", "slerp", "model_stock", "linear",
+                                    "nuslerp", "nuslerp_vectors", "karcher", "nearswap", "sce"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", ["base", "model"])
 def test_nonfinite_inputs_raise_unless_allowed(backend, method, bad, where):
@@ -106,10 +135,12 @@ def test_nonfinite_inputs_raise_unless_allowed(backend, method, bad, where):
     else:
         tensors[1][0, 0] = bad
         name = r"tensors\[1\]"
-    params = {"slerp": dict(t=0.3)}.get(method, {})
-    if method == "linear":
+    params = {"slerp": dict(t=0.3), "nearswap": dict(t=0.05), "nuslerp": dict(weight=[0.4, 0.6]),
+              "nuslerp_vectors": dict(weight=[0.4, 0.6], nuslerp_flatten=False)}.get(method, {})
+    method = method.removesuffix("_vectors")
+    if method in ("linear", "karcher"):
         base, tensors, name = None, [base, *tensors], ("tensors\\[0\\]" if where == "base" else "tensors\\[2\\]")
-    if method == "slerp":
+    if method in ("slerp", "nearswap"):
         tensors = tensors[1:] if where == "model" else tensors[:1]
         name = "base" if where == "base" else r"tensors\[0\]"
     base = base.to(device) if base is not None else None

@@ -167,3 +167,68 @@ def test_slerp_collinear_inputs_fall_back_to_lerp():
     actual = moefuse.merge_tensors(base, [other], "slerp", t=0.25)
     assert_merge_close(actual, expected)
     assert_merge_close(actual, base * 1.25)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize(
+    "method,params,with_base",
+    [
+        ("nuslerp", dict(weight=[0.3, 0.8]), True),
+        ("nuslerp", dict(weight=[0.5, -0.5]), True),  # |w_0 + w_1| < 1e-6: t = 0.5
+        ("nuslerp", dict(weight=[0.3, 0.8]), False),
+        ("nuslerp", dict(weight=[0.6, 0.2], nuslerp_flatten=False), True),
+        ("nuslerp", dict(weight=[0.6, 0.2], nuslerp_flatten=False, nuslerp_row_wise=True), False),
+        ("multislerp", dict(weight=[0.2, 0.5, 0.9]), True),
+        ("multislerp", dict(weight=[0.2, 0.5, 0.9], normalize_weights=False), False),
+        ("karcher", {}, False),
+        ("karcher", dict(max_iter=2, tol=1e-3), False),
+        ("nearswap", dict(t=0.03), True),
+        ("sce", {}, True),
+        ("sce", dict(select_topk=0.4), True),
+        ("sce", dict(select_topk=0.0), True),
+    ],
+    ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(f"{k}={v[k]}" for k in v),
+)
+def test_group_methods_match_mergekit(method, params, with_base, shape, dtype):
+    """nuslerp, multislerp, karcher, nearswap and SCE against mergekit run on the fp32-upcast inputs
+    (karcher takes the base as one more input)."""
+    require_peer("mergekit")
+    base, tensors = _inputs(shape, dtype)
+    tensors = tensors[:{"nuslerp": 2, "nearswap": 1}.get(method, 3)]
+    if method == "karcher":
+        base, tensors = None, [base, *tensors]
+    elif not with_base:
+        base = None
+    operands = ([base] if base is not None else []) + tensors
+    expected = mergekit_merge(method, base.float() if base is not None else None, [t.float() for t in tensors],
+                              **params)
+    actual = moefuse.merge_tensors(base, tensors, method, **params)
+    excluded = _variance_ties_at_cut(base, tensors, params["select_topk"]) if 0 < params.get("select_topk", 1) < 1 \
+        else None
+    assert_merge_close(actual, expected.to(dtype), ulps=2, scale=operand_scale(*operands), exclude=excluded)
+
+
+def _variance_ties_at_cut(base, tensors, select_topk):
+    """Entries whose variance equals the k-th largest: mergekit's topk keeps an arbitrary few of
+    them, moefuse the lowest indices."""
+    deltas = torch.stack([t.float() - base.float() for t in tensors]).reshape(len(tensors), -1)
+    variance = torch.var(deltas, dim=0, unbiased=False)
+    k = int(torch.tensor(int((variance != 0).sum())) * select_topk)
+    if k == 0:
+        return None
+    threshold = torch.sort(variance, descending=True).values[k - 1]
+    ties = variance == threshold
+    return ties if int(ties.sum()) > 1 else None
+
+
+def test_nuslerp_antipodal_single_entries_interpolate_linearly():
+    """Task vectors of one entry with opposite signs: mergekit's cosine is exactly -1, so it falls
+    back to linear interpolation; so does moefuse whatever its Gram sums round to."""
+    require_peer("mergekit")
+    base = torch.tensor([1.6504])
+    tensors = [base - 0.0977, base + 0.0115]
+    expected = mergekit_merge("nuslerp", base, tensors, weight=[0.3, 0.7])
+    for backend in ("cpu", "reference"):
+        actual = moefuse.merge_tensors(base, tensors, "nuslerp", weight=[0.3, 0.7], backend=backend)
+        assert_merge_close(actual, expected)

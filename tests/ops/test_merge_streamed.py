@@ -14,7 +14,7 @@ from moefuse.ops import pieces as pieces_module
 from moefuse.ops import rowwise, select
 from moefuse.ops.merge import merge_streamed
 from tests.helpers import assert_merge_close, method_operands, operand_scale
-from tests.ops.test_merge_backends import DTYPES, FAST_BACKENDS, METHOD_PARAMS, _device_for
+from tests.ops.test_merge_backends import DTYPES, FAST_BACKENDS, METHOD_PARAMS, _device_for, method_of
 
 ALL_PARAMS = {
     **METHOD_PARAMS,
@@ -22,7 +22,8 @@ ALL_PARAMS = {
     "model_stock_filter_wise": dict(filter_wise=True),
 }
 # L1 norms or Gram entries add up per piece (or per tile), so they may round differently.
-SUMMED = {"dare_ties", "breadcrumbs_ties", "della", "slerp", "model_stock"}
+SUMMED = {"dare_ties", "breadcrumbs_ties", "della", "slerp", "model_stock", "nuslerp", "nuslerp_vectors",
+          "nuslerp_columns", "multislerp", "karcher", "sce"}
 SHAPE = (37, 101)  # 3737 entries: pieces of 64 .. 1024 leave a short last piece
 
 
@@ -46,7 +47,7 @@ def _case(dtype, device, seed=0):
 
 
 def _method_inputs(name, base, tensors):
-    method = {"model_stock_filter_wise": "model_stock"}.get(name, name)
+    method = {"model_stock_filter_wise": "model_stock"}.get(name, method_of(name))
     return (method, *method_operands(method, base, tensors))
 
 
@@ -107,13 +108,13 @@ def _lender(device):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "linear", "model_stock"])
-def test_pieces_are_written_into_the_allocated_buffers(method, backend):
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "linear", "model_stock", "nuslerp_vectors", "nearswap", "sce"])
+def test_pieces_are_written_into_the_allocated_buffers(name, backend):
     """With `allocate`, each emitted piece is the buffer it returned, holding the merged entries."""
     device = _device_for(backend)
     base, tensors = _case(torch.bfloat16, device)
-    method, base, tensors = _method_inputs(method, base, tensors)
-    params = ALL_PARAMS[method]
+    method, base, tensors = _method_inputs(name, base, tensors)
+    params = ALL_PARAMS[name]
     lent, allocate = _lender(device)
     pieces = _streamed(base, tensors, method, 1024, allocate=allocate, backend=backend, **params)
     assert len(pieces) == len(lent) == 4

@@ -73,6 +73,16 @@ def merge_args(method: str, base, inputs, density: float, weights):
         return None, inputs, {"weight": list(weights), "normalize": abs(sum(weights)) > 1e-6}
     if method == "passthrough":
         return None, inputs[:1], {"scale": weights[0]}
+    if method == "nuslerp":
+        return base, (inputs * 2)[:2], {"weight": [0.4, 0.9]}
+    if method == "multislerp":
+        return base, inputs, {"weight": [0.4, 0.9, 0.3][: len(inputs)]}
+    if method == "karcher":
+        return None, [base, *inputs], {}
+    if method == "nearswap":
+        return base, inputs[:1], {"t": 0.01}
+    if method == "sce":
+        return base, inputs, {"select_topk": density}
     params = {"weight": list(weights), "density": density, "lambda": 0.8}
     if method.startswith("breadcrumbs"):
         params["gamma"] = 0.1
