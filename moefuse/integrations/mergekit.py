@@ -31,9 +31,10 @@ would reject. `int8_mask` changes nothing (moefuse never materializes masks).
 Differences from mergekit
 -------------------------
 moefuse computes in fp32 and returns the input dtype. For fp32 inputs the results match
-mergekit's to 1e-6 relative. For bf16/fp16 inputs mergekit's task-arithmetic family and
-model_stock round each intermediate step to the input dtype, so results can differ in the last
-bits (linear and slerp compute in fp32 in both); and where 16-bit task vectors hold equal
+mergekit's to 1e-6 relative. For bf16/fp16 inputs mergekit's task-arithmetic family, model_stock,
+nuslerp, multislerp, karcher, nearswap and sce round each intermediate step to the input dtype,
+so results can differ in the last bits, and sce's coarser 16-bit variances select other entries
+near its cut (linear and slerp compute in fp32 in both); and where 16-bit task vectors hold equal
 magnitudes at a trim threshold, mergekit keeps an arbitrary one and moefuse the lower index (the
 same for equal variances at sce's selection cut). multislerp of points that are all zero (every
 model equal to the base) returns the base where mergekit raises; nuslerp interpolates linearly

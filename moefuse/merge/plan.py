@@ -130,8 +130,8 @@ class MergePlan:
             recorded_keeps = (numel + 7) // 8 * len(task.inputs) if spec.sparsifier in ("random", "della") else 0
             if merges_row_blocks(self.config.merge_method, len(task.inputs), task.params, numel):
                 return row_block_bytes(spec, task.shape, per_entry, len(task.inputs)) + recorded_keeps
-            scratch = torch_scratch_bytes(self.config.merge_method, len(task.inputs), task.params)
-            return min(numel, piece_entries) * (per_entry + scratch) + recorded_keeps
+            scratch = torch_scratch_bytes(self.config.merge_method, len(task.inputs), task.params, task.shape)
+            return min(numel, piece_entries) * per_entry + scratch + recorded_keeps
 
         return max((piece_bytes(t) for t in self.tasks), default=0)
 
@@ -252,6 +252,9 @@ def _resolve_task_params(config: MergeConfig, key: str, t: float, model_params: 
             value = _first_setting(shared, pspec.name, key, t)
             if value is not None:
                 params[pspec.name] = value
+            elif any(pspec.name in own for own in model_params):
+                raise MergeConfigError(f"parameter '{pspec.name}' of merge_method '{spec.name}' is global: set it "
+                                       "in the top-level parameters (or a slice's), not a model's")
             continue
         values = [_first_setting([own, *shared], pspec.name, (model_keys or [key] * len(model_params))[i], t)
                   for i, own in enumerate(model_params)]
@@ -278,11 +281,13 @@ def _check_parameter_names(config: MergeConfig, model_params: Sequence[Dict[str,
             )
 
 
-def check_model_count(spec, count: int, where: str, what: str) -> None:
-    """Refuse `count` models besides the base unless `spec` takes that many (`where`: the place in the config)."""
+def check_model_count(spec, count: int, where: str, what: str, has_base: bool = True) -> None:
+    """Refuse `count` models (besides the base, if the merge has one in the base's role) unless `spec`
+    takes that many (`where`: the place in the config)."""
     if count < spec.min_models or (spec.max_models is not None and count > spec.max_models):
         bound = f"exactly {spec.min_models}" if spec.min_models == spec.max_models else f"at least {spec.min_models}"
-        raise MergeConfigError(f"{where}merge_method '{spec.name}' needs {bound} {what} besides the base, got {count}")
+        besides = " besides the base" if spec.uses_base and has_base else ""
+        raise MergeConfigError(f"{where}merge_method '{spec.name}' needs {bound} {what}{besides}, got {count}")
 
 
 def build_plan(config: MergeConfig) -> MergePlan:
@@ -307,7 +312,7 @@ def _build_models_plan(config: MergeConfig) -> MergePlan:
     spec = get_method(config.merge_method)
     base = open_checkpoint(config.base_model, config.base_adapter) if config.base_model is not None else None
     entries = _model_entries(config, spec)
-    check_model_count(spec, len(entries), "", "model(s)")
+    check_model_count(spec, len(entries), "", "model(s)", has_base=base is not None)
     _check_parameter_names(config, [e.parameters for e in entries])
     models = [open_checkpoint(e.path, e.adapter) for e in entries]
     reference = base if base is not None else models[0]

@@ -80,15 +80,14 @@ def _slice_inputs(config: MergeConfig, spec: MethodSpec, index: int, piece: Outp
     base = None
     if spec.uses_base and base_path is not None:
         found = [source for source in entries if same_model(source.path, source.adapter, base_path, base_adapter)]
-        if not found and spec.needs_base:
+        if not found:  # as mergekit: a configured base must be among the sources (optional bases too)
             raise MergeConfigError(
                 f"config: {where}: merge_method '{spec.name}' takes its base from the slice's sources, but the base "
                 f"model {base_path} is not among them; add it to {where}.sources with a layer_range"
             )
-        if found:  # an optional base that is not among the sources: the method runs without one
-            entries.remove(found[0])
-            base = (readers(found[0].path, found[0].adapter), found[0].layer_range[0])
-    check_model_count(spec, len(entries), f"config: {where}: ", "source(s)")
+        entries.remove(found[0])
+        base = (readers(found[0].path, found[0].adapter), found[0].layer_range[0])
+    check_model_count(spec, len(entries), f"config: {where}: ", "source(s)", has_base=base is not None)
     for j, source in enumerate(piece.sources):
         layers = _num_layers(readers(source.path, source.adapter))
         if source.layer_range[1] > layers:

@@ -21,10 +21,10 @@ multislerp (weights w_i, divided by their sum with normalize_weights; eps = 1e-8
     more are an error.
 
 karcher (every input weighted 1/N, the base among them; max_iter, tol):
-    u_i = X_i / |X_i| over the inputs with |X_i| > tol; p = normalize(mean u_i) (u_0 if tiny)
+    u_i = X_i / |X_i| for the M inputs with |X_i| > tol; p = normalize(sum_i u_i / M) (u_0 if tiny)
     repeat at most max_iter times:
-        theta_i = acos(clamp(<p, u_i>, -1, 1)),  v = mean over theta_i >= tol of
-                  theta_i / sin(theta_i) (u_i - <p, u_i> p)
+        theta_i = acos(clamp(<p, u_i>, -1, 1))
+        v = (1 / M) sum over the i with theta_i >= tol of theta_i / sin(theta_i) (u_i - <p, u_i> p)
         stop if |v| < tol;  p = normalize(cos(|v|) p + sin(|v|) v / |v|)
     out = (sum_i |X_i| / N) p: the weighted Karcher (Frechet) mean on the sphere, rescaled.
 """

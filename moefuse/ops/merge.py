@@ -10,7 +10,8 @@ Backends:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+import math
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -24,17 +25,17 @@ from moefuse.ops.merge_reference import (
     linear_coefficients,
     model_stock_reference,
     model_stock_t,
-    nearswap_reference,
+    nearswap_values,
     nuslerp_vectors_reference,
     sce_reference,
     slerp_coefficients,
     weighted_sum_reference,
 )
-from moefuse.ops.pieces import Pieces
+from moefuse.ops.pieces import TORCH_CHUNK, Pieces, add_counts
 from moefuse.ops.plan import KEEP_DELLA, gta_plan
 from moefuse.ops.rowwise import merge_row_blocks
 from moefuse.ops.sce import sce_streamed
-from moefuse.ops.spherical import nuslerp_t, nuslerp_vectorwise, point_coefficients, with_base
+from moefuse.ops.spherical import nuslerp_t, nuslerp_vectorwise, point_coefficients, task_arithmetic_plan
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DTYPE_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in SUPPORTED_DTYPES}
@@ -177,23 +178,19 @@ def _merge(base, tensors: List[torch.Tensor], method: str, emit: Emit, streaming
         t = model_stock_t(_gram(impl, flat, flat_base, check, names, pieces)).item()
         coefficients = [1 - t] + [t / len(tensors)] * len(tensors)
         _weighted_sum(impl, [flat_base, *flat], coefficients, out_dtype, check, names, pieces, emit, allocate)
-    elif _per_vector(spec, resolved):
-        counts, outputs = nuslerp_vectorwise(flat_base, flat, tuple(reference_input.shape),
-                                             nuslerp_t(resolved.per_model["weight"]),
-                                             resolved.shared["nuslerp_row_wise"], pieces, impl.count_nonfinite)
-        _emit_computed(counts, outputs, out_dtype, check, names, allocate, emit)
-    elif spec.family == "sphere":
+    elif spec.family == "sphere" and not _per_vector(spec, resolved, reference_input.dim()):
         coefficients = point_coefficients(spec.name, resolved, _gram(impl, flat, flat_base, check, names, pieces))
-        operands = ([flat_base] if base is not None else []) + flat
-        _weighted_sum(impl, operands, with_base(coefficients, base is not None), out_dtype, check, names, pieces,
-                      emit, allocate)
-    elif spec.family == "nearswap":
-        counts = [0, 0]
-        _emit_computed(counts, _nearswap_pieces(impl, flat_base, flat[0], resolved.shared["t"], pieces, counts),
-                       out_dtype, check, names, allocate, emit)
-    elif spec.family == "sce":
-        counts, outputs = sce_streamed(flat_base, flat, n, resolved.shared["select_topk"], pieces, impl.count_nonfinite)
-        _emit_computed(counts, outputs, out_dtype, check, names, allocate, emit)
+        if base is None:
+            _weighted_sum(impl, flat, coefficients, out_dtype, check, names, pieces, emit, allocate)
+        else:
+            check(run_gta(impl, flat_base, flat, task_arithmetic_plan(coefficients), out_dtype, pieces, emit, allocate),
+                  names)
+    elif spec.family in ("sphere", "nearswap", "sce"):  # torch operations on cache-sized chunks
+        out = None if streaming is not None else _Collected(n, out_dtype, reference_input.device)
+        counts, outputs = _torch_merge(impl, spec, resolved, flat_base, flat, tuple(reference_input.shape), pieces)
+        _emit_computed(counts, outputs, out_dtype, check, names, allocate, emit if out is None else out.append)
+        if out is not None:
+            emit(out.result())
     else:
         raise AssertionError(f"unhandled method family {spec.family!r}")
     return reference_input.shape
@@ -208,17 +205,18 @@ def merges_row_blocks(method: str, num_models: int, params: Dict[str, Any], nume
     return _row_local(spec, resolved, plan)
 
 
-def torch_scratch_bytes(method: str, num_models: int, params: Dict[str, Any]) -> int:
-    """Bytes per piece entry of the temporaries of the merges run with torch operations on whole
-    pieces (SCE, NearSwap, nuslerp per vector: fp32 operands, fp64 sums, indices); 0 for the fused
-    kernels, whose fp32 scratch is per tile."""
+def torch_scratch_bytes(method: str, num_models: int, params: Dict[str, Any], shape: Tuple[int, ...]) -> int:
+    """Bytes of temporaries of the merges run with torch operations on chunks of about TORCH_CHUNK
+    entries (SCE: the task vectors, their fp64 copies and squares, about 24 bytes per entry and
+    model, and the variance's fp64 sums; NearSwap: a few fp32 copies; nuslerp per vector: fp64
+    products of chunks of whole rows); 0 for the fused kernels, whose fp32 scratch is per tile."""
     spec = get_method(method)
     if spec.family == "sce":
-        return 4 * num_models + 96
+        return (24 * num_models + 64) * TORCH_CHUNK
     if spec.family == "nearswap":
-        return 48
-    if _per_vector(spec, resolve_params(spec, num_models, dict(params))):
-        return 96
+        return 48 * TORCH_CHUNK
+    if _per_vector(spec, resolve_params(spec, num_models, dict(params)), len(shape)):
+        return 96 * max(TORCH_CHUNK, shape[-1], math.prod(shape) // max(shape[0], 1))
     return 0
 
 
@@ -267,27 +265,44 @@ def _reference(spec: MethodSpec, resolved, plan, base, tensors: List[torch.Tenso
         return weighted_sum_reference(pair, slerp_coefficients(gram_reference(pair), resolved.shared["t"]))
     if spec.family == "model_stock":
         return model_stock_reference(base, tensors, resolved.shared["filter_wise"])
-    if _per_vector(spec, resolved):
+    if _per_vector(spec, resolved, tensors[0].dim()):
         return nuslerp_vectors_reference(base, tensors, nuslerp_t(resolved.per_model["weight"]),
                                          resolved.shared["nuslerp_row_wise"])
     if spec.family == "sphere":
         coefficients = point_coefficients(spec.name, resolved, gram_reference(tensors, base))
-        return weighted_sum_reference(([base] if base is not None else []) + list(tensors),
-                                      with_base(coefficients, base is not None))
+        if base is None:
+            return weighted_sum_reference(tensors, coefficients)
+        return gta_reference(base, tensors, task_arithmetic_plan(coefficients))
     if spec.family == "nearswap":
-        return nearswap_reference(base, tensors[0], resolved.shared["t"])
+        return nearswap_values(base, tensors[0], resolved.shared["t"])
     if spec.family == "sce":
         return sce_reference(base, tensors, resolved.shared["select_topk"])
     raise AssertionError(f"unhandled method family {spec.family!r}")
 
 
-def _per_vector(spec: MethodSpec, resolved) -> bool:
-    """nuslerp without flattening: one angle per vector (`moefuse.ops.spherical.nuslerp_vectorwise`)."""
-    return spec.name == "nuslerp" and not resolved.shared["nuslerp_flatten"]
+def _per_vector(spec: MethodSpec, resolved, ndim: int) -> bool:
+    """nuslerp without flattening, on a tensor of two or more dimensions: one angle per vector
+    (`moefuse.ops.spherical.nuslerp_vectorwise`); a smaller tensor is a single vector."""
+    return spec.name == "nuslerp" and not resolved.shared["nuslerp_flatten"] and ndim >= 2
 
 
-def _emit_computed(counts: List[int], outputs, out_dtype, check, names, allocate: Optional[Allocate],
-                   emit: Emit) -> None:
+def _torch_merge(impl, spec: MethodSpec, resolved, base: Optional[torch.Tensor], tensors: List[torch.Tensor],
+                 shape: Tuple[int, ...], pieces: Pieces) -> Tuple[List[int], Iterator[torch.Tensor]]:
+    """The merges run as torch operations (nuslerp per vector, NearSwap, SCE): the inputs' NaN/Inf
+    counts (complete once the outputs are) and an iterator over fp32 output chunks of about
+    TORCH_CHUNK entries."""
+    if spec.family == "sphere":
+        return nuslerp_vectorwise(base, tensors, shape, nuslerp_t(resolved.per_model["weight"]),
+                                  resolved.shared["nuslerp_row_wise"], pieces, impl.count_nonfinite)
+    chunks = pieces.resized(min(pieces.size, TORCH_CHUNK))
+    if spec.family == "sce":
+        return sce_streamed(base, tensors, pieces.n, resolved.shared["select_topk"], chunks, impl.count_nonfinite)
+    counts = [0, 0]
+    return counts, _nearswap_chunks(impl, base, tensors[0], resolved.shared["t"], chunks, counts)
+
+
+def _emit_computed(counts: List[int], outputs: Iterator[torch.Tensor], out_dtype: torch.dtype, check, names,
+                   allocate: Optional[Allocate], emit: Emit) -> None:
     """Emit fp32 output pieces computed with torch operations, cast to `out_dtype` (into allocated
     buffers where given), then check the inputs' NaN/Inf `counts` (complete once `outputs` is)."""
     for piece in outputs:
@@ -296,11 +311,12 @@ def _emit_computed(counts: List[int], outputs, out_dtype, check, names, allocate
     check(counts, names[-len(counts):])
 
 
-def _nearswap_pieces(impl, base: torch.Tensor, model: torch.Tensor, t: float, pieces: Pieces, counts: List[int]):
-    """NearSwap piece by piece, adding the NaN/Inf counts of base and model to `counts`."""
-    for _, _, piece in pieces.walk([base, model]):
-        counts[:] = [a + b for a, b in zip(counts, impl.count_nonfinite(piece))]
-        yield nearswap_reference(piece[0], piece[1], t)
+def _nearswap_chunks(impl, base: torch.Tensor, model: torch.Tensor, t: float, chunks: Pieces,
+                     counts: List[int]) -> Iterator[torch.Tensor]:
+    """NearSwap chunk by chunk, adding the NaN/Inf counts of base and model to `counts`."""
+    for _, _, chunk in chunks.walk([base, model]):
+        counts[:] = add_counts(counts, impl.count_nonfinite(chunk))
+        yield nearswap_values(chunk[0], chunk[1], t)
 
 
 def _check_linear_weights(resolved) -> None:
@@ -323,17 +339,25 @@ def _weighted_sum(impl, tensors: List[torch.Tensor], coefficients: List[float], 
 
 
 def _gram(impl, tensors: List[torch.Tensor], base, check, names, pieces: Pieces) -> torch.Tensor:
-    """Gram matrix (summed over pieces); a non-finite one means non-finite inputs, which are
-    then counted and named."""
+    """Gram matrix (summed over pieces). A non-finite one means non-finite inputs, which are then
+    counted and named, or finite ones whose products overflow the kernels' fp32 tile sums (entries
+    near 1e19 and beyond): then it is summed again in fp64."""
     everything = ([base] if base is not None else []) + list(tensors)
-    gram = torch.zeros(len(tensors), len(tensors), dtype=torch.float64)
-    for _, _, piece in pieces.walk(everything):
-        gram += impl.gram(piece[-len(tensors):], piece[0] if base is not None else None)
+
+    def summed(gram_of) -> torch.Tensor:
+        gram = torch.zeros(len(tensors), len(tensors), dtype=torch.float64)
+        for _, _, piece in pieces.walk(everything):
+            gram += gram_of(piece[-len(tensors):], piece[0] if base is not None else None).cpu()
+        return gram
+
+    gram = summed(impl.gram)
     if not torch.isfinite(gram).all():
         counts = [0] * len(everything)
         for _, _, piece in pieces.walk(everything):
-            counts = [a + b for a, b in zip(counts, impl.count_nonfinite(piece))]
+            counts = add_counts(counts, impl.count_nonfinite(piece))
         check(counts, names[-len(everything):])
+        if not any(counts):
+            gram = summed(gram_reference)
     return gram
 
 

@@ -221,7 +221,7 @@ def nuslerp_vectors_reference(base, tensors: Sequence[torch.Tensor], t: float, r
     return out + base.float() if base is not None else out
 
 
-def nearswap_reference(base: torch.Tensor, model: torch.Tensor, t: float) -> torch.Tensor:
+def nearswap_values(base: torch.Tensor, model: torch.Tensor, t: float) -> torch.Tensor:
     """w B + (1 - w) A with w = clamp(t / max(|A - B|, 1e-6), 0, 1), in fp32 (A the base)."""
     a, b = base.float(), model.float()
     weight = (t / (a - b).abs().clamp(min=1e-6)).clamp(0, 1)

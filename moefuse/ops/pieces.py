@@ -9,12 +9,19 @@ once it is done with a range, so that a caller reading memory-mapped files can d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 TIE_CHUNK = 1 << 16  # granularity of tie counts (moefuse.ops.select); piece sizes are multiples
+TORCH_CHUNK = 1 << 16  # entries per chunk of the merges run with torch operations: temporaries stay in cache
+CountNonfinite = Callable[[List[torch.Tensor]], List[int]]  # a backend's NaN/Inf count of each tensor
+
+
+def add_counts(totals: Sequence[int], counts: Sequence[int]) -> List[int]:
+    """Running NaN/Inf counts per operand."""
+    return [a + b for a, b in zip(totals, counts)]
 
 
 def _keep_pages(start: int, stop: int) -> None:
@@ -43,6 +50,10 @@ class Pieces:
         they tile with the tie chunks and the level-1 ranges of `moefuse.ops.select`."""
         size = 1 << (max(size, TIE_CHUNK) - 1).bit_length()
         return Pieces(n, size, release or _keep_pages, cast)
+
+    def resized(self, size: int) -> "Pieces":
+        """The same walk (release, cast) in ranges of `size` entries."""
+        return replace(self, size=size)
 
     def ranges(self) -> Iterator[Tuple[int, int]]:
         """The ranges [start, stop) in order (one empty range when n == 0)."""

@@ -7,7 +7,8 @@ Passes over the inputs, each recomputing the task vectors d_i and their variance
        in: the exact k-th largest pattern T and how many of the entries equal to T to keep
     3. the sums of squares of the kept d_i (the weights)
     4. the output
-Memory: a few piece-sized fp32 temporaries per model, never a tensor-sized one.
+The pieces should be cache-sized (`moefuse.ops.merge` walks TORCH_CHUNK entries at a time): the
+temporaries are a few fp32 and fp64 copies of a piece per model, never of the tensor.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from moefuse.ops.pieces import Pieces
+from moefuse.ops.pieces import CountNonfinite, Pieces, add_counts
 
 WEIGHT_SUM_FLOOR = 1e-6  # |sum of mean squares| below this: equal weights
 DIVISOR_FLOOR = 1e-6  # the erased weights' sum is clamped to at least this
@@ -59,8 +60,8 @@ class Cut:
     threshold: int
     ties: int
 
-    def walker(self):
-        """A mask function for one pass over the pieces in order (it counts the ties seen so far)."""
+    def walker(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A mask function of the keys for one pass over the pieces in order (it counts the ties seen so far)."""
         seen = 0
 
         def mask(keys: torch.Tensor) -> torch.Tensor:
@@ -82,15 +83,14 @@ def _position_from_top(histogram: torch.Tensor, k: int) -> Tuple[int, int]:
 
 
 def find_cut(operands: Sequence[torch.Tensor], select_topk: float, pieces: Pieces, nonfinite: List[int],
-             count_nonfinite: Callable[[List[torch.Tensor]], List[int]]) -> Optional[Cut]:
+             count_nonfinite: CountNonfinite) -> Optional[Cut]:
     """Passes 1 and 2: the cut keeping the entries of largest variance (None keeps all), adding the
     NaN/Inf counts of the operands (`count_nonfinite` of a piece) to `nonfinite`."""
     selecting = 0 < select_topk < 1
     nonzero = 0
     high = torch.zeros(_HALF // 2, dtype=torch.int64)
     for _, _, piece in pieces.walk(operands):
-        for i, count in enumerate(count_nonfinite(piece)):
-            nonfinite[i] += count
+        nonfinite[:] = add_counts(nonfinite, count_nonfinite(piece))
         if selecting:
             keys = variance_keys(task_vectors(piece))
             nonzero += int((keys != 0).sum())
@@ -118,7 +118,9 @@ def sce_weights(squares: Sequence[float], numel: int) -> List[float]:
     return [m / total for m in means]
 
 
-def kept_task_vectors(piece: Sequence[torch.Tensor], mask) -> torch.Tensor:
+def kept_task_vectors(piece: Sequence[torch.Tensor],
+                      mask: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    """[N, len] fp32 task vectors of a piece (base first), zero where `mask` of their variance keys is false."""
     deltas = task_vectors(piece)
     return deltas if mask is None else deltas * mask(variance_keys(deltas))
 
@@ -137,7 +139,7 @@ def erase_and_average(deltas: torch.Tensor, weights: Sequence[float]) -> torch.T
 
 
 def sce_streamed(base: torch.Tensor, tensors: Sequence[torch.Tensor], numel: int, select_topk: float, pieces: Pieces,
-                 count_nonfinite: Callable[[List[torch.Tensor]], List[int]]) -> Tuple[List[int], Iterator[torch.Tensor]]:
+                 count_nonfinite: CountNonfinite) -> Tuple[List[int], Iterator[torch.Tensor]]:
     """The NaN/Inf counts of base and tensors (`count_nonfinite` of a piece), and an iterator over
     the fp32 output pieces."""
     operands = [base, *tensors]

@@ -1,20 +1,23 @@
 """The coefficients of the spherical methods (nuslerp, multislerp, karcher) from Gram matrices,
 and nuslerp per vector. Math: `moefuse.methods.spherical`.
 
-Every spherical merge is out = sum_i c_i X_i over the points X_i (task vectors when a base is
-used); the functions here compute c from G_ij = <X_i, X_j> in float64, on the host, so the
-backends only ever run a Gram pass and a weighted sum.
+Every spherical merge is out = sum_i c_i X_i over the points X_i (or B + sum_i c_i (T_i - B) over
+task vectors when a base is used); the functions here compute c from G_ij = <X_i, X_j> in
+float64, on the host, so the backends only ever run a Gram pass and a weighted sum (or the fused
+task-arithmetic pass). nuslerp per vector runs as torch operations on chunks of whole rows.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from moefuse.errors import MergeConfigError, MergeInputError
-from moefuse.ops.pieces import Pieces
+from moefuse.methods import ResolvedParams
+from moefuse.ops.pieces import TORCH_CHUNK, CountNonfinite, Pieces, add_counts
+from moefuse.ops.plan import KEEP_ALL, GtaPlan, KeepRule
 
 NUSLERP_NORM_FLOOR = 1e-7
 # |cos| at or above this (4 fp32 ulps below 1): linear interpolation. mergekit interpolates
@@ -25,6 +28,7 @@ NUSLERP_WEIGHT_FLOOR = 1e-6  # |w_0 + w_1| below this: t = 0.5
 
 
 def nuslerp_t(weights: Sequence[float]) -> float:
+    """nuslerp's interpolation factor from the two models' weights."""
     total = weights[0] + weights[1]
     return 0.5 if abs(total) < NUSLERP_WEIGHT_FLOOR else weights[1] / total
 
@@ -105,58 +109,55 @@ def karcher_coefficients(gram: torch.Tensor, max_iter: int, tol: float) -> List[
     return coefficients
 
 
-def vector_groups(shape: Tuple[int, ...], row_wise: bool) -> Tuple[int, Callable[[int, int, torch.device], torch.Tensor]]:
-    """nuslerp's vectors when not flattened: (count, group(start, stop, device)), where group gives the
-    vector each flat index in [start, stop) belongs to. Vectors run along the last dimension, or the
-    first with `row_wise`; a tensor of fewer than two dimensions is one vector."""
-    numel = math.prod(shape)
-    if len(shape) < 2:
-        return 1, lambda start, stop, device: torch.zeros(stop - start, dtype=torch.int64, device=device)
-    if row_wise:
-        count = numel // shape[0]
-        return count, lambda start, stop, device: torch.arange(start, stop, device=device) % count
-    length = shape[-1]
-    return numel // length, lambda start, stop, device: torch.arange(start, stop, device=device) // length
-
-
 def nuslerp_vectorwise(base: Optional[torch.Tensor], tensors: Sequence[torch.Tensor], shape: Tuple[int, ...],
-                       t: float, row_wise: bool, pieces: Pieces,
-                       count_nonfinite: Callable[[List[torch.Tensor]], List[int]]) -> Tuple[List[int], Iterator[torch.Tensor]]:
-    """nuslerp of each vector (flat tensors, read piece by piece): the NaN/Inf counts of the inputs
-    (base first, by `count_nonfinite` of a piece's operands) from a first pass of per-vector Gram
-    matrices, and an iterator over the fp32 output pieces (the second pass)."""
+                       t: float, row_wise: bool, pieces: Pieces, count_nonfinite: CountNonfinite
+                       ) -> Tuple[List[int], Iterator[torch.Tensor]]:
+    """nuslerp of each vector of a tensor of at least two dimensions (flat operands, base first if
+    any): along the last dimension (the rows of a [numel / shape[-1], shape[-1]] view), or with
+    `row_wise` along the first (the columns of a [shape[0], numel / shape[0]] view). Returns the
+    NaN/Inf counts of the operands (`count_nonfinite` of each chunk's), found by a first pass of
+    per-vector Gram sums in fp64, and an iterator over the fp32 output chunks (the second pass).
+    Chunks hold whole rows, about TORCH_CHUNK entries."""
     operands = ([base] if base is not None else []) + list(tensors)
-    count, group = vector_groups(shape, row_wise)
-    device = tensors[0].device
-    gram = torch.zeros(count, 3, dtype=torch.float64, device=device)  # G00, G01, G11 per vector
+    numel = math.prod(shape)
+    width = numel // shape[0] if row_wise else shape[-1]
+    if numel == 0:
+        return [0] * len(operands), iter([torch.zeros(0, device=tensors[0].device)])
+    chunks = pieces.resized(max(1, TORCH_CHUNK // width) * width)
+    sums = torch.zeros(3, width if row_wise else numel // width, dtype=torch.float64, device=tensors[0].device)
     nonfinite = [0] * len(operands)
-    for start, stop, piece in pieces.walk(operands):
-        nonfinite = [a + b for a, b in zip(nonfinite, count_nonfinite(piece))]
-        x0, x1 = _points(piece, base is not None)
-        x0, x1 = x0.double(), x1.double()
-        gram.index_add_(0, group(start, stop, device), torch.stack([x0 * x0, x0 * x1, x1 * x1], dim=1))
-    full = torch.stack([gram[:, 0], gram[:, 1], gram[:, 1], gram[:, 2]], dim=1).reshape(count, 2, 2)
-    coefficients = nuslerp_coefficients(full, t).float()
+    for start, stop, piece in chunks.walk(operands):
+        nonfinite = add_counts(nonfinite, count_nonfinite(piece))
+        x0, x1 = (x.double() for x in _points(piece, base is not None, width))
+        products = torch.stack([x0 * x0, x0 * x1, x1 * x1])  # [3, rows of the chunk, width]
+        if row_wise:
+            sums += products.sum(dim=1)
+        else:
+            sums[:, start // width:stop // width] = products.sum(dim=2)
+    gram = torch.stack([sums[0], sums[1], sums[1], sums[2]], dim=1).reshape(-1, 2, 2)
+    coefficients = nuslerp_coefficients(gram, t).float()  # [vectors, 2]
 
     def outputs() -> Iterator[torch.Tensor]:
-        for start, stop, piece in pieces.walk(operands):
-            c = coefficients[group(start, stop, device)]
-            x0, x1 = _points(piece, base is not None)
-            out = c[:, 0] * x0 + c[:, 1] * x1
-            yield out + piece[0].float() if base is not None else out
+        for start, stop, piece in chunks.walk(operands):
+            x0, x1 = _points(piece, base is not None, width)
+            c = coefficients[None] if row_wise else coefficients[start // width:stop // width, None]
+            out = c[..., 0] * x0 + c[..., 1] * x1
+            if base is not None:
+                out += piece[0].float().reshape(out.shape)
+            yield out.reshape(-1)
 
     return nonfinite, outputs()
 
 
-def _points(piece: Sequence[torch.Tensor], has_base: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The two points of a nuslerp piece in fp32: task vectors when the base leads the operands."""
+def _points(piece: Sequence[torch.Tensor], has_base: bool, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The two points of a nuslerp chunk as fp32 [rows, width]: task vectors when the base leads."""
+    rows = [x.float().reshape(-1, width) for x in piece]
     if has_base:
-        base = piece[0].float()
-        return piece[1].float() - base, piece[2].float() - base
-    return piece[0].float(), piece[1].float()
+        return rows[1] - rows[0], rows[2] - rows[0]
+    return rows[0], rows[1]
 
 
-def point_coefficients(method: str, params, gram: torch.Tensor) -> List[float]:
+def point_coefficients(method: str, params: ResolvedParams, gram: torch.Tensor) -> List[float]:
     """c_i of out = sum_i c_i X_i for spherical method `method` with resolved `params`."""
     if method == "nuslerp":
         return nuslerp_coefficients(gram, nuslerp_t(params.per_model["weight"])).tolist()
@@ -168,6 +169,10 @@ def point_coefficients(method: str, params, gram: torch.Tensor) -> List[float]:
     raise AssertionError(f"unhandled spherical method {method!r}")
 
 
-def with_base(coefficients: Sequence[float], has_base: bool) -> List[float]:
-    """Coefficients on [B, X_1 + B, ...] for B + sum_i c_i X_i: (1 - sum_i c_i, c_1, ...)."""
-    return [1.0 - math.fsum(coefficients), *coefficients] if has_base else list(coefficients)
+def task_arithmetic_plan(coefficients: Sequence[float]) -> GtaPlan:
+    """B + sum_i c_i (T_i - B) as a plan of the fused task-arithmetic pass (all entries kept, no
+    normalization), for the spherical merges with a base: summing the task vectors, not
+    (1 - sum_i c_i) B + sum_i c_i T_i, keeps the result exact where some c_i are large (a model
+    that barely changed a tensor gets c_i ~ 1 / |T_i - B| in multislerp and karcher)."""
+    return GtaPlan(rules=(KeepRule(KEEP_ALL),) * len(coefficients), weights=tuple(coefficients), consensus=False,
+                   normalize=False, lam=1.0, rescale=None, seed=0)

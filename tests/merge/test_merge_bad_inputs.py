@@ -115,6 +115,23 @@ def test_unknown_method_and_parameter(tmp_path, models):
         merge_checkpoints(config, tmp_path / "out", progress=False)
 
 
+def test_new_methods_name_their_options(tmp_path, models):
+    """A global parameter set per model, a model count the method cannot take, a missing weight."""
+    base, first, second = (str(m) for m in models)
+    config = {"merge_method": "nearswap", "base_model": base, "models": [{"model": first, "parameters": {"t": 0.1}}]}
+    with pytest.raises(MergeConfigError, match="parameter 't' of merge_method 'nearswap' is global: set it in the "
+                                               "top-level parameters"):
+        merge_checkpoints(config, tmp_path / "out", progress=False)
+    config = {"merge_method": "nuslerp", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (base, first,
+                                                                                                       second)]}
+    with pytest.raises(MergeConfigError, match="merge_method 'nuslerp' needs exactly 2 model\\(s\\), got 3"):
+        merge_checkpoints(config, tmp_path / "out", progress=False)
+    config = {"merge_method": "multislerp", "base_model": base, "models": [{"model": first}, {"model": second}]}
+    with pytest.raises(MergeConfigError, match="parameter 'weight' is required"):
+        merge_checkpoints(config, tmp_path / "out", progress=False)
+    assert _leftovers(tmp_path) == []
+
+
 def test_bad_yaml_and_unsupported_keys(tmp_path, models):
     bad = tmp_path / "bad.yml"
     bad.write_text("merge_method: ties\nmodels: [unclosed\n")

@@ -53,6 +53,13 @@ def _configs(a: Path, b: Path, c: Path) -> dict:
             "merge_method": "linear",
             "slices": [{"sources": [_source(b, 0, 2, weight=0.3), _source(c, 2, 4, weight=0.7)]}],
         },
+        "nuslerp with the base among the sources": {
+            "merge_method": "nuslerp", "base_model": str(a),
+            "slices": [{"sources": [_source(a, 0, 4), _source(b, 0, 4, weight=0.3), _source(c, 0, 4, weight=0.6)]}],
+        },
+        "karcher of three sources": {
+            "merge_method": "karcher", "slices": [{"sources": [_source(a, 0, 4), _source(b, 0, 4), _source(c, 0, 4)]}],
+        },
         "passthrough frankenmerge": {
             "merge_method": "passthrough",
             "slices": [{"sources": [_source(a, 0, 3)]},
@@ -166,8 +173,11 @@ def test_residual_weight_is_ignored_as_mergekit_ignores_it(tmp_path, models):
     (lambda c, a, b: {**c, "models": []}, "either 'models' or 'slices', not both"),
     (lambda c, a, b: {**c, "slices": [{**c["slices"][0], "parameters": {"t": 0.5}}]},
      "merge_method 'task_arithmetic' has no parameter 't'; valid parameters: weight"),
+    (lambda c, a, b: {**c, "merge_method": "nuslerp", "slices": [{"sources": [_source(b, 0, 4, weight=1.0),
+                                                                              _source(b, 0, 4, weight=0.5)]}]},
+     r"slices\[0\]: merge_method 'nuslerp' takes its base from the slice's sources, but the base"),
     (lambda c, a, b: {"merge_method": "passthrough", "slices": c["slices"]},
-     r"slices\[0\]: merge_method 'passthrough' needs exactly 1 source\(s\) besides the base, got 2"),
+     r"slices\[0\]: merge_method 'passthrough' needs exactly 1 source\(s\), got 2"),
 ])
 def test_bad_slice_configs_are_refused_before_writing(tmp_path, models, edit, message):
     a, b, _ = models

@@ -275,3 +275,15 @@ def test_cpu_level1_histograms_per_range(dtype, n, range_size):
         for r in range(hist.shape[1]):
             expected = torch.bincount(keys[r * range_size:(r + 1) * range_size], minlength=select.LEVEL1_BINS)
             assert torch.equal(hist[row, r].long(), expected)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("method", ["nuslerp", "multislerp", "karcher", "model_stock"])
+def test_gram_of_huge_finite_entries_is_summed_again_in_fp64(backend, method):
+    """Entries near 1e20: their products overflow fp32 Gram sums; the merge stays finite and equal
+    to the reference's (fp64 sums), no NaN/Inf error."""
+    device = _device_for(backend)
+    base, tensors = _inputs((40, 33), torch.float32, device)
+    base, tensors = base * 1e20, [t * 1e20 for t in tensors]
+    out = _merge_both(backend, base, tensors, method_of(method), **METHOD_PARAMS[method])
+    assert torch.isfinite(out).all()
