@@ -31,7 +31,7 @@ from moefuse.ops.merge_reference import (
     slerp_coefficients,
     weighted_sum_reference,
 )
-from moefuse.ops.pieces import TORCH_CHUNK, Pieces, add_counts
+from moefuse.ops.pieces import TORCH_CHUNK, Pieces, add_counts, torch_chunk
 from moefuse.ops.plan import KEEP_DELLA, gta_plan
 from moefuse.ops.rowwise import merge_row_blocks
 from moefuse.ops.sce import sce_streamed
@@ -206,8 +206,8 @@ def merges_row_blocks(method: str, num_models: int, params: Dict[str, Any], nume
 
 
 def torch_scratch_bytes(method: str, num_models: int, params: Dict[str, Any], shape: Tuple[int, ...]) -> int:
-    """Bytes of temporaries of the merges run with torch operations on chunks of about TORCH_CHUNK
-    entries (SCE: the task vectors, their fp64 copies and squares, about 24 bytes per entry and
+    """Bytes of temporaries of the merges run with torch operations on the CPU, in chunks of about
+    TORCH_CHUNK entries (SCE: the task vectors, their fp64 copies and squares, about 24 bytes per entry and
     model, and the variance's fp64 sums; NearSwap: a few fp32 copies; nuslerp per vector: fp64
     products of chunks of whole rows); 0 for the fused kernels, whose fp32 scratch is per tile."""
     spec = get_method(method)
@@ -290,11 +290,11 @@ def _torch_merge(impl, spec: MethodSpec, resolved, base: Optional[torch.Tensor],
                  shape: Tuple[int, ...], pieces: Pieces) -> Tuple[List[int], Iterator[torch.Tensor]]:
     """The merges run as torch operations (nuslerp per vector, NearSwap, SCE): the inputs' NaN/Inf
     counts (complete once the outputs are) and an iterator over fp32 output chunks of about
-    TORCH_CHUNK entries."""
+    `torch_chunk` entries."""
     if spec.family == "sphere":
         return nuslerp_vectorwise(base, tensors, shape, nuslerp_t(resolved.per_model["weight"]),
                                   resolved.shared["nuslerp_row_wise"], pieces, impl.count_nonfinite)
-    chunks = pieces.resized(min(pieces.size, TORCH_CHUNK))
+    chunks = pieces.resized(min(pieces.size, torch_chunk(tensors[0].device)))
     if spec.family == "sce":
         return sce_streamed(base, tensors, pieces.n, resolved.shared["select_topk"], chunks, impl.count_nonfinite)
     counts = [0, 0]

@@ -237,6 +237,6 @@ def sce_reference(base: torch.Tensor, tensors: Sequence[torch.Tensor], select_to
         keep = torch.zeros_like(variance, dtype=torch.bool)
         keep[torch.sort(variance, descending=True, stable=True).indices[:k]] = True
         deltas = deltas * keep
-    weights = sce_weights(deltas.double().square().sum(dim=1).tolist(), max(deltas.shape[1], 1))
+    weights = sce_weights((deltas * deltas).sum(dim=1, dtype=torch.float64).tolist(), max(deltas.shape[1], 1))
     merged = erase_and_average(deltas, weights)
     return base.float() + merged.reshape(base.shape)

@@ -15,8 +15,15 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 TIE_CHUNK = 1 << 16  # granularity of tie counts (moefuse.ops.select); piece sizes are multiples
-TORCH_CHUNK = 1 << 16  # entries per chunk of the merges run with torch operations: temporaries stay in cache
+# Entries per chunk of the merges run with torch operations (SCE, NearSwap, nuslerp per vector):
+TORCH_CHUNK = 1 << 16  # on a CPU, so that their temporaries stay in cache
+GPU_TORCH_CHUNK = 1 << 22  # on a GPU, where each operation is a kernel launch
 CountNonfinite = Callable[[List[torch.Tensor]], List[int]]  # a backend's NaN/Inf count of each tensor
+
+
+def torch_chunk(device: torch.device) -> int:
+    """Chunk size of the torch-operation merges on `device`."""
+    return TORCH_CHUNK if device.type == "cpu" else GPU_TORCH_CHUNK
 
 
 def add_counts(totals: Sequence[int], counts: Sequence[int]) -> List[int]:

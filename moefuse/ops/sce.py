@@ -7,7 +7,7 @@ Passes over the inputs, each recomputing the task vectors d_i and their variance
        in: the exact k-th largest pattern T and how many of the entries equal to T to keep
     3. the sums of squares of the kept d_i (the weights)
     4. the output
-The pieces should be cache-sized (`moefuse.ops.merge` walks TORCH_CHUNK entries at a time): the
+The pieces should be small (`moefuse.ops.merge` walks `torch_chunk` entries at a time): the
 temporaries are a few fp32 and fp64 copies of a piece per model, never of the tensor.
 """
 
@@ -27,16 +27,15 @@ _HALF = 1 << 16
 
 def task_vectors(piece: Sequence[torch.Tensor]) -> torch.Tensor:
     """[N, len] fp32 task vectors of a piece whose first tensor is the base."""
-    base = piece[0].float()
-    return torch.stack([x.float() - base for x in piece[1:]])
+    return torch.stack(piece[1:]).float() - piece[0].float()
 
 
 def variance(deltas: torch.Tensor) -> torch.Tensor:
     """Population variance over the models (dim 0), fp32: Welford's recurrence in fp64, model by
     model, which rounds exactly as torch.var does (and so mergekit), at a third of its time."""
-    mean = torch.zeros(deltas.shape[1], dtype=torch.float64, device=deltas.device)
+    mean = deltas[0].double()  # the first step: mean = d_1, m2 = 0
     m2 = torch.zeros_like(mean)
-    for k, x in enumerate(deltas, 1):
+    for k, x in enumerate(deltas[1:], 2):
         delta = x - mean
         mean += delta / k
         m2 += delta * (x - mean)
@@ -148,7 +147,8 @@ def sce_streamed(base: torch.Tensor, tensors: Sequence[torch.Tensor], numel: int
     squares = torch.zeros(len(tensors), dtype=torch.float64)
     mask = cut.walker() if cut is not None else None
     for _, _, piece in pieces.walk(operands):
-        squares += kept_task_vectors(piece, mask).double().square().sum(dim=1).cpu()
+        kept = kept_task_vectors(piece, mask)
+        squares += (kept * kept).sum(dim=1, dtype=torch.float64).cpu()
     weights = sce_weights(squares.tolist(), max(numel, 1))
 
     def outputs() -> Iterator[torch.Tensor]:
