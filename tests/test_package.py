@@ -50,10 +50,15 @@ def test_cli_merge_lets_idle_threads_sleep(tmp_path):
     b.mkdir()
     config = tmp_path / "merge.yml"
     config.write_text(f"merge_method: linear\nmodels:\n  - model: {b}\n    parameters: {{weight: 1.0}}\n")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     run = lambda env: subprocess.run([sys.executable, "-c", code, str(config), str(tmp_path / "out")],
                                      capture_output=True, text=True, env=env)
     result = run(env)
     assert result.stdout.split("\n")[:2] == ["False", "True PASSIVE"], result.stderr
     result = run(dict(env, OMP_WAIT_POLICY="ACTIVE"))
     assert result.stdout.split("\n")[1] == "True ACTIVE", result.stderr
+    config.write_text(f"merge_method: nearswap\nbase_model: {b}\nparameters: {{t: 0.1}}\nmodels:\n  - model: {b}\n")
+    code = code.replace("os.environ.get('OMP_WAIT_POLICY')",
+                        "os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT')")
+    result = run(env)  # a torch-operation method: threads spin briefly, then sleep
+    assert result.stdout.split("\n")[1] == "True None 30000", result.stderr

@@ -35,12 +35,14 @@ def test_identical_inputs_reproduce_base_logits(smollm, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "method,parameters",
-    [("ties", {"weight": 0.5, "density": 0.5}), ("task_arithmetic", {"weight": 0.5})],
+    "method,parameters,shared",
+    [("ties", {"weight": 0.5, "density": 0.5}, {}), ("task_arithmetic", {"weight": 0.5}, {}),
+     ("nuslerp", {"weight": 0.5}, {}), ("multislerp", {"weight": 0.5}, {}), ("karcher", {}, {}),
+     ("sce", {}, {"select_topk": 0.5})],
 )
-def test_merges_load_and_generate(smollm, tmp_path, method, parameters):
+def test_merges_load_and_generate(smollm, tmp_path, method, parameters, shared):
     base, *tuned = smollm
-    config = {"merge_method": method, "base_model": str(base), "dtype": "bfloat16",
+    config = {"merge_method": method, "base_model": str(base), "dtype": "bfloat16", "parameters": shared,
               "models": [{"model": str(t), "parameters": parameters} for t in tuned]}
     merge_checkpoints(config, tmp_path / "out", progress=False)
     assert "Paris" in _greedy(tmp_path / "out")
