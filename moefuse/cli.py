@@ -38,7 +38,7 @@ def _merge(args: argparse.Namespace) -> None:
 # Methods merged with torch operations on small chunks (moefuse.ops.merge), thousands of short
 # parallel regions: a wake-up per region costs more than the work (SCE of SmolLM2-135M, 2 cores:
 # 24.4 s with sleeping threads, 8.6 s when they spin 30000 rounds first).
-TORCH_OPERATION_METHODS = ("nearswap", "nuslerp", "sce")
+TORCH_OPERATION_METHODS = ("nearswap", "sce")  # and nuslerp per vector (nuslerp_flatten: false)
 SHORT_SPIN = "30000"
 
 
@@ -50,24 +50,31 @@ def _idle_threads_sleep(config_path: Optional[str] = None) -> None:
     imported, which is why `import moefuse` does not import it."""
     if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
-    if _merge_method(config_path) in TORCH_OPERATION_METHODS:
-        os.environ["GOMP_SPINCOUNT"] = SHORT_SPIN
+    if _runs_torch_operations(config_path):
+        os.environ["GOMP_SPINCOUNT"] = SHORT_SPIN  # GNU OpenMP's, which torch's Linux wheels use
     else:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
-def _merge_method(config_path: Optional[str]) -> Optional[str]:
-    """The merge_method a YAML config names, if it can be read (the merge itself reports bad files)."""
-    if config_path is None:
-        return None
-    import yaml
+def _runs_torch_operations(config_path: Optional[str]) -> bool:
+    """Whether the YAML config names a torch-operation merge (nuslerp only per vector); False when
+    it cannot be read (the merge itself then reports the problem)."""
+    import yaml  # not moefuse.merge.config: that imports torch, which must start after the policy is set
 
+    if config_path is None or not os.path.isfile(config_path):
+        return False
     try:
         with open(config_path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle)
     except (OSError, ValueError, yaml.YAMLError):
-        return None
-    return data.get("merge_method") if isinstance(data, dict) else None
+        return False
+    if not isinstance(data, dict):
+        return False
+    method = data.get("merge_method")
+    if method == "nuslerp":
+        parameters = data.get("parameters")
+        return isinstance(parameters, dict) and parameters.get("nuslerp_flatten") is False
+    return method in TORCH_OPERATION_METHODS
 
 
 def _build_moe(args: argparse.Namespace) -> None:

@@ -54,7 +54,8 @@ SMOKE = Scale(chars=20_000, vocab=400, hidden=32, intermediate=64, layers=2, hea
 SHARED_TIES = [{"method": "ties", "parameters": {"density": 0.5, "weight": 1.0}}]
 MERGES = {
     "average": {"merge_method": "linear", "parameters": {"weight": 1.0}},
-    "task arithmetic": {"merge_method": "task_arithmetic", "parameters": {"weight": 1.0, "lambda": 0.5}},
+    # lambda 1 (the default): the runs so far set lambda 0.5 under each model, where both tools ignore it
+    "task arithmetic": {"merge_method": "task_arithmetic", "parameters": {"weight": 1.0}},
     "TIES": {"merge_method": "ties", "parameters": {"weight": 1.0, "density": 0.5}},
     "DARE-TIES": {"merge_method": "dare_ties", "parameters": {"weight": 1.0, "density": 0.5}},
 }

@@ -23,7 +23,7 @@ from moefuse.io.lora import open_checkpoint
 from moefuse.io.safetensors_reader import CheckpointReader
 from moefuse.io.safetensors_writer import OutputTensor
 from moefuse.merge.config import MergeConfig, ModelEntry, evaluate_setting
-from moefuse.methods import get_method, resolve_params
+from moefuse.methods import MethodSpec, get_method, resolve_params
 from moefuse.methods.base import BASE_AS_INPUT, GLOBAL_SCOPE
 from moefuse.ops.merge import merges_row_blocks, torch_scratch_bytes
 from moefuse.ops.rowwise import row_block_bytes
@@ -240,6 +240,17 @@ def _first_setting(settings: Sequence[Dict[str, Any]], name: str, key: str, t: f
     return None
 
 
+def _global_set_per_model(method: str, pspec, key: str) -> None:
+    """A global parameter given only under models: mergekit ignores it there (taking the default), so
+    moefuse warns; a required one cannot be ignored and is refused."""
+    where = f"parameter '{pspec.name}' of merge_method '{method}' is global"
+    if pspec.default is None:
+        raise MergeConfigError(f"tensor '{key}': {where}: set it, for every tensor, in the top-level parameters "
+                               "(or a slice's), not in a model's")
+    warnings.warn(f"{where}; the value set under a model is ignored (as mergekit ignores it) and the default "
+                  f"{pspec.default!r} applies: set it in the top-level parameters", stacklevel=3)
+
+
 def _resolve_task_params(config: MergeConfig, key: str, t: float, model_params: List[Dict[str, Any]],
                          shared: Sequence[Dict[str, Any]] = (), model_keys: Optional[List[str]] = None) -> Dict[str, Any]:
     """The parameters of output tensor `key`: global ones from `shared` then the config's, per-model
@@ -253,8 +264,7 @@ def _resolve_task_params(config: MergeConfig, key: str, t: float, model_params: 
             if value is not None:
                 params[pspec.name] = value
             elif any(pspec.name in own for own in model_params):
-                raise MergeConfigError(f"parameter '{pspec.name}' of merge_method '{spec.name}' is global: set it "
-                                       "in the top-level parameters (or a slice's), not a model's")
+                _global_set_per_model(spec.name, pspec, key)
             continue
         values = [_first_setting([own, *shared], pspec.name, (model_keys or [key] * len(model_params))[i], t)
                   for i, own in enumerate(model_params)]
@@ -281,7 +291,7 @@ def _check_parameter_names(config: MergeConfig, model_params: Sequence[Dict[str,
             )
 
 
-def check_model_count(spec, count: int, where: str, what: str, has_base: bool = True) -> None:
+def check_model_count(spec: MethodSpec, count: int, where: str, what: str, has_base: bool = True) -> None:
     """Refuse `count` models (besides the base, if the merge has one in the base's role) unless `spec`
     takes that many (`where`: the place in the config)."""
     if count < spec.min_models or (spec.max_models is not None and count > spec.max_models):

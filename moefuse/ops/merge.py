@@ -99,8 +99,10 @@ def merge_streamed(
     a caller reading memory-mapped files can drop the pages: with the CPU extension, resident
     memory is a few pieces whatever the tensor size. The numbers equal `merge_tensors`' on the
     cast inputs. DELLA and filter-wise Model Stock are emitted in blocks of whole rows
-    (`moefuse.ops.rowwise`); the reference backend merges the whole tensor in memory (and emits
-    it as one piece).
+    (`moefuse.ops.rowwise`); SCE and NearSwap in chunks of at most 65536 entries on a CPU
+    (`moefuse.ops.pieces.torch_chunk`), and nuslerp per vector in chunks of whole rows of at most
+    that (or one row, if longer); the reference backend merges the whole tensor in memory (and
+    emits it as one piece).
 
     With `allocate(entries, dtype)`, the fast backends write each output piece of the other
     methods into the contiguous buffer it returns (a caller can so reuse the buffers of pieces it
@@ -215,8 +217,12 @@ def torch_scratch_bytes(method: str, num_models: int, params: Dict[str, Any], sh
         return (24 * num_models + 64) * TORCH_CHUNK
     if spec.family == "nearswap":
         return 48 * TORCH_CHUNK
-    if _per_vector(spec, resolve_params(spec, num_models, dict(params)), len(shape)):
-        return 96 * max(TORCH_CHUNK, shape[-1], math.prod(shape) // max(shape[0], 1))
+    resolved = resolve_params(spec, num_models, dict(params))
+    if _per_vector(spec, resolved, len(shape)):
+        numel = math.prod(shape)
+        width = numel // max(shape[0], 1) if resolved.shared["nuslerp_row_wise"] else shape[-1]
+        vectors = numel // max(width, 1) if not resolved.shared["nuslerp_row_wise"] else width
+        return 96 * max(TORCH_CHUNK, width) + 256 * vectors  # chunk temporaries, fp64 Gram state per vector
     return 0
 
 

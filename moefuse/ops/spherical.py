@@ -117,13 +117,13 @@ def nuslerp_vectorwise(base: Optional[torch.Tensor], tensors: Sequence[torch.Ten
     `row_wise` along the first (the columns of a [shape[0], numel / shape[0]] view). Returns the
     NaN/Inf counts of the operands (`count_nonfinite` of each chunk's), found by a first pass of
     per-vector Gram sums in fp64, and an iterator over the fp32 output chunks (the second pass).
-    Chunks hold whole rows, about `torch_chunk` entries."""
+    Chunks hold whole rows: at most min(pieces.size, `torch_chunk`) entries, or one row if longer."""
     operands = ([base] if base is not None else []) + list(tensors)
     numel = math.prod(shape)
-    width = numel // shape[0] if row_wise else shape[-1]
     if numel == 0:
         return [0] * len(operands), iter([torch.zeros(0, device=tensors[0].device)])
-    chunks = pieces.resized(max(1, torch_chunk(tensors[0].device) // width) * width)
+    width = numel // shape[0] if row_wise else shape[-1]
+    chunks = pieces.resized(max(1, min(pieces.size, torch_chunk(tensors[0].device)) // width) * width)
     sums = torch.zeros(3, width if row_wise else numel // width, dtype=torch.float64, device=tensors[0].device)
     nonfinite = [0] * len(operands)
     for start, stop, piece in chunks.walk(operands):

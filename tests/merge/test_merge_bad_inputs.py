@@ -119,8 +119,8 @@ def test_new_methods_name_their_options(tmp_path, models):
     """A global parameter set per model, a model count the method cannot take, a missing weight."""
     base, first, second = (str(m) for m in models)
     config = {"merge_method": "nearswap", "base_model": base, "models": [{"model": first, "parameters": {"t": 0.1}}]}
-    with pytest.raises(MergeConfigError, match="parameter 't' of merge_method 'nearswap' is global: set it in the "
-                                               "top-level parameters"):
+    with pytest.raises(MergeConfigError, match="parameter 't' of merge_method 'nearswap' is global: set it, for "
+                                               "every tensor, in the top-level parameters"):
         merge_checkpoints(config, tmp_path / "out", progress=False)
     config = {"merge_method": "nuslerp", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (base, first,
                                                                                                        second)]}
@@ -130,6 +130,11 @@ def test_new_methods_name_their_options(tmp_path, models):
     with pytest.raises(MergeConfigError, match="parameter 'weight' is required"):
         merge_checkpoints(config, tmp_path / "out", progress=False)
     assert _leftovers(tmp_path) == []
+    config = _ties(models)  # lambda has a default: mergekit ignores it under a model, moefuse warns
+    config["models"][0]["parameters"]["lambda"] = 0.5
+    with pytest.warns(UserWarning, match="'lambda' of merge_method 'ties' is global; the value set under a model is "
+                                         "ignored"):
+        merge_checkpoints(config, tmp_path / "out", progress=False, dry_run=True)
 
 
 def test_bad_yaml_and_unsupported_keys(tmp_path, models):

@@ -115,6 +115,6 @@ def test_torch_operation_and_spherical_merges_stream_pieces(tmp_path, method, pa
     stays near the pieces plus their temporaries (`torch_scratch_bytes`)."""
     piece_entries = 1 << 18
     peak = _peak_rss_growth(tmp_path, method, parameters, (1 << 23,), 3, piece_entries, global_parameters)
-    scratch = torch_scratch_bytes(method, 3, {**global_parameters, **parameters})
-    bound = ((4 + 1 + WRITES_IN_FLIGHT) * 4 + scratch) * piece_entries + FIXED_OVERHEAD
+    scratch = torch_scratch_bytes(method, 3, {**global_parameters, **parameters}, (1 << 23,))
+    bound = (4 + 1 + WRITES_IN_FLIGHT) * 4 * piece_entries + scratch + FIXED_OVERHEAD
     assert peak <= bound, f"peak RSS grew by {peak / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
