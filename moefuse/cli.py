@@ -35,10 +35,9 @@ def _merge(args: argparse.Namespace) -> None:
     ), args)
 
 
-# Methods merged with torch operations on small chunks (moefuse.ops.merge), thousands of short
-# parallel regions: a wake-up per region costs more than the work (SCE of SmolLM2-135M, 2 cores:
-# 24.4 s with sleeping threads, 8.6 s when they spin 30000 rounds first).
-TORCH_OPERATION_METHODS = ("nearswap", "sce")  # and nuslerp per vector (nuslerp_flatten: false)
+# The merges run as torch operations on small chunks (`MethodSpec.runs_torch_operations`) make
+# thousands of short parallel regions: a wake-up per region costs more than the work (SCE of
+# SmolLM2-135M, 2 cores: 24.4 s with sleeping threads, 8.6 s when they spin 30000 rounds first).
 SHORT_SPIN = "30000"
 
 
@@ -57,9 +56,11 @@ def _idle_threads_sleep(config_path: Optional[str] = None) -> None:
 
 
 def _runs_torch_operations(config_path: Optional[str]) -> bool:
-    """Whether the YAML config names a torch-operation merge (nuslerp only per vector); False when
-    it cannot be read (the merge itself then reports the problem)."""
+    """Whether the YAML config names a torch-operation merge; False when it cannot be read (the
+    merge itself then reports the problem)."""
     import yaml  # not moefuse.merge.config: that imports torch, which must start after the policy is set
+
+    from moefuse.methods import get_method  # imports no torch
 
     if config_path is None or not os.path.isfile(config_path):
         return False
@@ -71,10 +72,14 @@ def _runs_torch_operations(config_path: Optional[str]) -> bool:
     if not isinstance(data, dict):
         return False
     method = data.get("merge_method")
-    if method == "nuslerp":
-        parameters = data.get("parameters")
-        return isinstance(parameters, dict) and parameters.get("nuslerp_flatten") is False
-    return method in TORCH_OPERATION_METHODS
+    try:
+        spec = get_method(method) if isinstance(method, str) else None
+    except MoefuseError:
+        spec = None
+    if spec is None:
+        return False
+    parameters = data.get("parameters")
+    return spec.runs_torch_operations(parameters if isinstance(parameters, dict) else {})
 
 
 def _build_moe(args: argparse.Namespace) -> None:

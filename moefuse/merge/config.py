@@ -153,10 +153,15 @@ def parse_dtype(value: Any, key: str, error: Type[MoefuseError] = MergeConfigErr
     return DTYPES[value]
 
 
-def _model_path(value: Any, where: str) -> Path:
+def _path_text(value: Any, where: str) -> str:
+    """`value` as text, refused unless it is a path."""
     if not isinstance(value, (str, os.PathLike)):
         raise MergeConfigError(f"config: {where} must be a path to a model folder, got {value!r}")
-    if "+" in str(value) and not Path(value).expanduser().exists():
+    return str(value)
+
+
+def _model_path(value: Any, where: str) -> Path:
+    if "+" in _path_text(value, where) and not Path(value).expanduser().exists():
         raise MergeConfigError(f"config: {where} '{value}' looks like a MODEL+ADAPTER reference, which is taken "
                                "for models only (base_model, models, slice sources)")
     return Path(value).expanduser()
@@ -170,9 +175,7 @@ def model_reference(value: Any, where: str) -> Tuple[Path, Optional[Path]]:
     """(model folder, LoRA adapter folder or None) of mergekit's `MODEL` or `MODEL+ADAPTER`: split
     at the first '+' that leaves a model folder (config.json or safetensors files) on its left,
     else at the first '+'."""
-    if not isinstance(value, (str, os.PathLike)):
-        raise MergeConfigError(f"config: {where} must be a path to a model folder, got {value!r}")
-    text = str(value)
+    text = _path_text(value, where)
     if "+" not in text or Path(text).expanduser().exists():
         return Path(text).expanduser(), None
     cuts = [i for i, char in enumerate(text) if char == "+"]

@@ -116,8 +116,8 @@ class MergePlan:
     def peak_bytes_estimate(self, piece_entries: int, writes_in_flight: int) -> int:
         """Merged tensors stream in pieces of `piece_entries`: the inputs' pieces, the output
         piece being computed and up to `writes_in_flight` being written, in the compute dtype
-        (fp32 scratch is per tile; the torch-operation merges add `torch_scratch_bytes`). DELLA and filter-wise Model Stock stream blocks of whole rows
-        (`row_block_bytes`); copied or aligned tensors count whole. DARE and DELLA add one bit per
+        (fp32 scratch is per tile; the torch-operation merges add `torch_scratch_bytes`). DELLA and
+        filter-wise Model Stock stream blocks of whole rows (`row_block_bytes`); copied or aligned tensors count whole. DARE and DELLA add one bit per
         entry and model (their recorded keep decisions)."""
         spec = get_method(self.config.merge_method)
 
@@ -351,7 +351,7 @@ def _build_models_plan(config: MergeConfig) -> MergePlan:
     return MergePlan(config, base, models, tasks)
 
 
-def _model_entries(config: MergeConfig, spec) -> List[ModelEntry]:
+def _model_entries(config: MergeConfig, spec: MethodSpec) -> List[ModelEntry]:
     """The models merged besides the base: the listed ones, less the base where the method uses it
     as the base; a method without a base role takes a configured base as one more input, as
     mergekit adds it (BASE_AS_INPUT)."""

@@ -93,6 +93,14 @@ class MethodSpec:
         """Whether a given base tensor plays the base's role (task vectors are taken against it)."""
         return self.base in (BASE_REQUIRED, BASE_OPTIONAL)
 
+    def runs_torch_operations(self, shared: Mapping[str, Any]) -> bool:
+        """Whether the merge runs as torch operations on small chunks (`moefuse.ops.merge`) rather
+        than the fused kernels, given its global parameters `shared`: NearSwap, SCE, and nuslerp per
+        vector (`nuslerp_flatten` false; a tensor of fewer than two dimensions is one vector, merged
+        by the fused kernels)."""
+        per_vector = self.name == "nuslerp" and shared.get("nuslerp_flatten") is False
+        return self.family in ("nearswap", "sce") or per_vector
+
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:
             if spec.name == name:

@@ -28,7 +28,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from moefuse.ops.pieces import Pieces
+from moefuse.ops.pieces import Pieces, add_counts
 from moefuse.ops.plan import KEEP_ALL, KEEP_NONE, KEEP_RANDOM, KEEP_RANKS, GtaPlan
 from moefuse.ops.select import EVERYTHING, NOTHING, NOTHING_KEY, rank_thresholds
 
@@ -98,5 +98,5 @@ def run_gta(backend, base: torch.Tensor, inputs: Sequence[torch.Tensor], plan: G
             out=output_buffer(allocate, stop - start, out_dtype),
         )
         emit(out)
-        counts = [a + b for a, b in zip(counts, piece_counts)]
+        counts = add_counts(counts, piece_counts)
     return counts

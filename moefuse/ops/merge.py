@@ -187,7 +187,7 @@ def _merge(base, tensors: List[torch.Tensor], method: str, emit: Emit, streaming
         else:
             check(run_gta(impl, flat_base, flat, task_arithmetic_plan(coefficients), out_dtype, pieces, emit, allocate),
                   names)
-    elif spec.family in ("sphere", "nearswap", "sce"):  # torch operations on cache-sized chunks
+    elif spec.runs_torch_operations(resolved.shared):  # on cache-sized chunks
         out = None if streaming is not None else _Collected(n, out_dtype, reference_input.device)
         counts, outputs = _torch_merge(impl, spec, resolved, flat_base, flat, tuple(reference_input.shape), pieces)
         _emit_computed(counts, outputs, out_dtype, check, names, allocate, emit if out is None else out.append)
@@ -289,7 +289,7 @@ def _reference(spec: MethodSpec, resolved, plan, base, tensors: List[torch.Tenso
 def _per_vector(spec: MethodSpec, resolved, ndim: int) -> bool:
     """nuslerp without flattening, on a tensor of two or more dimensions: one angle per vector
     (`moefuse.ops.spherical.nuslerp_vectorwise`); a smaller tensor is a single vector."""
-    return spec.name == "nuslerp" and not resolved.shared["nuslerp_flatten"] and ndim >= 2
+    return spec.family == "sphere" and spec.runs_torch_operations(resolved.shared) and ndim >= 2
 
 
 def _torch_merge(impl, spec: MethodSpec, resolved, base: Optional[torch.Tensor], tensors: List[torch.Tensor],
@@ -302,7 +302,7 @@ def _torch_merge(impl, spec: MethodSpec, resolved, base: Optional[torch.Tensor],
                                   resolved.shared["nuslerp_row_wise"], pieces, impl.count_nonfinite)
     chunks = pieces.resized(min(pieces.size, torch_chunk(tensors[0].device)))
     if spec.family == "sce":
-        return sce_streamed(base, tensors, pieces.n, resolved.shared["select_topk"], chunks, impl.count_nonfinite)
+        return sce_streamed(base, tensors, resolved.shared["select_topk"], chunks, impl.count_nonfinite)
     counts = [0, 0]
     return counts, _nearswap_chunks(impl, base, tensors[0], resolved.shared["t"], chunks, counts)
 
@@ -340,7 +340,7 @@ def _weighted_sum(impl, tensors: List[torch.Tensor], coefficients: List[float], 
         out, piece_counts = impl.weighted_sum(piece, coefficients, out_dtype,
                                               out=output_buffer(allocate, stop - start, out_dtype))
         emit(out)
-        counts = [a + b for a, b in zip(counts, piece_counts)]
+        counts = add_counts(counts, piece_counts)
     check(counts, names[-len(tensors):])
 
 

@@ -48,7 +48,7 @@ from moefuse.ops.merge_reference import (
     model_stock_reference,
     task_vectors,
 )
-from moefuse.ops.pieces import Pieces
+from moefuse.ops.pieces import Pieces, add_counts
 from moefuse.ops.plan import KEEP_DELLA, KEEP_RANDOM, GtaPlan, KeepRule
 
 ROW_BLOCK_ENTRIES = 1 << 16
@@ -214,7 +214,7 @@ def _emit_blocks(blocks: Pieces, tensors: List[torch.Tensor], emit: Callable[[to
     """Emits every block's output in order; returns the NaN/Inf counts summed over the blocks."""
     totals = [0] * len(tensors)
     for counts, out in _map_blocks(blocks, tensors, work, workers):
-        totals = [a + b for a, b in zip(totals, counts)]
+        totals = add_counts(totals, counts)
         emit(out)
     return totals
 

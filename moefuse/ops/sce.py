@@ -81,31 +81,30 @@ def _position_from_top(histogram: torch.Tensor, k: int) -> Tuple[int, int]:
     return histogram.numel() - 1 - index, above
 
 
-def find_cut(operands: Sequence[torch.Tensor], select_topk: float, pieces: Pieces, nonfinite: List[int],
-             count_nonfinite: CountNonfinite) -> Optional[Cut]:
-    """Passes 1 and 2: the cut keeping the entries of largest variance (None keeps all), adding the
-    NaN/Inf counts of the operands (`count_nonfinite` of a piece) to `nonfinite`."""
+def find_cut(operands: Sequence[torch.Tensor], select_topk: float, pieces: Pieces,
+             count_nonfinite: CountNonfinite) -> Tuple[Optional[Cut], List[int]]:
+    """Passes 1 and 2: the cut keeping the entries of largest variance (None keeps all), and the
+    NaN/Inf counts of the operands (`count_nonfinite` of a piece)."""
     selecting = 0 < select_topk < 1
+    nonfinite = [0] * len(operands)
     nonzero = 0
     high = torch.zeros(_HALF // 2, dtype=torch.int64)
     for _, _, piece in pieces.walk(operands):
-        nonfinite[:] = add_counts(nonfinite, count_nonfinite(piece))
+        nonfinite = add_counts(nonfinite, count_nonfinite(piece))
         if selecting:
             keys = variance_keys(task_vectors(piece))
             nonzero += int((keys != 0).sum())
             high += torch.bincount(keys >> 16, minlength=high.numel()).cpu()
-    if not selecting:
-        return None if select_topk >= 1 else Cut(0x7FFFFFFF, 0)
-    k = selected_count(nonzero, select_topk)
-    if k == 0:
-        return Cut(0x7FFFFFFF, 0)
+    k = selected_count(nonzero, select_topk) if selecting else 0
+    if k == 0:  # keep all (select_topk >= 1) or none
+        return (None if select_topk >= 1 else Cut(0x7FFFFFFF, 0)), nonfinite
     top_bin, above = _position_from_top(high, k)
     low = torch.zeros(_HALF, dtype=torch.int64)
     for _, _, piece in pieces.walk(operands):
         keys = variance_keys(task_vectors(piece))
         low += torch.bincount(keys[(keys >> 16) == top_bin] & 0xFFFF, minlength=_HALF).cpu()
     low_bin, above_in_bin = _position_from_top(low, k - above)
-    return Cut((top_bin << 16) | low_bin, k - above - above_in_bin)
+    return Cut((top_bin << 16) | low_bin, k - above - above_in_bin), nonfinite
 
 
 def sce_weights(squares: Sequence[float], numel: int) -> List[float]:
@@ -137,19 +136,18 @@ def erase_and_average(deltas: torch.Tensor, weights: Sequence[float]) -> torch.T
     return merged / total.clamp(min=DIVISOR_FLOOR)
 
 
-def sce_streamed(base: torch.Tensor, tensors: Sequence[torch.Tensor], numel: int, select_topk: float, pieces: Pieces,
+def sce_streamed(base: torch.Tensor, tensors: Sequence[torch.Tensor], select_topk: float, pieces: Pieces,
                  count_nonfinite: CountNonfinite) -> Tuple[List[int], Iterator[torch.Tensor]]:
     """The NaN/Inf counts of base and tensors (`count_nonfinite` of a piece), and an iterator over
     the fp32 output pieces."""
     operands = [base, *tensors]
-    nonfinite = [0] * len(operands)
-    cut = find_cut(operands, select_topk, pieces, nonfinite, count_nonfinite)
+    cut, nonfinite = find_cut(operands, select_topk, pieces, count_nonfinite)
     squares = torch.zeros(len(tensors), dtype=torch.float64)
     mask = cut.walker() if cut is not None else None
     for _, _, piece in pieces.walk(operands):
         kept = kept_task_vectors(piece, mask)
         squares += (kept * kept).sum(dim=1, dtype=torch.float64).cpu()
-    weights = sce_weights(squares.tolist(), max(numel, 1))
+    weights = sce_weights(squares.tolist(), max(pieces.n, 1))
 
     def outputs() -> Iterator[torch.Tensor]:
         mask = cut.walker() if cut is not None else None

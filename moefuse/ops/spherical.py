@@ -86,7 +86,8 @@ def karcher_coefficients(gram: torch.Tensor, max_iter: int, tol: float) -> List[
         return math.sqrt(max(0.0, (p @ unit_gram @ p).item()))
 
     p = torch.full((len(valid),), alpha, dtype=torch.float64)
-    p = p / length(p) if length(p) >= tol else torch.eye(len(valid), dtype=torch.float64)[0]
+    size = length(p)
+    p = p / size if size >= tol else torch.eye(len(valid), dtype=torch.float64)[0]
     for _ in range(max_iter):
         dots = (unit_gram @ p).clamp(-1, 1)
         tangent = torch.zeros_like(p)
@@ -100,8 +101,9 @@ def karcher_coefficients(gram: torch.Tensor, max_iter: int, tol: float) -> List[
         if step < tol:
             break
         p = math.cos(step) * p + math.sin(step) * tangent / step
-        if length(p) > tol:
-            p = p / length(p)
+        size = length(p)
+        if size > tol:
+            p = p / size
     scale = norms.sum().item() / count
     coefficients = [0.0] * count
     for position, i in enumerate(valid):
